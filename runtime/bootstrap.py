@@ -1,0 +1,40 @@
+"""From a RuntimeConfig to a ready engine: device, dtype, model, tokenizer, scheduler."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from runtime.config import RuntimeConfig
+from runtime.engine import Engine, EngineLimits
+from runtime.plugins import instantiate_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when available; asking for CUDA without it is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def create_engine(config: RuntimeConfig, observers: tuple[object, ...] = ()) -> Engine:
+    """Load the model folder and tokenizer, select the scheduler by name, build the engine."""
+    from runtime.loader import load_model
+    from runtime.tokenizer import Tokenizer
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    scheduler = instantiate_scheduler(config.scheduler, config.scheduler_options)
+    path = config.resolved_model()
+    device = resolve_device(config.device)
+    model = load_model(path, dtype=config.dtype, device=device)
+    tokenizer = Tokenizer.from_dir(path)
+    limits = EngineLimits(config.max_num_seqs, config.max_model_len, config.kv_cache_tokens)
+    return Engine(model, tokenizer, scheduler, config.scheduler, limits, observers)

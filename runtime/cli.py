@@ -1,0 +1,129 @@
+"""The `runtime` command: thin argument parsing over the library (serve, generate, schedulers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from runtime.config import DTYPES, ConfigError, RuntimeConfig, build_config
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every subcommand that builds an engine (defaults: docs/configuration.md)."""
+    d = RuntimeConfig()
+    p.add_argument("--config", help="YAML file whose keys are these long option names")
+    p.add_argument("--scheduler", help=f"scheduler entry-point name (default {d.scheduler})")
+    p.add_argument("--dtype", choices=DTYPES, help="weights and activations dtype (default auto)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, help=f"max running requests (default {d.max_num_seqs})")
+    p.add_argument("--kv-cache-tokens", type=int,
+                   help="KV capacity in tokens (default max-num-seqs x max-model-len)")
+    p.add_argument("--seed", type=int, help="global seed for unseeded sampling (default 0)")
+    p.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's)")
+
+
+def engine_overrides(args: argparse.Namespace) -> dict:
+    keys = ("scheduler", "dtype", "device", "max_model_len", "max_num_seqs", "kv_cache_tokens",
+            "seed", "num_threads")
+    out = {k: getattr(args, k, None) for k in keys}
+    if getattr(args, "model", None):
+        out["model"] = args.model
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from runtime.bootstrap import create_engine
+    from runtime.sampling_params import SamplingParams
+
+    config = build_config(args.config, engine_overrides(args))
+    prompts: list[tuple[str, int | None]] = [(p, None) for p in args.prompt or []]
+    if args.prompts_file:
+        with open(args.prompts_file) as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    prompts.append((str(obj["prompt"]), obj.get("max_tokens")))
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise ConfigError(f"{args.prompts_file}:{lineno}: expected an object with "
+                                      f"'prompt' ({exc})") from None
+    if not prompts:
+        raise ConfigError("no prompts: pass --prompt TEXT or --prompts-file FILE.jsonl")
+    engine = create_engine(config)
+    reqs = []
+    for i, (prompt, max_tokens) in enumerate(prompts):
+        seed = None if args.seed is None else args.seed + i
+        params = SamplingParams(max_tokens=max_tokens or args.max_tokens,
+                                temperature=args.temperature, seed=seed,
+                                ignore_eos=args.ignore_eos)
+        reqs.append(engine.add_request(prompt, params))
+    while engine.has_unfinished():
+        engine.step()
+    for req in reqs:
+        record = {"prompt": req.prompt, "text": req.output_text, "token_ids": req.output_token_ids,
+                  "finish_reason": req.finish_reason.value if req.finish_reason else None}
+        print(json.dumps(record) if args.json else f"{req.prompt}{req.output_text}\n")
+    return 0
+
+
+def cmd_schedulers(args: argparse.Namespace) -> int:
+    from runtime.plugins import (
+        PluginError,
+        hooks_implemented,
+        installed_schedulers,
+        load_scheduler_class,
+    )
+
+    rows = []
+    for info in installed_schedulers():
+        try:
+            hooks = ", ".join(hooks_implemented(load_scheduler_class(info.name)))
+        except PluginError as exc:
+            hooks = f"(failed to import: {exc.__cause__})"
+        rows.append((info.name, f"{info.distribution} {info.version}", info.value, hooks))
+    if args.json:
+        print(json.dumps([dict(zip(("name", "package", "object", "hooks"), r)) for r in rows]))
+        return 0
+    for name, pkg, obj, hooks in rows:
+        print(f"{name:<12} {pkg:<24} {obj:<40} {hooks}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runtime", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="run prompts offline and print the completions")
+    gen.add_argument("--model", help="Hugging Face model folder (default: the demo model)")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", help="JSONL, one {\"prompt\", \"max_tokens\"?} per line")
+    gen.add_argument("--max-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    add_engine_options(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    sch = sub.add_parser("schedulers", help="list installed scheduler plugins")
+    sch.add_argument("--json", action="store_true", help="JSON output")
+    sch.set_defaults(func=cmd_schedulers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

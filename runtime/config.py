@@ -1,0 +1,131 @@
+"""Runtime configuration: command line over YAML file over defaults, validated by key."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "kjv-llama-tiny"
+
+
+class ConfigError(ValueError):
+    """A config file or option is invalid; the message names the file and key."""
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Every key a YAML config may hold; the long CLI option names with `-` as `_`."""
+
+    model: str | None = None
+    scheduler: str = "static"
+    scheduler_options: dict = field(default_factory=dict)
+    dtype: str = "auto"
+    device: str = "cpu"
+    max_model_len: int | None = None
+    max_num_seqs: int = 32
+    kv_cache_tokens: int | None = None
+    seed: int = 0
+    num_threads: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    max_queued_requests: int = 1024
+    shutdown_timeout: float = 30.0
+    chat_template: str | None = None
+    log_requests: bool = False
+    log_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, DTYPES)
+        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {self.device!r}")
+        for key in ("max_num_seqs", "port", "max_queued_requests"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("max_model_len", "kv_cache_tokens", "num_threads"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
+
+    def resolved_model(self) -> Path:
+        """The model folder: the configured one, or the demo model shipped in models/."""
+        return Path(self.model) if self.model else DEMO_MODEL_DIR
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CONFIG_KEYS: dict[str, Any] = {
+    f.name: typing.get_type_hints(RuntimeConfig)[f.name] for f in dataclasses.fields(RuntimeConfig)
+}
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
+    """Check a YAML value against the field's type; ints are accepted for floats."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for typ in allowed:
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if typ is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if typ in (str, bool, dict) and isinstance(value, typ):
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"{where}: key {key!r} expects {names}, got {value!r}")
+
+
+def normalise_keys(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """Map `max-model-len` to `max_model_len`, rejecting unknown keys with a suggestion."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in CONFIG_KEYS:
+            near = difflib.get_close_matches(name, CONFIG_KEYS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        out[name] = _coerce(name, value, CONFIG_KEYS[name], where)
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse and validate one YAML config file into known keys."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names, got {type(raw).__name__}")
+    return normalise_keys(raw, str(path))
+
+
+def build_config(config_file: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> RuntimeConfig:
+    """Defaults, then the YAML file, then command-line overrides (None means not given)."""
+    values = read_config_file(config_file) if config_file else {}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(normalise_keys(given, "command line"))
+    try:
+        return RuntimeConfig(**values)
+    except ConfigError as exc:
+        where = str(config_file) if config_file else "config"
+        raise ConfigError(f"{where}: {exc}") from None

@@ -1,0 +1,179 @@
+"""The KV-cache protocol: what the engine asks of any cache layout a scheduler supplies.
+
+A layout decides where keys and values live, how a step's tokens are arranged into forward
+passes (padded `[B, T]` or packed `[N]`), and how attention reads the cache. The engine only
+calls the methods below, so a scheduler can change all of that without touching the engine.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from runtime.request import Request
+
+
+class Phase(enum.Enum):
+    """What a forward pass computes; benchmarks split time by it."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    MIXED = "mixed"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """The model dimensions a cache layout needs to size its storage."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_model_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLimits:
+    """Engine-wide limits: rows (sequences), context length and KV capacity in tokens."""
+
+    max_num_seqs: int
+    max_model_len: int
+    kv_capacity_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardBatch:
+    """One forward pass: which requests feed which tokens, and where logits are needed.
+
+    `input_ids` and `positions` share one token layout chosen by the cache: `(B, T)` padded or
+    `(N,)` packed. `sample_indices` index the flattened layout; row i of the logits belongs to
+    `sampled_requests[i]`. `num_new_tokens[i]` is how many real tokens `requests[i]` feeds.
+    `layout` is the cache's own metadata (row map, segment offsets) and opaque to the engine.
+    """
+
+    requests: tuple[Request, ...]
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    num_new_tokens: tuple[int, ...]
+    sample_indices: torch.Tensor
+    sampled_requests: tuple[Request, ...]
+    phase: Phase
+    layout: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class PassStats:
+    """Useful versus computed work of one forward pass (the idle-computation accounting).
+
+    A token slot is one row of the token-wise GEMMs; an attention pair is one (query, key)
+    score. Useful ones belong to a real token attending to a real key of its own request.
+    """
+
+    phase: Phase
+    num_requests: int
+    useful_tokens: int
+    computed_tokens: int
+    useful_attention_pairs: int
+    computed_attention_pairs: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryStats:
+    """KV memory in elements (keys plus values, all layers): allocated versus holding real tokens."""
+
+    allocated_elements: int
+    used_elements: int
+    reserved_tokens: int
+    used_tokens: int
+    num_rows: int
+
+    @property
+    def usage(self) -> float:
+        """Fraction of allocated KV memory holding real tokens (0 when nothing is allocated)."""
+        return self.used_elements / self.allocated_elements if self.allocated_elements else 0.0
+
+
+class AttentionHandle(Protocol):
+    """What the model modules call in every attention layer of one forward pass."""
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any
+    ) -> torch.Tensor:
+        """Write this pass's k/v `(*tok, H_kv, D)` into the cache and attend with q `(*tok, H, D)`."""
+        ...
+
+
+class KVCache(ABC):
+    """Base class of a cache layout. The engine drives it in this order every step:
+
+    `add` for each admitted request, `free` for each preempted one, then for each pass that
+    `forward_batches` yields: `attention(batch)` for the model, `commit(batch)` after the
+    forward pass, before the engine samples and yields back; `free` for finished requests.
+    """
+
+    def __init__(self, shape: ModelShape, limits: CacheLimits, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.shape = shape
+        self.limits = limits
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @abstractmethod
+    def add(self, request: Request) -> None:
+        """Take a newly admitted request (reserve its space; its KV arrives in a later pass)."""
+
+    @abstractmethod
+    def free(self, request: Request) -> None:
+        """Release everything held for a finished, aborted or preempted request; idempotent."""
+
+    @abstractmethod
+    def forward_batches(self, running: Sequence[Request]) -> Iterator[ForwardBatch]:
+        """Yield this step's forward passes over `running`.
+
+        A generator: the engine runs and samples each pass before asking for the next, so a
+        later pass sees the tokens sampled by an earlier one (BATON's prefill, then decode).
+        """
+
+    @abstractmethod
+    def attention(self, batch: ForwardBatch) -> AttentionHandle:
+        """The handle the model uses for `batch` (cache writes and reads)."""
+
+    @abstractmethod
+    def commit(self, batch: ForwardBatch) -> None:
+        """The forward pass of `batch` completed: advance lengths, embed prefilled rows, etc."""
+
+    @abstractmethod
+    def build_mask(self, batch: ForwardBatch) -> Any:
+        """The layout's own attention mask for `batch`; the default of `build_attention_mask`."""
+
+    @abstractmethod
+    def memory_stats(self) -> MemoryStats:
+        """Allocated versus used KV memory right now."""
+
+    @abstractmethod
+    def pass_stats(self, batch: ForwardBatch) -> PassStats:
+        """Useful versus computed token slots and attention pairs of `batch`."""
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.limits.kv_capacity_tokens
+
+    def num_free_tokens(self) -> int:
+        """KV slots, in tokens, still free for admission in this layout's own accounting."""
+        return self.capacity_tokens - self.memory_stats().reserved_tokens
+
+    def is_empty(self) -> bool:
+        """True when no request holds rows or reserved slots (the no-leak invariant)."""
+        stats = self.memory_stats()
+        return stats.num_rows == 0 and stats.reserved_tokens == 0 and stats.used_tokens == 0
+
+
+def kv_elements_per_token(shape: ModelShape) -> int:
+    """Key plus value elements one token occupies across all layers."""
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim
