@@ -87,7 +87,7 @@ def cmd_schedulers(args: argparse.Namespace) -> int:
             hooks = f"(failed to import: {exc.__cause__})"
         rows.append((info.name, f"{info.distribution} {info.version}", info.value, hooks))
     if args.json:
-        print(json.dumps([dict(zip(("name", "package", "object", "hooks"), r)) for r in rows]))
+        print(json.dumps([dict(zip(("name", "package", "object", "hooks"), r, strict=True)) for r in rows]))
         return 0
     for name, pkg, obj, hooks in rows:
         print(f"{name:<12} {pkg:<24} {obj:<40} {hooks}")

@@ -22,7 +22,7 @@ class RequestStatus(enum.Enum):
         return self in (RequestStatus.FINISHED, RequestStatus.ABORTED)
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, stop token id or stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"  # client disconnect, shutdown or engine.abort()

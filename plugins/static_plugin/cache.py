@@ -121,7 +121,7 @@ class StaticBatchCache(KVCache):
             reserved = sum(r.max_total_tokens for r in self.rows)
             return MemoryStats(0, 0, reserved, 0, len(self.rows))
         allocated = self.k.shape[1] * self.k.shape[3]
-        used = sum(r.num_computed_tokens for r, alive in zip(self.rows, self.live) if alive)
+        used = sum(r.num_computed_tokens for r, alive in zip(self.rows, self.live, strict=True) if alive)
         return MemoryStats(allocated * per_token, used * per_token, allocated, used, len(self.rows))
 
     def pass_stats(self, batch: ForwardBatch) -> PassStats:
