@@ -1,0 +1,63 @@
+"""Config precedence and errors that name the file, the key and the nearest valid key."""
+
+from pathlib import Path
+
+import pytest
+
+from runtime.config import ConfigError, RuntimeConfig, build_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_when_nothing_given() -> None:
+    assert build_config() == RuntimeConfig()
+
+
+def test_yaml_over_defaults_and_cli_over_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path, "scheduler: orca\nmax-num-seqs: 4\nscheduler_options:\n  x: 1\n")
+    cfg = build_config(path, {"max_num_seqs": 8, "dtype": None})
+    assert cfg.scheduler == "orca"
+    assert cfg.max_num_seqs == 8  # command line wins
+    assert cfg.dtype == "auto"  # None means "not given on the command line"
+    assert cfg.scheduler_options == {"x": 1}
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "max_num_seq: 4\n")
+    with pytest.raises(ConfigError) as err:
+        build_config(path)
+    msg = str(err.value)
+    assert str(path) in msg and "'max_num_seq'" in msg and "did you mean 'max_num_seqs'" in msg
+
+
+def test_wrong_type_names_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "max_num_seqs: lots\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: key 'max_num_seqs' expects int"):
+        build_config(path)
+
+
+def test_bad_value_names_file_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "dtype: float8\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: dtype: expected one of"):
+        build_config(path)
+    path = write(tmp_path, "max_num_seqs: 0\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: max_num_seqs: must be >= 1"):
+        build_config(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        build_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        build_config(write(tmp_path, "a: [1,\n"))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        build_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_unknown_cli_key_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="command line: unknown key 'schedular'.*'scheduler'"):
+        build_config(None, {"schedular": "baton"})
