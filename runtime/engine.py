@@ -134,7 +134,7 @@ class Engine:
         """Run one scheduling step; return the progress of every request that advanced."""
         outputs: dict[Request, RequestOutput] = {}
         self._ingest(outputs)
-        decision = self._admit()
+        decision = self._admit(outputs)
         passes: list[PassStats] = []
         seconds: list[float] = []
         batches = self.kv_cache.forward_batches(self.running)
@@ -189,7 +189,7 @@ class Engine:
             if req is not None and not req.status.done:
                 self._finish(req, FinishReason.ABORT, outputs)
 
-    def _admit(self) -> AdmissionDecision:
+    def _admit(self, outputs: dict[Request, RequestOutput]) -> AdmissionDecision:
         budget = SchedulingBudget(self.limits.max_num_seqs, self.max_model_len,
                                   self.limits.kv_capacity_tokens, self.kv_cache.num_free_tokens())
         decision = self.pm.hook.admit_requests(
@@ -203,7 +203,7 @@ class Engine:
                                                *getattr(decision, "preempt", ())}
             for req in bad:
                 if isinstance(req, Request) and not req.status.done:
-                    self._finish(req, FinishReason.ERROR, {}, error=str(exc))
+                    self._finish(req, FinishReason.ERROR, outputs, error=str(exc))
             return AdmissionDecision()
         for req in decision.preempt:
             self.kv_cache.free(req)
