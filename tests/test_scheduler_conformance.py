@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from static_plugin import StaticScheduler
 
 from runtime import hookimpl
 from runtime.plugins import installed_schedulers, load_scheduler_class
@@ -19,7 +20,6 @@ from runtime.testing import (
     run_mix,
     tiny_model,
 )
-from static_plugin import StaticScheduler
 
 SCHEDULERS = [info.name for info in installed_schedulers()] + ["runtime-default"]
 
