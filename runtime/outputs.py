@@ -34,13 +34,3 @@ def stop_reason_for_token(request: Request, token_id: int, eos_token_ids: tuple[
     if request.num_output_tokens >= params.max_tokens or request.num_tokens >= max_model_len:
         return FinishReason.LENGTH
     return None
-
-
-def find_stop_string(text: str, stops: tuple[str, ...], search_from: int) -> int | None:
-    """Index in `text` where the earliest stop string begins, looking from `search_from`."""
-    best: int | None = None
-    for stop in stops:
-        idx = text.find(stop, max(0, search_from - len(stop) + 1))
-        if idx != -1 and (best is None or idx < best):
-            best = idx
-    return best

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from runtime.outputs import find_stop_string, stop_reason_for_token
+from runtime.outputs import stop_reason_for_token
 from runtime.request import FinishReason, Request
+from runtime.stop import StopChecker
 
 
 class TokenProcessor:
     """Appends sampled tokens to requests and decides when they stop.
 
-    Text is streamed incrementally; while a stop string could still be forming at the end
-    of the text, that tail is held back so a client never sees part of a stop string.
+    Text is streamed incrementally; the StopChecker holds back a tail that could still grow
+    into a stop string, so a client never sees part of one.
     """
 
     def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int) -> None:
@@ -20,9 +21,10 @@ class TokenProcessor:
 
     def start(self, req: Request) -> None:
         if self.tokenizer is not None:
-            from runtime.tokenizer import IncrementalDetokenizer
+            from runtime.detokenizer import IncrementalDetokenizer
 
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
+            req.stop_checker = StopChecker(req.params.stop)
 
     def append(self, req: Request, token: int, logprob: dict | None,
                now: float) -> tuple[FinishReason | None, str]:
@@ -37,32 +39,20 @@ class TokenProcessor:
         reason = stop_reason_for_token(req, token, self.eos_token_ids, self.max_model_len)
         if req.detokenizer is None:
             return reason, ""
-        hide_eos = reason is FinishReason.STOP and not req.params.ignore_eos
-        if not (hide_eos and token in (req.params.eos_token_ids or self.eos_token_ids)):
-            before = len(req.output_text)
-            req.output_text += req.detokenizer.add_tokens([token])
-            stops = req.params.stop
-            if stops:
-                cut = find_stop_string(req.output_text, stops, before)
-                if cut is not None:
-                    req.output_text = req.output_text[:cut]
-                    reason = FinishReason.STOP
-        return reason, self._emit(req, final=reason is not None)
-
-    def _emit(self, req: Request, final: bool) -> str:
-        """Text not yet emitted, minus a tail that could be the start of a stop string."""
-        end = len(req.output_text)
-        if not final and req.params.stop:
-            hold = max(len(s) - 1 for s in req.params.stop)
-            text = req.output_text
-            for k in range(min(hold, end), 0, -1):
-                if any(s.startswith(text[end - k:]) for s in req.params.stop):
-                    end -= k
-                    break
-        delta = req.output_text[req.num_text_emitted:end]
-        req.num_text_emitted = max(req.num_text_emitted, end)
-        return delta
+        if reason is FinishReason.STOP:
+            return reason, ""  # an EOS or stop token id is not part of the text (as in vLLM)
+        checker: StopChecker = req.stop_checker
+        delta = checker.append(req.detokenizer.add_tokens([token]))
+        req.output_text = checker.text
+        if checker.stopped:
+            reason = FinishReason.STOP
+        return reason, delta
 
     def flush(self, req: Request) -> str:
         """Everything held back, emitted when the request ends."""
-        return self._emit(req, final=True) if req.detokenizer is not None else ""
+        checker = req.stop_checker
+        if checker is None:
+            return ""
+        delta = checker.flush()
+        req.output_text = checker.text
+        return delta

@@ -56,8 +56,8 @@ class Request:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     output_text: str = ""
-    num_text_emitted: int = 0
     detokenizer: object | None = None
+    stop_checker: object | None = None
 
     @property
     def prompt_len(self) -> int:
