@@ -53,6 +53,7 @@ class TokenProcessor:
         checker = req.stop_checker
         if checker is None:
             return ""
-        delta = checker.flush()
+        tail = req.detokenizer.flush()  # a final incomplete character, as U+FFFD
+        delta = checker.append(tail) + checker.flush()
         req.output_text = checker.text
         return delta
