@@ -1,0 +1,117 @@
+"""Building blocks shared by the architectures: norms, rotary embeddings, fused linears.
+
+Every function here works on any leading token layout `(*tok, ...)`: a padded `(B, T)` batch
+and a packed `(N,)` one go through the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.model_config import RopeConfig
+
+# The one mapping table from checkpoint projections to our fused ones: HF module name ->
+# (fused module name, shard index). Shard i occupies rows sum(output_sizes[:i]) onward.
+FUSED_PROJECTIONS: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class FusedLinear(nn.Linear):
+    """Several projections of the same input stacked into one GEMM; `output_sizes` splits it."""
+
+    def __init__(self, in_features: int, output_sizes: tuple[int, ...], bias: bool) -> None:
+        super().__init__(in_features, sum(output_sizes), bias=bias)
+        self.output_sizes = tuple(output_sizes)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as HF computes it: statistics in float32 for half types, else in the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in float32, bit-identical to transformers' init."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (rope.theta**exponent)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen, high_wavelen = old_len / rope.low_freq_factor, old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for per-token positions; angles in float32 like the reference models.
+
+    `inv_freq` is a plain attribute (not a buffer) so it survives meta-device construction,
+    stays float32 under `model.to(dtype)`, and follows the positions' device lazily.
+    """
+
+    def __init__(self, rope: RopeConfig, head_dim: int) -> None:
+        super().__init__()
+        self.inv_freq = rope_inv_freq(rope, head_dim)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * self.inv_freq  # (*tok, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (*tok, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (*tok, H, D) by cos/sin (*tok, D), HF's rotate-half convention."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (*tok, 1, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@torch.no_grad()
+def init_weights_(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Fresh random weights for training from scratch: N(0, std) matrices, zero biases, unit norms."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            value = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
+        elif name.endswith("bias"):
+            value = torch.zeros(p.shape)
+        else:
+            value = torch.ones(p.shape)
+        p.copy_(value)
