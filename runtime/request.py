@@ -82,7 +82,10 @@ class Request:
 
     def pending_token_ids(self) -> list[int]:
         """Tokens not yet in the KV cache: the whole prompt at first, then the last sample."""
-        return self.all_token_ids()[self.num_computed_tokens :]
+        done = self.num_computed_tokens - len(self.prompt_token_ids)
+        if done >= 0:  # decoding: no need to copy the prompt
+            return self.output_token_ids[done:]
+        return self.prompt_token_ids[self.num_computed_tokens :] + self.output_token_ids
 
     @property
     def in_prefill(self) -> bool:
