@@ -184,7 +184,9 @@ class Tokenizer:
         return self._hf.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; honours `add_bos_token` like `transformers` does.
+        """Token ids of `text`; an explicit `add_bos_token` adds or drops the BOS that the
+        tokenizer.json post-processor would (transformers 4 Llama/Gemma behaviour; transformers 5
+        ignores the key, real folders agree with their post-processor anyway).
 
         Prompts rendered by a chat template usually contain the BOS text already: encode them
         with `add_special_tokens=False` (as vLLM does) to avoid a double BOS.

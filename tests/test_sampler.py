@@ -53,7 +53,7 @@ def test_top_k_keeps_only_k_best() -> None:
     logits = _logits(3, seed=2)
     reqs = [_req(i, top_k=5, temperature=2.0) for i in range(3)]
     allowed = logits.topk(5, dim=-1).indices
-    for _ in range(50):
+    for _ in range(20):
         for row, t in enumerate(sample(logits, reqs).token_ids):
             assert t in allowed[row].tolist()
 

@@ -163,3 +163,17 @@ def test_jinja_file_and_option_override(tmp_path) -> None:
 def test_template_syntax_error_fails_at_load(tmp_path) -> None:
     with pytest.raises(TokenizerLoadError, match="chat template"):
         Tokenizer.from_dir(make_tokenizer_dir(tmp_path, chat_template="{% for %}"))
+
+
+def test_matches_transformers(tok: Tokenizer) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tok.name)
+    for text in ["Hello world 😀 日本語", "<|im_end|> hi", " lead", ""]:
+        for special in (True, False):
+            ids = tok.encode(text, add_special_tokens=special)
+            assert ids == hf.encode(text, add_special_tokens=special)
+        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    expected = hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat_template(MESSAGES) == expected
+    assert tok.bos_token_id == hf.bos_token_id
+    assert hf.eos_token_id in tok.eos_token_ids
