@@ -150,7 +150,9 @@ class Tokenizer:
         )
         bos_token = _token_content(tok_cfg.get("bos_token"))
         if bos_token is None:
-            bos_ids = _as_id_list(gen_cfg.get("bos_token_id") or model_cfg.get("bos_token_id"))
+            bos_ids = _as_id_list(gen_cfg.get("bos_token_id")) or _as_id_list(
+                model_cfg.get("bos_token_id")
+            )
             bos_token = hf.id_to_token(bos_ids[0]) if bos_ids else None
         add_bos = tok_cfg.get("add_bos_token")
         return cls(

@@ -177,3 +177,9 @@ def test_matches_transformers(tok: Tokenizer) -> None:
     assert tok.apply_chat_template(MESSAGES) == expected
     assert tok.bos_token_id == hf.bos_token_id
     assert hf.eos_token_id in tok.eos_token_ids
+
+
+def test_bos_id_from_generation_config_when_config_has_none(tmp_path) -> None:
+    folder = make_tokenizer_dir(tmp_path, generation_config={"bos_token_id": 0})
+    tok = Tokenizer.from_dir(folder)
+    assert tok.bos_token_id == 0 and tok.bos_token == "<|endoftext|>"
