@@ -90,6 +90,7 @@ class Tokenizer:
         hf: _HFTokenizer,
         *,
         bos_token: str | None = None,
+        bos_token_id: int | None = None,
         eos_token: str | None = None,
         add_bos_token: bool | None = None,
         chat_templates: dict[str, str] | None = None,
@@ -103,7 +104,9 @@ class Tokenizer:
         self.eos_token = eos_token
         self.add_bos_token = add_bos_token
         self.chat_templates = dict(chat_templates or {})
-        self.bos_token_id = self.token_to_id(bos_token) if bos_token else None
+        if bos_token is not None:
+            bos_token_id = self.token_to_id(bos_token)
+        self.bos_token_id = bos_token_id
         eos_ids = list(extra_eos_token_ids)
         if eos_token is not None and (eid := self.token_to_id(eos_token)) is not None:
             eos_ids.append(eid)
@@ -148,16 +151,16 @@ class Tokenizer:
         eos_ids = _as_id_list(gen_cfg.get("eos_token_id")) + _as_id_list(
             model_cfg.get("eos_token_id")
         )
-        bos_token = _token_content(tok_cfg.get("bos_token"))
-        if bos_token is None:
-            bos_ids = _as_id_list(gen_cfg.get("bos_token_id")) or _as_id_list(
-                model_cfg.get("bos_token_id")
-            )
-            bos_token = hf.id_to_token(bos_ids[0]) if bos_ids else None
+        # The template's bos_token text comes only from tokenizer_config (as in transformers);
+        # the id falls back to generation_config / config.json for information.
+        bos_ids = _as_id_list(gen_cfg.get("bos_token_id")) or _as_id_list(
+            model_cfg.get("bos_token_id")
+        )
         add_bos = tok_cfg.get("add_bos_token")
         return cls(
             hf,
-            bos_token=bos_token,
+            bos_token=_token_content(tok_cfg.get("bos_token")),
+            bos_token_id=bos_ids[0] if bos_ids else None,
             eos_token=_token_content(tok_cfg.get("eos_token")),
             add_bos_token=add_bos if isinstance(add_bos, bool) else None,
             chat_templates=templates,

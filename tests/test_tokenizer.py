@@ -175,11 +175,12 @@ def test_matches_transformers(tok: Tokenizer) -> None:
         assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True)
     expected = hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert tok.apply_chat_template(MESSAGES) == expected
-    assert tok.bos_token_id == hf.bos_token_id
+    assert tok.bos_token == hf.bos_token and tok.bos_token_id == hf.bos_token_id
     assert hf.eos_token_id in tok.eos_token_ids
 
 
 def test_bos_id_from_generation_config_when_config_has_none(tmp_path) -> None:
     folder = make_tokenizer_dir(tmp_path, generation_config={"bos_token_id": 0})
     tok = Tokenizer.from_dir(folder)
-    assert tok.bos_token_id == 0 and tok.bos_token == "<|endoftext|>"
+    assert tok.bos_token_id == 0 and tok.bos_token is None  # templates see no bos_token
+    assert tok.encode("hi") == tok.encode("hi", add_special_tokens=False)
