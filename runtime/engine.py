@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.contracts import check_batch, check_decision, check_kv_cache
 from runtime.kv_cache import CacheLimits, KVCache, ModelShape, PassStats
 from runtime.outputs import RequestOutput
 from runtime.plugins import make_plugin_manager
@@ -63,8 +64,13 @@ class Engine:
                                 cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size,
                                 self.max_model_len)
         self.pm = make_plugin_manager(scheduler, scheduler_name, observers)
-        self.kv_cache: KVCache = self.pm.hook.make_kv_cache(
-            shape=self.shape, limits=self.limits, device=self.device, dtype=self.dtype)
+        try:
+            cache = self.pm.hook.make_kv_cache(
+                shape=self.shape, limits=self.limits, device=self.device, dtype=self.dtype)
+        except Exception as exc:
+            raise SchedulerError(f"scheduler {scheduler_name!r}: make_kv_cache raised "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        self.kv_cache: KVCache = check_kv_cache(cache, scheduler_name)
         eos = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.processor = TokenProcessor(tokenizer, eos, self.max_model_len)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -137,18 +143,19 @@ class Engine:
         decision = self._admit(outputs)
         passes: list[PassStats] = []
         seconds: list[float] = []
-        batches = self.kv_cache.forward_batches(self.running)
+        batches = None
         try:
+            batches = self.kv_cache.forward_batches(self.running)
             for batch in batches:
                 started = time.perf_counter()
+                check_batch(batch, self.running, self.scheduler_name)
                 passes.append(self.kv_cache.pass_stats(batch))
                 try:
                     logits = self._forward(batch)
                 except Exception as exc:  # one failing pass fails its requests only
                     logger.exception("forward pass failed")
-                    for req in batch.requests:
-                        self._finish(req, FinishReason.ERROR, outputs,
-                                     error=f"forward pass failed: {type(exc).__name__}: {exc}")
+                    self._fail(batch.requests, outputs,
+                               f"forward pass failed: {type(exc).__name__}: {exc}")
                     break
                 for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
                     req.num_computed_tokens += n
@@ -158,16 +165,41 @@ class Engine:
                                           result.logprobs, strict=True):
                     self._append_token(req, token, lp, now, outputs)
                 seconds.append(time.perf_counter() - started)
+        except Exception as exc:  # a broken layout fails this step's requests, not the engine
+            logger.exception("step failed")
+            self._fail(tuple(self.running), outputs, str(exc) if isinstance(exc, SchedulerError)
+                       else f"scheduler {self.scheduler_name!r}: step failed: "
+                            f"{type(exc).__name__}: {exc}")
         finally:
-            batches.close()
+            if batches is not None:
+                batches.close()
         self.num_steps += 1
         if passes:
             self.last_step = StepStats(
                 self.num_steps, tuple(passes), tuple(seconds), self.kv_cache.memory_stats(),
                 len(self.running), self.num_waiting, len(decision.admit), len(decision.preempt),
                 sum(1 for o in outputs.values() if o.finished))
-            self.pm.hook.on_step_end(stats=self.last_step)
+            self._observe("on_step_end", stats=self.last_step)
         return list(outputs.values())
+
+    def _fail(self, requests: Iterable[Request], outputs: dict[Request, RequestOutput],
+              error: str) -> None:
+        for req in requests:
+            if isinstance(req, Request) and not req.status.done:
+                self._finish(req, FinishReason.ERROR, outputs, error=error)
+
+    def _free(self, req: Request) -> None:
+        try:
+            self.kv_cache.free(req)
+        except Exception:  # a leak the no-leak checks report; the request still leaves
+            logger.exception("kv_cache.free failed for %s", req.request_id)
+
+    def _observe(self, hook: str, **kwargs) -> None:
+        """Call an observer hook; a raising observer is logged, never fatal to the step."""
+        try:
+            getattr(self.pm.hook, hook)(**kwargs)
+        except Exception:
+            logger.exception("observer hook %s raised", hook)
 
     def _forward(self, batch) -> torch.Tensor:
         mask = self.pm.hook.build_attention_mask(batch=batch, kv_cache=self.kv_cache)
@@ -190,23 +222,29 @@ class Engine:
                 self._finish(req, FinishReason.ABORT, outputs)
 
     def _admit(self, outputs: dict[Request, RequestOutput]) -> AdmissionDecision:
-        budget = SchedulingBudget(self.limits.max_num_seqs, self.max_model_len,
-                                  self.limits.kv_capacity_tokens, self.kv_cache.num_free_tokens())
-        decision = self.pm.hook.admit_requests(
-            waiting=tuple(self.waiting), running=tuple(self.running), budget=budget,
-            kv_cache=self.kv_cache)
+        name = self.scheduler_name
+        decision = None
         try:
-            self._check_decision(decision)
-        except SchedulerError as exc:
+            budget = SchedulingBudget(self.limits.max_num_seqs, self.max_model_len,
+                                      self.limits.kv_capacity_tokens,
+                                      self.kv_cache.num_free_tokens())
+            decision = self.pm.hook.admit_requests(
+                waiting=tuple(self.waiting), running=tuple(self.running), budget=budget,
+                kv_cache=self.kv_cache)
+            check_decision(decision, self.waiting, self.running, self.limits.max_num_seqs, name)
+        except SchedulerError as exc:  # fail the requests the invalid decision names
             logger.error("%s", exc)
-            bad = {} if decision is None else {*getattr(decision, "admit", ()),
-                                               *getattr(decision, "preempt", ())}
-            for req in bad:
-                if isinstance(req, Request) and not req.status.done:
-                    self._finish(req, FinishReason.ERROR, outputs, error=str(exc))
+            named = (*decision.admit, *decision.preempt) \
+                if isinstance(decision, AdmissionDecision) else ()
+            self._fail(named, outputs, str(exc))
+            return AdmissionDecision()
+        except Exception as exc:  # admission itself broke: fail the requests it was deciding on
+            logger.exception("admission failed")
+            self._fail(tuple(self.waiting), outputs, f"scheduler {name!r}: admission failed: "
+                       f"{type(exc).__name__}: {exc}")
             return AdmissionDecision()
         for req in decision.preempt:
-            self.kv_cache.free(req)
+            self._free(req)
             self.running.remove(req)
             req.num_computed_tokens = 0
             req.num_preemptions += 1
@@ -218,25 +256,15 @@ class Engine:
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
-            self.kv_cache.add(req)
+            try:
+                self.kv_cache.add(req)
+            except Exception as exc:
+                logger.exception("kv_cache.add failed")
+                self._fail((req,), outputs, f"scheduler {name!r}: the KV cache failed to add "
+                           f"the request: {type(exc).__name__}: {exc}")
+                continue
             self.running.append(req)
         return decision
-
-    def _check_decision(self, decision: object) -> None:
-        name = self.scheduler_name
-        if not isinstance(decision, AdmissionDecision):
-            raise SchedulerError(
-                f"scheduler {name!r}: admit_requests returned {type(decision).__name__}, "
-                "expected AdmissionDecision")
-        waiting, running = set(self.waiting), set(self.running)
-        if not set(decision.admit) <= waiting or len(set(decision.admit)) != len(decision.admit):
-            raise SchedulerError(f"scheduler {name!r}: admitted a request that is not waiting")
-        if not set(decision.preempt) <= running:
-            raise SchedulerError(f"scheduler {name!r}: preempted a request that is not running")
-        size = len(running) - len(decision.preempt) + len(decision.admit)
-        if size > self.limits.max_num_seqs:
-            raise SchedulerError(f"scheduler {name!r}: batch of {size} exceeds max_num_seqs="
-                                 f"{self.limits.max_num_seqs}")
 
     def _append_token(self, req: Request, token: int, logprob, now: float,
                       outputs: dict[Request, RequestOutput]) -> None:
@@ -251,7 +279,7 @@ class Engine:
     def _finish(self, req: Request, reason: FinishReason, outputs: dict[Request, RequestOutput],
                 error: str | None = None) -> None:
         """Leave the engine: free cache space first, then tell observers and the caller."""
-        self.kv_cache.free(req)
+        self._free(req)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -266,7 +294,7 @@ class Engine:
         prev = outputs.get(req)
         outputs[req] = RequestOutput(req, prev.new_token_ids if prev else (),
                                      (prev.text_delta if prev else "") + delta, True, reason, error)
-        self.pm.hook.on_request_finished(request=req)
+        self._observe("on_request_finished", request=req)
 
     def generate(self, prompts: Iterable[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams]) -> list[Request]:
