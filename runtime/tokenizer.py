@@ -5,6 +5,7 @@ from `generation_config.json` / `config.json`. No `transformers` at serving time
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ __all__ = [
     "TokenizerLoadError",
     "load_chat_template",
 ]
+
+logger = logging.getLogger(__name__)
 
 # generation_config.json keys we expose as request defaults (vLLM's subset we support).
 _GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p")
@@ -140,13 +143,17 @@ class Tokenizer:
         jinja_file = folder / "chat_template.jinja"
         if jinja_file.is_file():
             templates["default"] = jinja_file.read_text(encoding="utf-8")
-        if chat_template is not None:
-            templates["default"] = load_chat_template(chat_template)
-        for tname, text in templates.items():
+        for tname, text in templates.items():  # completions still work: warn, fail on chat
             try:
                 compile_chat_template(text)
             except ChatTemplateError as e:
-                raise TokenizerLoadError(f"chat template {tname!r} of {folder}: {e}") from e
+                logger.warning("chat template %r of %s is unusable: %s", tname, folder, e)
+        if chat_template is not None:  # an explicit --chat-template must be valid at start
+            templates["default"] = load_chat_template(chat_template)
+            try:
+                compile_chat_template(templates["default"])
+            except ChatTemplateError as e:
+                raise TokenizerLoadError(f"--chat-template {chat_template!r}: {e}") from e
 
         eos_ids = _as_id_list(gen_cfg.get("eos_token_id")) + _as_id_list(
             model_cfg.get("eos_token_id")

@@ -160,9 +160,14 @@ def test_jinja_file_and_option_override(tmp_path) -> None:
         Tokenizer.from_dir(folder, chat_template="no/such/file.jinja")
 
 
-def test_template_syntax_error_fails_at_load(tmp_path) -> None:
-    with pytest.raises(TokenizerLoadError, match="chat template"):
-        Tokenizer.from_dir(make_tokenizer_dir(tmp_path, chat_template="{% for %}"))
+def test_template_syntax_error(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = make_tokenizer_dir(tmp_path, chat_template="{% for %}")
+    tok = Tokenizer.from_dir(folder)  # completions still work
+    assert "unusable" in caplog.text
+    with pytest.raises(ChatTemplateError, match="invalid chat template"):
+        tok.apply_chat_template(MESSAGES)
+    with pytest.raises(TokenizerLoadError, match="--chat-template"):
+        Tokenizer.from_dir(folder, chat_template="{{ x ")
 
 
 def test_matches_transformers(tok: Tokenizer) -> None:
