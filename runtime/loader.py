@@ -84,7 +84,9 @@ def load_model(
 
     The returned `model.config.torch_dtype` is the dtype the model was loaded in.
     """
-    path = Path(path)
+    path, device = Path(path), torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {str(device)!r} requested but CUDA is not available")
     config = load_model_config(path)
     torch_dtype = resolve_dtype(dtype, config, device)
     config = config.replace(torch_dtype=str(torch_dtype).removeprefix("torch."))
@@ -92,7 +94,7 @@ def load_model(
     with torch.device("meta"):
         model = ARCHITECTURES[config.architecture](config)
     plan = _plan(model, files)
-    _materialize(model, torch_dtype, torch.device(device))
+    _materialize(model, torch_dtype, device)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for file, entries in plan.items():

@@ -109,6 +109,7 @@ def assert_parity(path, dtype, lengths=(7, 12, 3), bound=None):
         "padded": (padded - want).abs().max().item(),
         "packed": (packed - want).abs().max().item(),
     }
+    print(f"parity {path.name}: {errors}")  # shown with pytest -s
     assert max(errors.values()) <= bound, f"{path.name}: max abs error {errors} > {bound}"
     assert want.abs().max() > 1.0  # the logits are not trivially near zero
     return ours
@@ -204,6 +205,22 @@ def test_cached_decode_matches_full_forward(tmp_path):
     for t in range(12, 20):
         steps.append(model.compute_logits(model(ids[:, t : t + 1], pos[:, t : t + 1], cache)))
     assert (torch.cat(steps, dim=1) - full).abs().max() <= BOUNDS[torch.float64]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
+@torch.no_grad()
+def test_load_on_cuda_matches_cpu(tmp_path, arch):
+    path = make_hf_model_dir(tmp_path, arch, tie=arch == "gpt2")
+    cpu, gpu = load_model(path), load_model(path, device="cuda")
+    assert all(p.is_cuda for p in gpu.parameters())
+    ids = torch.stack(random_seqs([16, 16]))
+    pos = torch.arange(16).expand(2, 16)
+    real = torch.ones(2, 16, dtype=torch.bool)
+    real[1, :5] = False
+    want = cpu.compute_logits(cpu(ids, pos, CausalSelfAttention(), real))
+    got = gpu.compute_logits(gpu(ids.cuda(), pos.cuda(), CausalSelfAttention(), real.cuda()))
+    assert (got.cpu() - want)[real].abs().max() <= 1e-3  # other kernels, other rounding
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -198,3 +198,8 @@ def test_tied_checkpoint_that_still_has_lm_head(tmp_path):
     rewrite(out / "model.safetensors", lambda t: t | {"lm_head.weight": torch.zeros(300, 64)})
     again = load_model(out)
     assert torch.equal(again.lm_head.weight, model.embed_tokens.weight)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_requested_without_cuda(llama_dir):
+    raises(llama_dir, "'cuda' requested but CUDA is not available", device="cuda")

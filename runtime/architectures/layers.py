@@ -51,10 +51,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        if x.dtype not in (torch.float16, torch.bfloat16):  # fused kernel, same result
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return self.weight * h.to(x.dtype)  # rounded to x.dtype before the scale, as HF does
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
