@@ -20,6 +20,10 @@ class ModelLoadError(ValueError):
     """A model folder or config cannot be loaded; the message names the file, key or tensor."""
 
 
+def _unsupported(what: str, value: object, supported: object) -> ModelLoadError:
+    return ModelLoadError(f"unsupported {what} {value!r}; supported: {', '.join(supported)}")
+
+
 @dataclass(frozen=True, slots=True)
 class RopeConfig:
     """Rotary embedding parameters; `llama3` fields are ignored by the other types."""
@@ -33,10 +37,7 @@ class RopeConfig:
 
     def __post_init__(self) -> None:
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ModelLoadError(
-                f"unsupported rope type {self.rope_type!r}; "
-                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-            )
+            raise _unsupported("rope type", self.rope_type, SUPPORTED_ROPE_TYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +74,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in _PARSERS:
-            raise ModelLoadError(
-                f"unsupported architecture {self.architecture!r}; "
-                f"supported: {', '.join(sorted(_PARSERS))}"
-            )
+            raise _unsupported("architecture", self.architecture, sorted(_PARSERS))
         if self.architecture == "GPT2LMHeadModel":
             object.__setattr__(self, "rope", None)  # learned absolute positions instead
         if self.num_key_value_heads is None:
@@ -94,15 +92,9 @@ class ModelConfig:
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ModelLoadError(
-                f"unsupported hidden_act {self.hidden_act!r}; "
-                f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
-            )
+            raise _unsupported("hidden_act", self.hidden_act, SUPPORTED_ACTIVATIONS)
         if self.torch_dtype not in SUPPORTED_DTYPES:
-            raise ModelLoadError(
-                f"unsupported torch_dtype {self.torch_dtype!r}; "
-                f"supported: {', '.join(SUPPORTED_DTYPES)}"
-            )
+            raise _unsupported("torch_dtype", self.torch_dtype, SUPPORTED_DTYPES)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -115,8 +107,7 @@ class ModelConfig:
         arch = archs[0]
         if arch not in _PARSERS:
             raise ModelLoadError(
-                f"{source}: unsupported architecture {arch!r}; "
-                f"supported: {', '.join(sorted(_PARSERS))}"
+                f"{source}: {_unsupported('architecture', arch, sorted(_PARSERS))}"
             )
         try:
             fields = _PARSERS[arch](_Keys(d, source))

@@ -25,7 +25,7 @@ ARCHITECTURES: dict[str, type[CausalLM]] = {
 
 
 def build_model(config: ModelConfig) -> CausalLM:
-    """An uninitialised model of `config.architecture` on the current default device."""
+    """A model of `config.architecture` with torch's default init; `.init_weights(seed)` reseeds."""
     return ARCHITECTURES[config.architecture](config)
 
 

@@ -15,10 +15,16 @@ import torch
 from runtime.architectures.base import CausalLM
 from runtime.architectures.layers import FUSED_PROJECTIONS, FusedLinear
 
-# fused module name -> its checkpoint sources in shard order, e.g. qkv_proj -> (q, k, v)_proj
-_FUSED_SOURCES: dict[str, tuple[str, ...]] = {}
-for _src, (_dst, _idx) in sorted(FUSED_PROJECTIONS.items(), key=lambda kv: kv[1]):
-    _FUSED_SOURCES[_dst] = (*_FUSED_SOURCES.get(_dst, ()), _src)
+
+def _fused_sources() -> dict[str, tuple[str, ...]]:
+    """Fused module name -> its checkpoint sources in shard order: qkv_proj -> (q, k, v)_proj."""
+    out: dict[str, tuple[str, ...]] = {}
+    for src, (dst, _) in sorted(FUSED_PROJECTIONS.items(), key=lambda kv: kv[1]):
+        out[dst] = (*out.get(dst, ()), src)
+    return out
+
+
+_FUSED_SOURCES = _fused_sources()
 
 
 @dataclass(frozen=True, slots=True)
