@@ -48,6 +48,7 @@ class Arrival:
 class MixResult:
     tokens: dict[int, list[int]] = field(default_factory=dict)
     reasons: dict[int, FinishReason | None] = field(default_factory=dict)
+    errors: dict[int, str | None] = field(default_factory=dict)
     steps: int = 0
 
 
@@ -68,9 +69,11 @@ def random_arrivals(seed: int, num_requests: int, vocab_size: int, prompt_len: t
 
 
 def make_engine(model: torch.nn.Module, scheduler: object, name: str = "under-test",
-                max_num_seqs: int = 8, kv_cache_tokens: int | None = None) -> Engine:
+                max_num_seqs: int = 8, kv_cache_tokens: int | None = None,
+                observers: tuple[object, ...] = ()) -> Engine:
     return Engine(model, None, scheduler, name,
-                  EngineLimits(max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens))
+                  EngineLimits(max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens),
+                  observers)
 
 
 def run_alone(model: torch.nn.Module, factory: SchedulerFactory, arrival: Arrival,
@@ -107,6 +110,7 @@ def run_mix(model: torch.nn.Module, factory: SchedulerFactory, arrivals: Sequenc
     for i, req in reqs.items():
         result.tokens[i] = req.output_token_ids
         result.reasons[i] = req.finish_reason
+        result.errors[i] = req.error
     result.steps = step
     return result, engine
 
@@ -126,6 +130,7 @@ def check_scheduling_invariance(model: torch.nn.Module, factory: SchedulerFactor
         if mixed.reasons[i] is FinishReason.ABORT:
             assert got == solo[: len(got)], f"request {i} (aborted): {got} vs solo {solo}"
         else:
-            assert mixed.reasons[i] is FinishReason.LENGTH, f"request {i}: {mixed.reasons[i]}"
+            assert mixed.reasons[i] is FinishReason.LENGTH, \
+                f"request {i} finished with {mixed.reasons[i]}: {mixed.errors[i]}"
             assert got == solo, f"request {i}: batched {got} != solo {solo}"
     return mixed

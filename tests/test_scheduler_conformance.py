@@ -1,7 +1,9 @@
-"""Every installed scheduler gives each request its solo tokens, and leaks nothing.
+"""Every installed scheduler passes the conformance suite a third-party plugin runs.
 
-Parametrised over the `baton_runtime.schedulers` entry points, so a third-party plugin installed
-next to ours is held to the same suite.
+`TestInstalledSchedulers` is `runtime.conformance.SchedulerConformance` parametrised over the
+`baton_runtime.schedulers` entry points (ours, the template's, anyone's installed next to them)
+plus the runtime's built-in defaults. The tests below it check that the suite catches broken
+schedulers.
 """
 
 from __future__ import annotations
@@ -11,53 +13,31 @@ import torch
 from static_plugin import StaticScheduler
 
 from runtime import hookimpl
-from runtime.plugins import installed_schedulers, load_scheduler_class
-from runtime.testing import (
-    Arrival,
-    check_scheduling_invariance,
-    random_arrivals,
-    run_alone,
-    run_mix,
-    tiny_model,
+from runtime.conformance import (
+    SchedulerConformance,
+    check_abort_handling,
+    check_hook_contracts,
+    check_no_leak,
 )
+from runtime.default_cache import PerRequestKVCache
+from runtime.plugins import installed_schedulers
+from runtime.scheduling import AdmissionDecision
+from runtime.testing import Arrival, check_scheduling_invariance, random_arrivals, run_mix
 
-SCHEDULERS = [info.name for info in installed_schedulers()] + ["runtime-default"]
+NAMES = [info.name for info in installed_schedulers()]
 
 
-def factory(name: str):
-    if name == "runtime-default":
-        return lambda: None
-    cls = load_scheduler_class(name)
-    return lambda: cls()
+class TestInstalledSchedulers(SchedulerConformance):
+    @pytest.fixture(params=[*NAMES, pytest.param(None, id="runtime-default")])
+    def conformance_name(self, request) -> str | None:
+        return request.param
 
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
+    from runtime.testing import tiny_model
+
     return tiny_model(seed=3)
-
-
-@pytest.mark.parametrize("name", SCHEDULERS)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_greedy_tokens_equal_solo_tokens(model, name: str, seed: int) -> None:
-    arrivals = random_arrivals(seed, num_requests=9, vocab_size=128, prompt_len=(1, 24),
-                               max_tokens=(1, 10), max_arrival_step=8, abort_fraction=0.2)
-    check_scheduling_invariance(model, factory(name), arrivals, max_num_seqs=4)
-
-
-@pytest.mark.parametrize("name", SCHEDULERS)
-def test_all_at_once_more_than_batch_size(model, name: str) -> None:
-    arrivals = random_arrivals(7, num_requests=7, vocab_size=128, prompt_len=(2, 16),
-                               max_tokens=(3, 3), max_arrival_step=0)
-    check_scheduling_invariance(model, factory(name), arrivals, max_num_seqs=3)
-
-
-@pytest.mark.parametrize("name", SCHEDULERS)
-def test_seeded_sampling_independent_of_batch(model, name: str) -> None:
-    arrivals = random_arrivals(11, num_requests=6, vocab_size=128, prompt_len=(1, 12),
-                               max_tokens=(4, 8), max_arrival_step=4, temperature=1.0)
-    mixed, _ = run_mix(model, factory(name), arrivals, max_num_seqs=4)
-    for i, arr in enumerate(arrivals):
-        assert mixed.tokens[i] == run_alone(model, factory(name), arr, max_num_seqs=4)
 
 
 class _UnmaskedStatic(StaticScheduler):
@@ -74,3 +54,35 @@ def test_invariance_check_catches_a_broken_mask(model) -> None:
     arrivals.append(Arrival(0, (7, 8), arrivals[0].params))
     with pytest.raises(AssertionError, match="batched"):
         check_scheduling_invariance(model, _UnmaskedStatic, arrivals)
+
+
+class _LeakyCache(PerRequestKVCache):
+    def free(self, request) -> None:
+        if request.num_output_tokens == request.params.max_tokens:  # keeps aborted rows
+            super().free(request)
+
+
+class _Leaky:
+    @hookimpl
+    def make_kv_cache(self, shape, limits, device, dtype):
+        return _LeakyCache(shape, limits, device, dtype)
+
+
+def test_no_leak_check_catches_a_cache_that_keeps_aborted_rows(model) -> None:
+    arrivals = random_arrivals(2, 6, 128, (2, 8), (20, 20), 0, abort_fraction=1.0)
+    _, engine = run_mix(model, _Leaky, arrivals)
+    with pytest.raises(AssertionError, match="cache leak"):
+        check_no_leak(engine)
+    with pytest.raises(AssertionError, match="cache leak"):
+        check_abort_handling(model, _Leaky)
+
+
+class _OverBudget:
+    @hookimpl
+    def admit_requests(self, waiting, running, budget):
+        return AdmissionDecision(admit=tuple(waiting))  # ignores max_num_seqs
+
+
+def test_contract_check_names_the_broken_rule(model) -> None:
+    with pytest.raises(AssertionError, match="(?s)hook contracts broken.*exceeds max_num_seqs=2"):
+        check_hook_contracts(model, _OverBudget, max_num_seqs=2)
