@@ -1,0 +1,136 @@
+"""Selective batching's split attention: each request attends to its own keys only.
+
+The model runs every token-wise op on the packed `(N, ...)` tokens of the iteration; only the
+attention is split per request and merged back. Two implementations of the split:
+
+- `LoopAttention`, the literal one: one SDPA call per request per layer.
+- `FusedAttention`: the increment (decode) requests of the iteration in ONE padded SDPA call
+  per layer over keys gathered from their ranges (varlen batching of the attention op; the
+  gather's padding is masked and counted as computed), initiations one call each as before.
+
+Both write the iteration's keys and values into the pool in place with one `index_copy_`.
+A single decode query uses the GQA fold: its `H` query heads become `G = H / H_kv` queries
+against each KV head, so SDPA needs no `enable_gqa` expansion and no mask.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from orca_plugin.masks import CAUSAL, OrcaMask
+
+if TYPE_CHECKING:
+    from orca_plugin.cache import OrcaLayout
+
+
+@dataclass(slots=True)
+class AttentionTimes:
+    """Seconds spent in attention during one pass, split by who was attended (CPU only).
+
+    The split lets the scheduler estimate how long decode rows waited on the iteration's
+    prompts; timing on CUDA would need a synchronize per layer, so it stays off there.
+    """
+
+    enabled: bool = False
+    initiation_s: float = 0.0
+    decode_s: float = 0.0
+
+
+def _fold_decode(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Single-query attention, GQA folded: q `(*b, H, D)`, keys `(*b, H_kv, S, D)` -> `(*b, H, D)`."""
+    *batch, heads, dim = q.shape
+    kv_heads = keys.shape[-3]
+    folded = q.reshape(*batch, kv_heads, heads // kv_heads, dim)  # (*b, H_kv, G, D)
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
+    return out.reshape(*batch, heads, dim)
+
+
+class LoopAttention:
+    """One SDPA call per request: its queries against its own pool slice."""
+
+    def __init__(self, pool: torch.Tensor, layout: OrcaLayout, times: AttentionTimes) -> None:
+        self.pool = pool  # (L, 2, capacity, H_kv, D)
+        self.layout = layout
+        self.times = times
+
+    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store the pass's keys/values at their slots; return this layer's pool (cap, H_kv, D)."""
+        keys, values = self.pool[layer_idx, 0], self.pool[layer_idx, 1]
+        keys.index_copy_(0, self.layout.write_slots, k)
+        values.index_copy_(0, self.layout.write_slots, v)
+        return keys, values
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: OrcaMask
+    ) -> torch.Tensor:
+        keys, values = self.write(layer_idx, k, v)
+        started = time.perf_counter() if self.times.enabled else 0.0
+        lay = self.layout
+        outputs = self.attend_segments(q, keys, values, mask, 0, lay.num_decode)
+        split = time.perf_counter() if self.times.enabled else 0.0
+        outputs += self.attend_segments(q, keys, values, mask, lay.num_decode, len(lay.segments))
+        if self.times.enabled:
+            self.times.decode_s += split - started
+            self.times.initiation_s += time.perf_counter() - split
+        return torch.cat(outputs, dim=0)  # (N, H, D)
+
+    def attend_segments(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: OrcaMask,
+        first: int,
+        last: int,
+    ) -> list[torch.Tensor]:
+        """Requests `[first, last)` of the pass, one call each, outputs in packed order."""
+        outputs = []
+        for i in range(first, last):
+            seg, start = self.layout.segments[i], self.layout.slot_starts[i]
+            end = start + seg.past + seg.length
+            k_req = keys[start:end].transpose(0, 1)  # (H_kv, past + n, D)
+            v_req = values[start:end].transpose(0, 1)
+            seg_mask = mask.segments[i]
+            if seg.length == 1:
+                outputs.append(_fold_decode(q[seg.start], k_req, v_req).unsqueeze(0))
+                continue
+            q_req = q[seg.start : seg.start + seg.length].transpose(0, 1)  # (H, n, D)
+            out = F.scaled_dot_product_attention(
+                q_req,
+                k_req,
+                v_req,
+                attn_mask=None if seg_mask is CAUSAL else seg_mask,
+                is_causal=seg_mask is CAUSAL,
+                enable_gqa=True,
+            )
+            outputs.append(out.transpose(0, 1))  # (n, H, D)
+        return outputs
+
+
+class FusedAttention(LoopAttention):
+    """The decode group in one padded SDPA call per layer; initiations as in the loop."""
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: OrcaMask
+    ) -> torch.Tensor:
+        keys, values = self.write(layer_idx, k, v)
+        lay = self.layout
+        started = time.perf_counter() if self.times.enabled else 0.0
+        rows, width = lay.num_decode, lay.decode_width
+        kv_shape = (rows, width, keys.shape[1], keys.shape[2])
+        k_dec = keys.index_select(0, lay.gather_index).view(kv_shape).transpose(1, 2)
+        v_dec = values.index_select(0, lay.gather_index).view(kv_shape).transpose(1, 2)
+        outputs = [_fold_decode(q[:rows], k_dec, v_dec, mask.decode)]  # (B_dec, H, D)
+        split = time.perf_counter() if self.times.enabled else 0.0
+        outputs += self.attend_segments(q, keys, values, mask, rows, len(lay.segments))
+        if self.times.enabled:
+            self.times.decode_s += split - started
+            self.times.initiation_s += time.perf_counter() - split
+        return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]

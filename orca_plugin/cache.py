@@ -1,0 +1,237 @@
+"""Orca's attention K/V manager: one pool, a contiguous reserved range per request.
+
+A request starting its initiation reserves `prompt_len + max_tokens` slots (the admission
+rule charges exactly that); its keys and values live in `pool[:, :, start:start + size]`, so
+every cache write is in place and each request's keys are one slice (the per-request split of
+selective batching reads them without copying). Every iteration is one packed pass over all
+running requests: decode (increment) requests first, then initiations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from orca_plugin.attention import AttentionTimes, FusedAttention, LoopAttention
+from orca_plugin.masks import OrcaMask, build_orca_mask
+from orca_plugin.slots import SlotAllocator
+from runtime.default_cache import Segment
+from runtime.kv_cache import (
+    CacheLimits,
+    ForwardBatch,
+    KVCache,
+    MemoryStats,
+    ModelShape,
+    PassStats,
+    Phase,
+    kv_elements_per_token,
+)
+from runtime.request import Request
+
+AttentionMode = Literal["fused", "loop"]
+MIN_POOL_TOKENS = 256  # first allocation; the pool then doubles up to `kv_slots`
+
+
+@dataclass(frozen=True, slots=True)
+class OrcaLayout:
+    """Where each request of one iteration sits: packed tokens, pool slots, attention group.
+
+    Requests `[0, num_decode)` feed one token each (increments); the rest are initiations.
+    The fused fields are set only when the decode group is attended in one padded call.
+    """
+
+    segments: tuple[Segment, ...]
+    slot_starts: tuple[int, ...]
+    write_slots: torch.Tensor  # (N,) pool slot of every token of the pass
+    num_decode: int
+    num_initiation_tokens: int
+    decode_lengths: torch.Tensor | None = None  # (B_dec,) keys per decode row, new one included
+    decode_width: int = 0  # S: the padded key width of the fused decode group
+    gather_index: torch.Tensor | None = None  # (B_dec * S,) pool slots of the padded keys
+
+
+class OrcaKVCache(KVCache):
+    """The pool `(L, 2, capacity, H_kv, D)`, token-major so a request's slice is `(n, H_kv, D)`."""
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        limits: CacheLimits,
+        device: torch.device,
+        dtype: torch.dtype,
+        kv_slots: int,
+        attention: AttentionMode = "fused",
+        time_attention: bool = True,
+    ) -> None:
+        super().__init__(shape, limits, device, dtype)
+        self.kv_slots = kv_slots
+        self.mode = attention
+        self.slots = SlotAllocator()
+        self.pool = self._empty_pool(0)
+        self.time_attention = time_attention and self.device.type == "cpu"
+        self.last_times = AttentionTimes()
+        self.last_layout: OrcaLayout | None = None
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Orca's slot budget `n_slots`: what admission may reserve in total."""
+        return self.kv_slots
+
+    @property
+    def pool_tokens(self) -> int:
+        """Slots physically allocated so far (grows on demand up to `kv_slots`)."""
+        return self.slots.capacity
+
+    @staticmethod
+    def reservation(request: Request) -> int:
+        """Slots a request holds from its initiation to its end: prompt_len + max_tokens."""
+        return request.max_total_tokens
+
+    def _empty_pool(self, capacity: int) -> torch.Tensor:
+        s = self.shape
+        dims = (s.num_layers, 2, capacity, s.num_kv_heads, s.head_dim)
+        return torch.empty(dims, dtype=self.dtype, device=self.device)
+
+    def add(self, request: Request) -> None:
+        size = self.reservation(request)
+        if self.slots.reserved + size > self.kv_slots:
+            raise RuntimeError(
+                f"{request.request_id}: {size} slots exceed the free "
+                f"{self.kv_slots - self.slots.reserved} of kv_slots={self.kv_slots}"
+            )
+        start = self.slots.find(size)
+        if start is None and self.slots.capacity < self.kv_slots:
+            want = max(2 * self.slots.capacity, self.slots.high_water + size, MIN_POOL_TOKENS)
+            self._grow(min(want, self.kv_slots))
+            start = self.slots.find(size)
+        if start is None:
+            self._compact()
+            start = self.slots.find(size)
+        self.slots.place(request, start, size)
+
+    def _grow(self, capacity: int) -> None:
+        """Reallocate the pool larger, keeping every live range at its offset."""
+        pool = self._empty_pool(capacity)
+        live = self.slots.high_water
+        pool[:, :, :live] = self.pool[:, :, :live]
+        self.pool = pool
+        self.slots.capacity = capacity
+
+    def _compact(self) -> None:
+        """Close the holes between ranges (fragmentation), copying each moved request's keys."""
+        for req, old, new in self.slots.compact():
+            used = min(req.num_computed_tokens, old.size)
+            src = self.pool[:, :, old.start : old.start + used].clone()
+            self.pool[:, :, new.start : new.start + used] = src
+
+    def free(self, request: Request) -> None:
+        self.slots.release(request)
+
+    def forward_batches(self, running: Sequence[Request]) -> Iterator[ForwardBatch]:
+        """Exactly one pass per iteration: every running request, decode rows first."""
+        if running:
+            yield self._iteration(running)
+
+    def _iteration(self, running: Sequence[Request]) -> ForwardBatch:
+        ordered = [r for r in running if len(r.pending_token_ids()) == 1]
+        num_decode = len(ordered)
+        ordered += [r for r in running if len(r.pending_token_ids()) != 1]
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        segments: list[Segment] = []
+        starts: list[int] = []
+        for req in ordered:
+            pending = req.pending_token_ids()
+            past, start = req.num_computed_tokens, self.slots.ranges[req].start
+            segments.append(Segment(len(ids), len(pending), past))
+            starts.append(start)
+            ids.extend(pending)
+            positions.extend(range(past, past + len(pending)))
+            slots.extend(range(start + past, start + past + len(pending)))
+        dev = self.device
+        sample = torch.tensor([s.start + s.length - 1 for s in segments], device=dev)
+        initiation = [s.past == 0 for s in segments]
+        phase = (
+            Phase.PREFILL
+            if all(initiation)
+            else Phase.DECODE
+            if not any(initiation)
+            else Phase.MIXED
+        )
+        layout = OrcaLayout(
+            tuple(segments),
+            tuple(starts),
+            torch.tensor(slots, device=dev),
+            num_decode,
+            sum(s.length for s in segments if s.past == 0),
+            **self._decode_group(segments[:num_decode], starts[:num_decode]),
+        )
+        return ForwardBatch(
+            tuple(ordered),
+            torch.tensor(ids, device=dev),
+            torch.tensor(positions, device=dev),
+            tuple(s.length for s in segments),
+            sample,
+            tuple(ordered),
+            phase,
+            layout,
+        )
+
+    def _decode_group(self, segments: Sequence[Segment], starts: Sequence[int]) -> dict:
+        """Fused mode: padded gather indices of the decode rows' keys (pads repeat slot 0).
+
+        A pad points at a slot the row has written, so masked-out values are finite.
+        """
+        if self.mode != "fused" or len(segments) < 2:
+            return {}
+        dev = self.device
+        lengths = torch.tensor([s.past + 1 for s in segments], device=dev)
+        width = int(max(s.past + 1 for s in segments))
+        first = torch.tensor(starts, device=dev)
+        cols = torch.arange(width, device=dev)
+        index = first[:, None] + torch.where(cols[None, :] < lengths[:, None], cols[None, :], 0)
+        return {"decode_lengths": lengths, "decode_width": width, "gather_index": index.reshape(-1)}
+
+    def attention(self, batch: ForwardBatch) -> LoopAttention | FusedAttention:
+        self.last_times = AttentionTimes(enabled=self.time_attention)
+        self.last_layout = batch.layout
+        cls = FusedAttention if batch.layout.gather_index is not None else LoopAttention
+        return cls(self.pool, batch.layout, self.last_times)
+
+    def commit(self, batch: ForwardBatch) -> None:
+        """Nothing to advance: a request's cached length is its own `num_computed_tokens`."""
+
+    def build_mask(self, batch: ForwardBatch) -> OrcaMask:
+        lay: OrcaLayout = batch.layout
+        return build_orca_mask(
+            lay.segments, lay.decode_lengths, lay.decode_width, self.dtype, self.device
+        )
+
+    def memory_stats(self) -> MemoryStats:
+        """Allocated = reserved slots (what requests hold); used = slots with real K/V."""
+        per_token = kv_elements_per_token(self.shape)
+        reserved = self.slots.reserved
+        used = sum(r.num_computed_tokens for r in self.slots.ranges)
+        return MemoryStats(
+            reserved * per_token, used * per_token, reserved, used, len(self.slots.ranges)
+        )
+
+    def pass_stats(self, batch: ForwardBatch) -> PassStats:
+        """Token slots are all useful (packed); fused decode padding counts as computed pairs."""
+        lay: OrcaLayout = batch.layout
+        useful = computed = 0
+        for i, s in enumerate(lay.segments):
+            pairs = s.length * s.past + s.length * (s.length + 1) // 2
+            useful += pairs
+            if s.length > 1 and s.past > 0:  # explicit mask: the whole rectangle is scored
+                computed += s.length * (s.past + s.length)
+            elif not (lay.gather_index is not None and i < lay.num_decode):
+                computed += pairs
+        if lay.gather_index is not None:
+            computed += lay.num_decode * lay.decode_width
+        tokens = int(batch.input_ids.numel())
+        return PassStats(batch.phase, len(batch.requests), tokens, tokens, useful, computed)
