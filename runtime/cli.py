@@ -71,6 +71,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from runtime.server.app import run_server
+
+    keys = ("host", "port", "served_model_name", "max_queued_requests", "shutdown_timeout")
+    keys += ("chat_template", "log_requests")
+    config = build_config(args.config, engine_overrides(args) | {k: getattr(args, k) for k in keys})
+    config_json = json.dumps(config.as_dict(), default=str)
+    logging.getLogger("runtime.server").info("effective config: %s", config_json)
+    return run_server(config)
+
+
 def cmd_schedulers(args: argparse.Namespace) -> int:
     from runtime.plugins import (
         PluginError,
@@ -109,10 +120,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(gen)
     gen.set_defaults(func=cmd_generate)
 
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    srv.add_argument("model", nargs="?", help="Hugging Face model folder (default: the demo model)")
+    srv.add_argument("--host", help="bind address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="port (default 8000)")
+    srv.add_argument("--served-model-name", help="the `model` clients send (default: folder name)")
+    queue_help = "waiting requests before new ones get 503 (default 1024)"
+    srv.add_argument("--max-queued-requests", type=int, help=queue_help)
+    drain_help = "seconds to drain in-flight requests on SIGTERM (default 30)"
+    srv.add_argument("--shutdown-timeout", type=float, help=drain_help)
+    srv.add_argument("--chat-template", help="Jinja template file or text (overrides the model's)")
+    log_help = "log every request, and the access log"
+    srv.add_argument("--log-requests", action="store_true", default=None, help=log_help)
+    add_engine_options(srv)
+    srv.set_defaults(func=cmd_serve)
+
     sch = sub.add_parser("schedulers", help="list installed scheduler plugins")
     sch.add_argument("--json", action="store_true", help="JSON output")
     sch.set_defaults(func=cmd_schedulers)
+
+    add_bench_parser(sub)  # `runtime bench` and `runtime bench serve`: cmd_bench below
     return parser
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """`runtime bench`: its options and commands live in runtime/bench/main.py."""
+    from runtime.bench.main import add_bench_parser as add
+
+    add(sub).set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Offline comparison in process, or `bench serve` against OpenAI-compatible servers."""
+    from runtime.bench.main import run_offline_cli, run_online_cli
+
+    return run_online_cli(args) if args.bench_mode == "serve" else run_offline_cli(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,163 @@
+"""The FastAPI app factory, the readiness/model/metrics routes, and the uvicorn runner.
+
+The model loads in a background thread after the socket is open, so `/health` can say 503
+while loading (readiness), then 200; a dead engine loop turns it back to 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from runtime.config import RuntimeConfig
+from runtime.engine import Engine
+from runtime.server import chat, completions
+from runtime.server.async_engine import AsyncEngine
+from runtime.server.errors import APIError, install_error_handlers
+from runtime.server.metrics import ServerMetrics
+from runtime.server.serving import ServerSettings, ServerState, ready_state
+
+logger = logging.getLogger("runtime.server")
+
+
+async def _load(
+    state: ServerState,
+    factory: Callable[[], Engine],
+    on_error: Callable[[BaseException], None] | None,
+) -> None:
+    """Build the engine off the event loop, then start its thread and mark the server ready."""
+    from runtime.tokenizer import load_chat_template
+
+    try:
+        engine = await asyncio.to_thread(factory)
+        if state.settings.chat_template:
+            state.chat_template = load_chat_template(state.settings.chat_template)
+        aengine = AsyncEngine(engine, state.settings.max_queued_requests, state.metrics)
+        aengine.start()
+        state.max_model_len = engine.max_model_len
+        state.engine = aengine
+        logger.info(
+            "ready: model %r, scheduler %r, max_model_len %d, max_num_seqs %d",
+            state.settings.model_name,
+            engine.scheduler_name,
+            engine.max_model_len,
+            engine.limits.max_num_seqs,
+        )
+    except Exception as exc:
+        logger.exception("loading the model failed")
+        state.load_error = exc
+        if on_error is not None:
+            on_error(exc)
+
+
+def create_app(
+    engine_factory: Callable[[], Engine],
+    settings: ServerSettings,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """An app serving the engine `engine_factory` builds (called once, in a worker thread)."""
+    state = ServerState(
+        settings, ServerMetrics(settings.model_name, settings.scheduler, settings.log_interval)
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(_load(state, engine_factory, on_load_error))
+        try:
+            yield
+        finally:
+            await asyncio.wait({loading}, timeout=1.0)
+            if state.engine is not None:
+                await state.engine.drain(0.0)  # normally already drained by GracefulServer
+                await state.engine.stop()
+
+    app = FastAPI(title="baton-runtime", summary="OpenAI-compatible LLM server", lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    app.include_router(completions.router)
+    app.include_router(chat.router)
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        """Readiness: 200 once the model is loaded and the engine loop runs, else 503."""
+        ready_state(request)
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": settings.model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "baton-runtime",
+            "root": settings.model_name,
+            "parent": None,
+            "max_model_len": state.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn with a drain: on SIGTERM or Ctrl-C, stop admitting (uvicorn closes the socket),
+    let in-flight requests finish for up to `shutdown_timeout`, abort the rest with a final
+    event, then exit 0. uvicorn cancels tasks only after our timeout plus a margin."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        drain = None
+        if self.state.engine is not None:
+            timeout = self.state.settings.shutdown_timeout
+            drain = asyncio.create_task(self.state.engine.drain(timeout))
+        await super().shutdown(sockets)
+        if drain is not None:
+            await drain
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured signal after shutting down (exit status 128 + sig);
+        # we drained on purpose, so a requested stop is a clean exit.
+        self._captured_signals.clear()
+
+
+def run_server(config: RuntimeConfig) -> int:
+    """Serve until SIGTERM/Ctrl-C; 0 after a graceful stop, 1 if the model failed to load."""
+    from runtime.bootstrap import create_engine
+
+    settings = ServerSettings.from_config(config)
+    server: GracefulServer | None = None
+
+    def stop_on_error(_: BaseException) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(lambda: create_engine(config), settings, stop_on_error)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        access_log=settings.log_requests,
+        timeout_graceful_shutdown=int(config.shutdown_timeout) + 10,
+    )
+    server = GracefulServer(uv_config, app.state.server)
+    server.run()
+    return 1 if app.state.server.load_error is not None else 0
+
+
+__all__ = ["APIError", "GracefulServer", "create_app", "run_server"]

@@ -1,0 +1,128 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`, as vLLM serves them.
+
+Every failure path ends here so clients written for vLLM and the `openai` package see the
+status, `type` and `param` they already parse.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from runtime.chat_template import ChatTemplateError
+from runtime.sampling_params import InvalidParameterError
+
+logger = logging.getLogger(__name__)
+
+# The status a full waiting queue answers with (see runtime/server/__init__.py).
+QUEUE_FULL_STATUS = HTTPStatus.SERVICE_UNAVAILABLE
+
+_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestEntityTooLargeError",
+    422: "BadRequestError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI `param`; raised anywhere, answered as JSON."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = int(status)
+        self.param = param
+        self.headers = headers
+
+    @property
+    def type(self) -> str:
+        return _TYPES.get(
+            self.status, "InternalServerError" if self.status >= 500 else "BadRequestError"
+        )
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body, also sent as the payload of an SSE error event."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.status,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(
+    exc: InvalidParameterError | ChatTemplateError, param: str | None = None
+) -> APIError:
+    """A 400 from the validation errors the core raises (they carry `param` when they know it)."""
+    return APIError(str(exc), 400, getattr(exc, "param", None) or param)
+
+
+def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    """("body", "messages", 0, "content") -> "messages.0.content"; the body itself -> None."""
+    parts = [str(p) for p in loc if p != "body"]
+    # A union of types adds the candidate type names after the field; they are not the param.
+    fields = [p for p in parts if not any(c in p for c in "[]()")]
+    return ".".join(fields) or None
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"Invalid JSON body: {first.get('ctx', {}).get('error', 'decode error')}", None
+    param = _param_from_loc(tuple(first.get("loc", ())))
+    msg = first.get("msg", "invalid value")
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map our errors, FastAPI's body validation (422 -> 400) and HTTP errors to one shape."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return APIError(message, 400, param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:
+            message = "The request body is not valid UTF-8 JSON"
+        return APIError(message, exc.status_code, headers=exc.headers).response()
+
+    @app.exception_handler(InvalidParameterError)
+    async def _invalid(_: Request, exc: InvalidParameterError) -> JSONResponse:
+        return bad_request(exc).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return APIError(f"Internal server error: {type(exc).__name__}: {exc}", 500).response()
