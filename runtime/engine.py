@@ -235,7 +235,7 @@ class Engine:
         except SchedulerError as exc:  # fail the requests the invalid decision names
             logger.error("%s", exc)
             named = (*decision.admit, *decision.preempt) \
-                if isinstance(decision, AdmissionDecision) else ()
+                if isinstance(decision, AdmissionDecision) else tuple(self.waiting)
             self._fail(named, outputs, str(exc))
             return AdmissionDecision()
         except Exception as exc:  # admission itself broke: fail the requests it was deciding on
