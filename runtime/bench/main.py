@@ -1,0 +1,315 @@
+"""`runtime bench` (offline, engines in process) and `runtime bench serve` (online, over HTTP).
+
+Argument parsing and the glue: workload -> model folder -> contenders -> interleaved runs ->
+text report, ratio table, JSON and PNGs under `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from runtime.bench.workload import generate_requests, load_workload
+
+if TYPE_CHECKING:
+    from runtime.bench.offline import ComparisonResult
+
+# Heavy modules (torch, numpy, matplotlib) are imported inside the commands, so that
+# registering the parser keeps `runtime --help` instant.
+logger = logging.getLogger(__name__)
+PREFERRED_ORDER = ("baton", "orca", "static")
+MODEL_SPECS = ("demo", "smollm2-135m-shape", "tiny")  # runtime.bench.model_spec.SPECS
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _floats(value: str) -> list[float]:
+    return [float(v) for v in _csv(value)]
+
+
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by offline and online mode: what to replay and where results go."""
+    p.add_argument(
+        "--workload",
+        default="smoke",
+        help="named workload in benchmarks/workloads/ or a YAML file (default smoke)",
+    )
+    p.add_argument("--num-requests", type=int, help="override the workload's request count")
+    p.add_argument("--rate", type=float, help="override: Poisson arrivals at this rate (req/s)")
+    p.add_argument("--all-at-once", action="store_true", help="override: all requests at t=0")
+    p.add_argument("--seed", type=int, help="override the workload's seed")
+    p.add_argument(
+        "--model-spec",
+        choices=MODEL_SPECS,
+        default=None,
+        help="random model of a named shape, built once and cached (default demo)",
+    )
+    p.add_argument("--model", help="a Hugging Face model folder instead of --model-spec")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repeats (default 1)")
+    p.add_argument("--baseline", help="contender the ratio table divides by")
+    p.add_argument("--out", default="bench-results", help="folder for JSON and PNG results")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register `bench` (and `bench serve`) on the top-level subparsers of `runtime`."""
+    bench = sub.add_parser("bench", help="compare schedulers and peer engines on one workload")
+    add_workload_arguments(bench)
+    bench.add_argument(
+        "--schedulers",
+        type=_csv,
+        help="comma list of scheduler entry points, or 'default' for the "
+        "engine's built-in FCFS (default: every installed scheduler)",
+    )
+    bench.add_argument(
+        "--scheduler-option",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VAL",
+        help="a scheduler_options entry, e.g. static.max_batch_size=8 (YAML value)",
+    )
+    bench.add_argument(
+        "--peers",
+        type=_csv,
+        default=[],
+        help="peer engines on the same model: transformers, transformers-cb",
+    )
+    bench.add_argument(
+        "--rate-sweep",
+        type=_floats,
+        help="comma list of Poisson rates: run the workload at each one",
+    )
+    bench.add_argument("--max-num-seqs", type=int, default=32, help="batch size limit (default 32)")
+    bench.add_argument(
+        "--max-model-len", type=int, help="context length (default: the workload's longest request)"
+    )
+    bench.add_argument("--kv-cache-tokens", type=int, help="KV capacity in tokens")
+    bench.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    bench.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's)")
+    modes = bench.add_subparsers(dest="bench_mode")
+    serve = modes.add_parser("serve", help="replay over HTTP against OpenAI-compatible servers")
+    add_workload_arguments(serve)
+    serve.add_argument(
+        "--base-url",
+        action="append",
+        required=True,
+        metavar="[NAME=]URL",
+        help="server to replay against (repeatable: NAME=URL compares servers)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        help="model id to request (default: the first one GET /v1/models lists)",
+    )
+    return bench
+
+
+def _scheduler_options(entries: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        name, dot, option = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--scheduler-option {entry!r}: expected NAME.KEY=VALUE")
+        out.setdefault(name, {})[option] = yaml.safe_load(value)
+    return out
+
+
+def _default_schedulers() -> list[str]:
+    from runtime.plugins import installed_schedulers
+
+    names = [s.name for s in installed_schedulers()]
+    return sorted(
+        names,
+        key=lambda n: (
+            PREFERRED_ORDER.index(n) if n in PREFERRED_ORDER else len(PREFERRED_ORDER),
+            n,
+        ),
+    ) or ["default"]
+
+
+def _workload(args: argparse.Namespace, vocab_size: int, max_len: int, rate: float | None = None):
+    spec = load_workload(args.workload).with_overrides(
+        args.num_requests, rate if rate is not None else args.rate, args.all_at_once, args.seed
+    )
+    return spec, generate_requests(spec, vocab_size, max_len)
+
+
+def _summarise(
+    result: ComparisonResult, args: argparse.Namespace, header: dict, out: Path, tag: str = ""
+) -> dict[str, dict]:
+    """Print the per-contender reports and ratios; write the JSON files; return the results."""
+    from runtime.bench.metrics import aggregate
+    from runtime.bench.report import (
+        format_ratios,
+        format_report,
+        ratio_table,
+        vllm_result,
+        write_json,
+    )
+
+    results = {label: aggregate(runs) for label, runs in result.runs.items()}
+    for label, metrics in results.items():
+        print(format_report(metrics, title=label))
+    baseline = args.baseline or ("orca" if "orca" in results else next(iter(results), None))
+    ratios = {}
+    if baseline in results:
+        ratios = ratio_table(results, baseline)
+        print(format_ratios(ratios, baseline))
+    elif baseline:
+        print(f"baseline {baseline!r} did not run; no ratio table", file=sys.stderr)
+    for label, reason in result.errors.items():
+        print(f"{label}: could not run: {reason}")
+    payload = header | {
+        "baseline": baseline,
+        "results": results,
+        "ratios": ratios,
+        "runs": result.runs,
+        "unavailable": result.errors,
+    }
+    write_json(out / f"results{tag}.json", payload)
+    for label, metrics in results.items():
+        write_json(
+            out / f"{label}{tag}.json",
+            vllm_result(
+                metrics,
+                label,
+                {
+                    "date": header["date"],
+                    "model_id": header["model"],
+                    "num_prompts": header["workload"]["num_requests"],
+                    "request_rate": header["workload"]["arrival"],
+                },
+            ),
+        )
+    if not args.no_plots and results:
+        from runtime.bench.plots import plot_latency_cdfs, plot_throughput
+
+        title = f"{header['workload']['name']} on {header['model_name']}{tag}"
+        plot_throughput(results, out / f"throughput{tag}.png", title)
+        plot_latency_cdfs(result.traces, out / f"latency_cdf{tag}.png", title)
+    return results
+
+
+def _header(args: argparse.Namespace, spec: Any, model_dir: Path, mode: str) -> dict:
+    from runtime.bench.report import machine_info
+
+    return {
+        "mode": mode,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "runtime " + " ".join(sys.argv[1:]),
+        "workload": spec.as_dict(),
+        "model": str(model_dir),
+        "model_name": args.model_spec or model_dir.name,
+        "repeats": args.repeats,
+        "machine": machine_info(),
+    }
+
+
+def run_offline_cli(args: argparse.Namespace) -> int:
+    """Build every contender once, then run the workload (or each rate of the sweep)."""
+    import torch
+
+    from runtime.bench.model_spec import resolve_model
+    from runtime.bench.offline import EngineContender, run_comparison
+    from runtime.bench.peers import PeerUnavailable, make_peer
+    from runtime.bench.report import write_json
+    from runtime.engine import EngineLimits
+    from runtime.loader import load_model, load_model_config
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    model_dir = resolve_model(args.model_spec, args.model)
+    config = load_model_config(model_dir)
+    base_spec = load_workload(args.workload)
+    max_len = args.max_model_len or min(config.max_position_embeddings, base_spec.max_total_len())
+    model = load_model(model_dir, dtype=args.dtype)
+    limits = EngineLimits(args.max_num_seqs, max_len, args.kv_cache_tokens)
+    options = _scheduler_options(args.scheduler_option)
+    contenders: list[Any] = [
+        EngineContender(n, n, model, None, limits, options.get(n))
+        for n in args.schedulers or _default_schedulers()
+    ]
+    unavailable = {}
+    for name in args.peers:
+        try:
+            contenders.append(make_peer(name, model_dir, args.max_num_seqs, max_len))
+        except PeerUnavailable as exc:
+            unavailable[name] = str(exc)
+            print(f"peer {name}: not available: {exc}", file=sys.stderr)
+    out = Path(args.out)
+    rates = args.rate_sweep or [None]
+    sweep = {}
+    for rate in rates:
+        spec, requests = _workload(args, config.vocab_size, max_len, rate)
+        tag = f"-rate{rate:g}" if rate is not None else ""
+        print(
+            f"workload {spec.name}: {len(requests)} requests, "
+            f"{'all at once' if spec.rate is None else f'Poisson {spec.rate:g} req/s'}, "
+            f"model {model_dir}, max_model_len {max_len}, contenders "
+            f"{', '.join(c.label for c in contenders)}, {args.repeats} repeat(s)"
+        )
+        result = run_comparison(contenders, requests, args.repeats, not args.no_progress)
+        result.errors |= unavailable
+        header = _header(args, spec, model_dir, "offline")
+        sweep[spec.rate] = _summarise(result, args, header, out, tag)
+    if args.rate_sweep:
+        write_json(out / "rate_sweep.json", {str(r): v for r, v in sweep.items()})
+        if not args.no_plots:
+            from runtime.bench.plots import plot_rate_sweep
+
+            plot_rate_sweep(sweep, out / "rate_sweep.png", f"{base_spec.name} rate sweep")
+    print(f"results written to {out}/")
+    return 0
+
+
+def _parse_targets(values: list[str]) -> list[tuple[str, str]]:
+    targets = []
+    for i, value in enumerate(values):
+        name, sep, url = value.partition("=")
+        targets.append(
+            (name, url)
+            if sep and not name.startswith("http")
+            else (f"server{i + 1}" if len(values) > 1 else "server", value)
+        )
+    return targets
+
+
+def run_online_cli(args: argparse.Namespace) -> int:
+    """Replay the workload against each server in turn (interleaved repeats), same client."""
+    from runtime.bench.metrics import compute_metrics
+    from runtime.bench.model_spec import resolve_model
+    from runtime.bench.offline import ComparisonResult
+    from runtime.bench.online import run_online
+    from runtime.loader import load_model_config
+
+    model_dir = resolve_model(args.model_spec, args.model)
+    config = load_model_config(model_dir)
+    base_spec = load_workload(args.workload)
+    max_len = min(config.max_position_embeddings, base_spec.max_total_len())
+    spec, requests = _workload(args, config.vocab_size, max_len)
+    targets = _parse_targets(args.base_url)
+    result = ComparisonResult()
+    for rep in range(args.repeats):
+        for label, url in targets[rep % len(targets) :] + targets[: rep % len(targets)]:
+            print(f"{label}: replaying {len(requests)} requests of {spec.name} against {url}")
+            trace, model_id = run_online(
+                url, requests, args.served_model_name, not args.no_progress
+            )
+            result.runs.setdefault(label, []).append(compute_metrics(trace))
+            result.traces.setdefault(label, []).append(trace)
+            failed = [r.error for r in trace.requests if not r.success]
+            if failed:
+                print(f"{label}: {len(failed)} failed, first: {failed[0]}", file=sys.stderr)
+    header = _header(args, spec, model_dir, "online") | {"base_urls": dict(targets)}
+    _summarise(result, args, header, Path(args.out))
+    print(f"results written to {args.out}/")
+    return 0

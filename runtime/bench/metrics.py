@@ -1,0 +1,191 @@
+"""Benchmark metrics from per-request token timestamps and per-pass engine statistics.
+
+Latency definitions follow `vllm bench serve` so numbers are comparable: TTFT from arrival to
+the first token, TPOT = (latency - ttft) / (output_tokens - 1) per request, ITL the gaps between
+consecutive token (chunk) arrivals, E2EL arrival to last token. Idle computation and memory
+come from the engine's `on_step_end` StepStats (offline runs only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runtime import hookimpl
+from runtime.scheduling import StepStats
+
+PERCENTILES = (50, 99)
+LATENCY_KEYS = ("ttft", "tpot", "itl", "e2el")
+
+
+@dataclass(slots=True)
+class RequestTrace:
+    """One request's timeline on a single clock (seconds): arrival and each token's arrival."""
+
+    prompt_len: int
+    output_len: int
+    arrival: float
+    token_times: list[float] = field(default_factory=list)
+    success: bool = True
+    error: str = ""
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.arrival
+
+    @property
+    def e2el(self) -> float:
+        return self.token_times[-1] - self.arrival
+
+
+@dataclass(frozen=True, slots=True)
+class PassTrace:
+    """One forward pass: phase, seconds and the idle-computation counts of its PassStats."""
+
+    phase: str
+    seconds: float
+    useful_tokens: int
+    computed_tokens: int
+    useful_pairs: int
+    computed_pairs: int
+
+
+@dataclass(slots=True)
+class RunTrace:
+    """Everything one benchmark run recorded; `compute_metrics` turns it into numbers."""
+
+    requests: list[RequestTrace]
+    start: float
+    end: float
+    passes: list[PassTrace] = field(default_factory=list)
+    memory: list[tuple[int, int]] = field(default_factory=list)  # (allocated, used) elements/step
+    bytes_per_element: int = 4
+
+
+class StepRecorder:
+    """Observer plugin: collects every step's passes and KV memory into a RunTrace."""
+
+    def __init__(self) -> None:
+        self.passes: list[PassTrace] = []
+        self.memory: list[tuple[int, int]] = []
+
+    @hookimpl
+    def on_step_end(self, stats: StepStats) -> None:
+        for p, sec in zip(stats.passes, stats.pass_seconds, strict=False):
+            self.passes.append(
+                PassTrace(
+                    p.phase.value,
+                    sec,
+                    p.useful_tokens,
+                    p.computed_tokens,
+                    p.useful_attention_pairs,
+                    p.computed_attention_pairs,
+                )
+            )
+        self.memory.append((stats.memory.allocated_elements, stats.memory.used_elements))
+
+
+def _stats(name: str, values_s: Sequence[float]) -> dict[str, float]:
+    """mean/median/std/pNN of `values_s` (seconds) as `<stat>_<name>_ms`, vLLM's spelling."""
+    arr = np.asarray(values_s, dtype=np.float64) * 1000.0
+    if arr.size == 0:
+        arr = np.zeros(1)
+    out = {
+        f"mean_{name}_ms": float(arr.mean()),
+        f"median_{name}_ms": float(np.median(arr)),
+        f"std_{name}_ms": float(arr.std()),
+    }
+    for p in PERCENTILES:
+        if p != 50:
+            out[f"p{p}_{name}_ms"] = float(np.percentile(arr, p))
+    return out
+
+
+def latency_samples(requests: Iterable[RequestTrace]) -> dict[str, list[float]]:
+    """Per-request TTFT, TPOT, E2EL and every inter-token gap, in seconds (successful only)."""
+    out: dict[str, list[float]] = {k: [] for k in LATENCY_KEYS}
+    for r in requests:
+        if not r.success or not r.token_times:
+            continue
+        out["ttft"].append(r.ttft)
+        out["e2el"].append(r.e2el)
+        if r.output_len > 1:
+            out["tpot"].append((r.e2el - r.ttft) / (r.output_len - 1))
+        out["itl"].extend(b - a for a, b in zip(r.token_times, r.token_times[1:], strict=False))
+    return out
+
+
+def compute_metrics(trace: RunTrace) -> dict[str, float | int]:
+    """vLLM's result keys plus idle computation, KV memory and prefill/decode time."""
+    ok = [r for r in trace.requests if r.success and r.token_times]
+    duration = max(trace.end - trace.start, 1e-9)
+    input_tokens = sum(r.prompt_len for r in ok)
+    output_tokens = sum(r.output_len for r in ok)
+    out: dict[str, float | int] = {
+        "duration": duration,
+        "completed": len(ok),
+        "failed": len(trace.requests) - len(ok),
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": output_tokens / duration,
+        "total_token_throughput": (input_tokens + output_tokens) / duration,
+    }
+    for name, values in latency_samples(ok).items():
+        out |= _stats(name, values)
+    if trace.passes:
+        out |= pass_metrics(trace.passes)
+    if trace.memory:
+        out |= memory_metrics(trace.memory, trace.bytes_per_element)
+    return out
+
+
+def pass_metrics(passes: Sequence[PassTrace]) -> dict[str, float | int]:
+    """Idle computation (computed vs useful token slots and attention pairs) and phase times."""
+    computed = sum(p.computed_tokens for p in passes)
+    useful = sum(p.useful_tokens for p in passes)
+    computed_pairs = sum(p.computed_pairs for p in passes)
+    useful_pairs = sum(p.useful_pairs for p in passes)
+    out: dict[str, float | int] = {
+        "num_passes": len(passes),
+        "computed_token_slots": computed,
+        "useful_token_slots": useful,
+        "idle_token_fraction": 1.0 - useful / computed if computed else 0.0,
+        "computed_attention_pairs": computed_pairs,
+        "useful_attention_pairs": useful_pairs,
+        "idle_attention_fraction": 1.0 - useful_pairs / computed_pairs if computed_pairs else 0.0,
+        "forward_time_s": sum(p.seconds for p in passes),
+    }
+    for phase in ("prefill", "decode", "mixed"):
+        out[f"{phase}_time_s"] = sum(p.seconds for p in passes if p.phase == phase)
+        out[f"{phase}_passes"] = sum(1 for p in passes if p.phase == phase)
+    return out
+
+
+def memory_metrics(memory: Sequence[tuple[int, int]], bytes_per_element: int) -> dict[str, float]:
+    """KV memory allocated versus holding real tokens, averaged over steps and at peak (MiB)."""
+    mib = bytes_per_element / 2**20
+    allocated = [a for a, _ in memory]
+    used = [u for _, u in memory]
+    return {
+        "mean_kv_allocated_mib": float(np.mean(allocated)) * mib,
+        "peak_kv_allocated_mib": max(allocated) * mib,
+        "mean_kv_used_mib": float(np.mean(used)) * mib,
+        "kv_usage": sum(used) / sum(allocated) if sum(allocated) else 0.0,
+    }
+
+
+def aggregate(runs: Sequence[dict[str, float | int]]) -> dict[str, float | int]:
+    """The median of each metric over repeated runs (robust to one noisy repeat)."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    keys = [k for k in runs[0] if all(k in r for r in runs)]
+    out: dict[str, float | int] = {}
+    for k in keys:
+        values = [r[k] for r in runs]
+        median = float(np.median(values))
+        ints = all(isinstance(v, int) for v in values)
+        out[k] = int(round(median)) if ints and median.is_integer() else median
+    return out

@@ -1,0 +1,118 @@
+"""Online benchmark: replay a workload over HTTP against any OpenAI-compatible server.
+
+Like `vllm bench serve`: every request is a streaming `POST /v1/completions` with token-id
+prompts, `ignore_eos` and `max_tokens` (so `runtime serve` and `vllm serve` do the same work),
+sent at its arrival time; a timestamp is taken per chunk carrying choices, and the output
+token count comes from the final usage chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+
+import httpx
+from tqdm import tqdm
+
+from runtime.bench.metrics import RequestTrace, RunTrace
+from runtime.bench.workload import BenchRequest
+
+
+def completion_payload(model: str, req: BenchRequest) -> dict:
+    """The request body: greedy, forced length, streamed with a usage chunk at the end."""
+    return {
+        "model": model,
+        "prompt": list(req.prompt_token_ids),
+        "max_tokens": req.output_len,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def discover_model(client: httpx.AsyncClient, base_url: str) -> str:
+    """The first model id the server lists (`GET /v1/models`)."""
+    resp = await client.get(f"{base_url}/v1/models")
+    resp.raise_for_status()
+    data = resp.json().get("data") or []
+    if not data:
+        raise RuntimeError(f"{base_url}/v1/models lists no model; pass --served-model-name")
+    return str(data[0]["id"])
+
+
+async def _stream_one(
+    client: httpx.AsyncClient, base_url: str, model: str, req: BenchRequest, start: float
+) -> RequestTrace:
+    """Send one request at its arrival time and timestamp every streamed chunk."""
+    await asyncio.sleep(max(0.0, start + req.arrival - time.perf_counter()))
+    sent = time.perf_counter()
+    times: list[float] = []
+    usage_tokens: int | None = None
+    error = ""
+    try:
+        async with client.stream(
+            "POST", f"{base_url}/v1/completions", json=completion_payload(model, req)
+        ) as resp:
+            if resp.status_code != 200:
+                body = (await resp.aread()).decode(errors="replace")
+                error = f"HTTP {resp.status_code}: {body[:300]}"
+            else:
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        error = f"stream error: {chunk['error']}"
+                        break
+                    if chunk.get("choices"):
+                        times.append(time.perf_counter())
+                    elif chunk.get("usage"):
+                        usage_tokens = chunk["usage"].get("completion_tokens")
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    out_len = usage_tokens if usage_tokens is not None else len(times)
+    ok = not error and bool(times) and out_len == req.output_len
+    if not error and out_len != req.output_len:
+        error = f"expected {req.output_len} tokens, got {out_len}"
+    return RequestTrace(req.prompt_len, out_len, sent, times, ok, error)
+
+
+async def run_online_async(
+    base_url: str,
+    requests: Sequence[BenchRequest],
+    model: str | None = None,
+    progress: bool = True,
+    timeout: float | None = None,
+) -> tuple[RunTrace, str]:
+    """Replay `requests` against `base_url`; returns the trace and the model id used."""
+    base_url = base_url.rstrip("/")
+    limits = httpx.Limits(max_connections=max(100, len(requests)), max_keepalive_connections=100)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        model = model or await discover_model(client, base_url)
+        bar = tqdm(
+            total=len(requests), desc="requests", unit="req", disable=not progress, leave=False
+        )
+        start = time.perf_counter()
+
+        async def one(req: BenchRequest) -> RequestTrace:
+            trace = await _stream_one(client, base_url, model, req, start)
+            bar.update(1)
+            return trace
+
+        traces = await asyncio.gather(*(one(r) for r in requests))
+        end = time.perf_counter()
+        bar.close()
+    return RunTrace(list(traces), start, end), model
+
+
+def run_online(
+    base_url: str, requests: Sequence[BenchRequest], model: str | None = None, progress: bool = True
+) -> tuple[RunTrace, str]:
+    """Synchronous wrapper of `run_online_async` (the CLI entry point)."""
+    return asyncio.run(run_online_async(base_url, requests, model, progress))

@@ -1,0 +1,111 @@
+"""A tiny offline comparison end to end through the CLI: reports, JSON and PNGs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runtime.bench.model_spec import resolve_model
+from runtime.bench.offline import EngineContender, run_comparison
+from runtime.bench.workload import BenchRequest
+from runtime.cli import main
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BATON_RUNTIME_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_two_schedulers_produce_json_and_png(tmp_path, cache, capsys):
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "bench",
+            "--model-spec",
+            "tiny",
+            "--workload",
+            "smoke",
+            "--num-requests",
+            "6",
+            "--schedulers",
+            "static,default",
+            "--baseline",
+            "static",
+            "--repeats",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert text.count("============ Serving Benchmark Result ============") == 2
+    assert "Ratios vs static" in text
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["results"]) == {"static", "default"}
+    assert len(data["runs"]["static"]) == 2
+    for label in ("static", "default"):
+        res = data["results"][label]
+        assert res["completed"] == 6 and res["failed"] == 0
+        assert res["output_throughput"] > 0 and res["computed_token_slots"] >= 1
+        flat = json.loads((out / f"{label}.json").read_text())
+        assert flat["backend"] == label and "p99_ttft_ms" in flat
+    assert data["ratios"]["static"]["request_throughput"] == 1.0
+    assert data["workload"]["name"] == "smoke"
+    for png in ("throughput.png", "latency_cdf.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rate_sweep_writes_a_plot(tmp_path, cache):
+    out = tmp_path / "sweep"
+    rc = main(
+        [
+            "bench",
+            "--model-spec",
+            "tiny",
+            "--workload",
+            "smoke",
+            "--num-requests",
+            "3",
+            "--schedulers",
+            "default",
+            "--rate-sweep",
+            "50,100",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    sweep = json.loads((out / "rate_sweep.json").read_text())
+    assert set(sweep) == {"50.0", "100.0"}
+    assert (out / "rate_sweep.png").is_file() and (out / "results-rate50.json").is_file()
+
+
+def test_arrivals_are_replayed_on_the_engine_clock(cache):
+    from runtime.loader import load_model
+
+    model = load_model(resolve_model("tiny"))
+    contender = EngineContender("default", "default", model)
+    reqs = [BenchRequest(0, 0.0, (20, 21, 22), 3), BenchRequest(1, 0.3, (23, 24), 2)]
+    result = run_comparison([contender], reqs, progress=False)
+    trace = result.traces["default"][0]
+    late = trace.requests[1]
+    assert late.arrival - trace.start == pytest.approx(0.3)
+    assert late.token_times[0] >= late.arrival  # not served before it arrived
+    assert [r.output_len for r in trace.requests] == [3, 2]
+    assert trace.end - trace.start >= 0.3
+
+
+def test_a_failing_contender_is_reported_not_fatal(cache):
+    from runtime.loader import load_model
+
+    model = load_model(resolve_model("tiny"))
+    good = EngineContender("default", "default", model)
+    bad = EngineContender("broken", "no-such-scheduler", model)
+    result = run_comparison([good, bad], [BenchRequest(0, 0.0, (20, 21), 2)], progress=False)
+    assert "default" in result.runs and "broken" not in result.runs
+    assert "no-such-scheduler" in result.errors["broken"]

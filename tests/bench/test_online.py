@@ -1,0 +1,122 @@
+"""Online mode against a stub OpenAI-compatible streaming server (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from runtime.bench.metrics import compute_metrics
+from runtime.bench.online import run_online
+from runtime.bench.workload import BenchRequest
+from runtime.cli import main
+
+TOKEN_DELAY = 0.01
+seen: list[dict] = []
+
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "stub-model", "object": "model"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: dict):
+        seen.append(body)
+        if body["max_tokens"] > 50:
+            return JSONResponse({"error": {"message": "too long", "param": "max_tokens"}}, 400)
+
+        async def events():
+            for i in range(body["max_tokens"]):
+                await asyncio.sleep(TOKEN_DELAY)
+                chunk = {"id": "cmpl-1", "choices": [{"index": 0, "text": f" t{i}"}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}
+            yield f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def stub_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(make_app(), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline, "stub server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=5)
+
+
+def test_replay_streams_and_times_every_chunk(stub_url):
+    seen.clear()
+    reqs = [
+        BenchRequest(0, 0.0, (20, 21, 22), 4),
+        BenchRequest(1, 0.2, (23,), 3),
+        BenchRequest(2, 0.05, (24, 25), 60),
+    ]
+    trace, model = run_online(stub_url, reqs, progress=False)
+    assert model == "stub-model"
+    body = next(b for b in seen if b["prompt"] == [20, 21, 22])
+    assert body["stream"] and body["ignore_eos"] and body["max_tokens"] == 4
+    assert body["stream_options"] == {"include_usage": True} and body["model"] == "stub-model"
+    ok, late, failed = trace.requests
+    assert ok.success and ok.output_len == 4 and len(ok.token_times) == 4
+    assert ok.ttft >= TOKEN_DELAY and late.arrival - trace.start == pytest.approx(0.2, abs=0.05)
+    assert not failed.success and "HTTP 400" in failed.error
+    m = compute_metrics(trace)
+    assert (m["completed"], m["failed"], m["total_output_tokens"]) == (2, 1, 7)
+    assert m["mean_itl_ms"] >= TOKEN_DELAY * 1000 * 0.9
+
+
+def test_bench_serve_cli_compares_two_servers(stub_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BATON_RUNTIME_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "online"
+    rc = main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            f"a={stub_url}",
+            "--base-url",
+            f"b={stub_url}",
+            "--model-spec",
+            "tiny",
+            "--workload",
+            "smoke",
+            "--num-requests",
+            "4",
+            "--baseline",
+            "a",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-plots",
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert text.count("============ Serving Benchmark Result ============") == 2
+    data = json.loads((out / "results.json").read_text())
+    assert data["mode"] == "online" and data["results"]["a"]["completed"] == 4
+    assert data["ratios"]["a"]["request_throughput"] == 1.0
