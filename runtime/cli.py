@@ -83,25 +83,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_schedulers(args: argparse.Namespace) -> int:
-    from runtime.plugins import (
-        PluginError,
-        hooks_implemented,
-        installed_schedulers,
-        load_scheduler_class,
-    )
+    from runtime.plugins import ENTRY_POINT_GROUP, describe_schedulers
 
-    rows = []
-    for info in installed_schedulers():
-        try:
-            hooks = ", ".join(hooks_implemented(load_scheduler_class(info.name)))
-        except PluginError as exc:
-            hooks = f"(failed to import: {exc.__cause__})"
-        rows.append((info.name, f"{info.distribution} {info.version}", info.value, hooks))
+    rows = describe_schedulers()
     if args.json:
-        print(json.dumps([dict(zip(("name", "package", "object", "hooks"), r, strict=True)) for r in rows]))
+        print(json.dumps(rows, indent=2))
         return 0
-    for name, pkg, obj, hooks in rows:
-        print(f"{name:<12} {pkg:<24} {obj:<40} {hooks}")
+    if not rows:
+        print(f"no schedulers installed (entry-point group {ENTRY_POINT_GROUP!r})")
+        return 0
+    table = [("NAME", "PACKAGE", "VERSION", "OBJECT", "HOOKS")]
+    for r in rows:
+        hooks = f"failed to import: {r['error']}" if "error" in r else ", ".join(r["hooks"])
+        table.append((r["name"], r["package"], r["version"], r["object"], hooks or "(none)"))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4])
     return 0
 
 

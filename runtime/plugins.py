@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import enum
 import logging
 import os
 import sys
@@ -109,29 +111,68 @@ def hooks_implemented(plugin: object) -> list[str]:
     return [n for n in spec_names if hasattr(getattr(plugin, n, None), "baton_runtime_impl")]
 
 
-def _summarise(value: Any) -> str:
-    shape = getattr(value, "shape", None)
-    if shape is not None:
-        return f"{type(value).__name__}{tuple(shape)}"
-    if isinstance(value, (list, tuple)) and len(value) > 4:
-        return f"{type(value).__name__}[{len(value)}]"
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
+def describe_schedulers() -> list[dict[str, Any]]:
+    """`runtime schedulers`: name, package, version, object and hooks of each entry point.
+
+    A plugin that fails to import is listed with its error instead of its hooks.
+    """
+    rows = []
+    for info in installed_schedulers():
+        row: dict[str, Any] = {"name": info.name, "package": info.distribution,
+                               "version": info.version, "object": info.value}
+        try:
+            row["hooks"] = hooks_implemented(load_scheduler_class(info.name))
+        except PluginError as exc:
+            row["hooks"] = []
+            row["error"] = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+        rows.append(row)
+    return rows
+
+
+def _summarise(value: Any, limit: int = 160) -> str:
+    """A one-line summary of a hook argument or result: tensors by shape, requests by id."""
+    if hasattr(value, "request_id"):
+        return str(value.request_id)
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(getattr(value, "shape", None), tuple):  # a tensor
+        return f"{type(value).__name__}{tuple(value.shape)} {str(getattr(value, 'dtype', ''))}"
+    if isinstance(value, (list, tuple)):
+        items = [_summarise(v, 40) for v in value[:6]]
+        more = f", ... {len(value)} in all" if len(value) > 6 else ""
+        return f"[{', '.join(items)}{more}]"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = ", ".join(f"{f.name}={_summarise(getattr(value, f.name), 60)}"
+                           for f in dataclasses.fields(value))
+        text = f"{type(value).__name__}({fields})"
+    elif hasattr(value, "memory_stats"):  # a KV cache layout: its class, not its tensors
+        text = f"<{type(value).__name__}>"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def enable_hook_tracing(pm: pluggy.PluginManager) -> None:
     """Print every hook call with an argument summary and its result (RUNTIME_TRACE_HOOKS=1)."""
 
     def before(hook_name: str, hook_impls: list, kwargs: dict) -> None:
-        args = ", ".join(f"{k}={_summarise(v)}" for k, v in kwargs.items())
-        impls = ", ".join(impl.plugin_name for impl in hook_impls)
+        try:
+            args = ", ".join(f"{k}={_summarise(v)}" for k, v in kwargs.items())
+        except Exception as exc:  # noqa: BLE001 - tracing must never break a hook call
+            args = f"<unprintable: {exc!r}>"
+        impls = ", ".join(impl.plugin_name for impl in reversed(hook_impls))  # call order
         print(f"[hook] {hook_name}({args}) impls=[{impls}]", file=sys.stderr)
 
     def after(outcome: Any, hook_name: str, hook_impls: list, kwargs: dict) -> None:
-        try:
-            result = _summarise(outcome.get_result())
-        except BaseException as exc:  # noqa: BLE001 - tracing reports, never swallows
-            result = f"raised {type(exc).__name__}: {exc}"
+        if outcome.exception is not None:
+            result = f"raised {type(outcome.exception).__name__}: {outcome.exception}"
+        else:
+            try:
+                result = _summarise(outcome.get_result())
+            except Exception as exc:  # noqa: BLE001 - tracing must never break a hook call
+                result = f"<unprintable: {exc!r}>"
         print(f"[hook] {hook_name} -> {result}", file=sys.stderr)
 
     pm.add_hookcall_monitoring(before, after)

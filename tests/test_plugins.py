@@ -97,3 +97,83 @@ def test_misspelled_hook_is_rejected() -> None:
 
     with pytest.raises(PluginError, match="(?s)scheduler .typo.*admit_request"):
         make_plugin_manager(Typo(), "typo")
+
+
+def test_import_error_keeps_the_original_traceback(outside_dist: Path) -> None:
+    import traceback
+
+    with pytest.raises(PluginError) as err:
+        instantiate_scheduler("broken", None)
+    text = "".join(traceback.format_exception(err.value))
+    assert "outside_broken.py" in text and "raise ImportError('missing dependency foo')" in text
+
+
+def test_unknown_scheduler_on_the_command_line_exits_non_zero(capsys) -> None:
+    from runtime.cli import main
+
+    assert main(["generate", "--scheduler", "sfj", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown scheduler 'sfj'. Did you mean 'sjf'?" in err
+    assert "Installed schedulers:" in err and "static" in err and "sjf" in err
+
+
+def test_schedulers_command_lists_package_version_and_hooks(outside_dist: Path, capsys) -> None:
+    from runtime.cli import main
+
+    assert main(["schedulers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "PACKAGE", "VERSION", "OBJECT", "HOOKS"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert rows["outside"].split() == ["outside", "outside-sched", "1.0",
+                                       "outside_sched:OutsideScheduler", "admit_requests"]
+    assert rows["static"].split()[:3] == ["static", "baton-runtime", "0.1.0"]
+    assert "admit_requests, make_kv_cache" in rows["static"]
+    assert "failed to import: ImportError: missing dependency foo" in rows["broken"]
+
+
+def test_schedulers_command_json_shows_the_installed_template() -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "schedulers", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert rows["sjf"] == {"name": "sjf", "package": "baton-scheduler-template",
+                           "version": "0.1.0", "object": "sjf_scheduler:ShortestPromptFirst",
+                           "hooks": ["admit_requests"]}
+
+
+def test_trace_hooks_prints_each_call_and_result_on_stderr(monkeypatch, capsys) -> None:
+    from runtime.engine import Engine
+    from runtime.sampling_params import SamplingParams
+    from runtime.testing import tiny_model
+
+    monkeypatch.setenv("RUNTIME_TRACE_HOOKS", "1")
+    scheduler = instantiate_scheduler("sjf", {"max_wait_steps": 4})
+    engine = Engine(tiny_model(seed=1), scheduler=scheduler, scheduler_name="sjf")
+    req = engine.add_request([1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.splitlines()
+    assert "[hook] make_kv_cache(shape=ModelShape(num_layers=2" in err[0]
+    assert err[0].endswith("impls=[runtime-defaults]")
+    assert err[1] == "[hook] make_kv_cache -> <PerRequestKVCache>"
+    admit = next(i for i, line in enumerate(err) if line.startswith("[hook] admit_requests("))
+    assert f"waiting=[{req.request_id}], running=[]" in err[admit]
+    assert err[admit].endswith("impls=[sjf, runtime-defaults]")
+    assert err[admit + 1] == \
+        f"[hook] admit_requests -> AdmissionDecision(admit=[{req.request_id}], preempt=[])"
+    assert f"[hook] on_request_finished(request={req.request_id}) impls=[]" in err
+
+
+def test_no_trace_without_the_variable(monkeypatch, capsys) -> None:
+    from runtime.engine import Engine
+    from runtime.sampling_params import SamplingParams
+    from runtime.testing import tiny_model
+
+    monkeypatch.delenv("RUNTIME_TRACE_HOOKS", raising=False)
+    Engine(tiny_model(seed=1)).generate([[1, 2]], SamplingParams(max_tokens=2))
+    assert "[hook]" not in capsys.readouterr().err
