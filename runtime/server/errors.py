@@ -80,23 +80,30 @@ def bad_request(
 
 
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
-    """("body", "messages", 0, "content") -> "messages.0.content"; the body itself -> None."""
-    parts = [str(p) for p in loc if p != "body"]
-    # A union of types adds the candidate type names after the field; they are not the param.
-    fields = [p for p in parts if not any(c in p for c in "[]()")]
-    return ".".join(fields) or None
+    """The top-level field: ("body", "messages", 0, "content") -> "messages"; body -> None."""
+    fields = [p for p in loc if p != "body"]
+    return str(fields[0]) if fields and isinstance(fields[0], str) else None
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first problem, located by its full path; `param` is the top-level field."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"Invalid JSON body: {first.get('ctx', {}).get('error', 'decode error')}", None
-    param = _param_from_loc(tuple(first.get("loc", ())))
-    msg = first.get("msg", "invalid value")
-    return (f"{param}: {msg}" if param else msg), param
+    loc = tuple(first.get("loc", ()))
+    param = _param_from_loc(loc)
+    if param is None:
+        return "The request body must be a JSON object (Content-Type: application/json)", None
+    path = ".".join(str(p) for p in loc[1:] if not _is_type_tag(p))
+    return f"{path}: {first.get('msg', 'invalid value')}", param
+
+
+def _is_type_tag(part: Any) -> bool:
+    """Pydantic names the member of a union in the location (`str`, `list[int]`)."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -85,7 +85,7 @@ class LiveServer:
         return self.state.core
 
     def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30.0, **kwargs)
+        return httpx.Client(base_url=self.base_url, **({"timeout": 30.0} | kwargs))
 
     def openai(self, **kwargs: Any):
         import openai
