@@ -177,3 +177,14 @@ def test_no_trace_without_the_variable(monkeypatch, capsys) -> None:
     monkeypatch.delenv("RUNTIME_TRACE_HOOKS", raising=False)
     Engine(tiny_model(seed=1)).generate([[1, 2]], SamplingParams(max_tokens=2))
     assert "[hook]" not in capsys.readouterr().err
+
+
+def test_tutorial_quotes_the_template_as_it_is() -> None:
+    root = Path(__file__).parent.parent
+    tutorial = (root / "docs" / "writing-a-scheduler.md").read_text()
+    conformance = (root / "plugins/template/tests/test_sjf_conformance.py").read_text()
+    snippet = conformance[conformance.index("from runtime.conformance"):].strip()
+    assert snippet in tutorial, "docs/writing-a-scheduler.md quotes an outdated template test"
+    pyproject = (root / "plugins/template/pyproject.toml").read_text()
+    assert 'sjf = "sjf_scheduler:ShortestPromptFirst"' in pyproject
+    assert 'sjf = "sjf_scheduler:ShortestPromptFirst"' in tutorial
