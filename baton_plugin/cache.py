@@ -58,8 +58,8 @@ class CopyStats:
     """Copies the layout did beyond the model's own K/V writes (kept small by design)."""
 
     row_moves: int = 0
-    relayouts: int = 0
-    reallocations: int = 0
+    shifts: int = 0  # window moved inside the same buffer
+    reallocations: int = 0  # buffer grown (the window copied over when rows exist)
     copied_token_slots: int = 0  # rows x columns copied by moves and relayouts
 
 
@@ -228,11 +228,12 @@ class BatonCache(KVCache):
             self.k = torch.zeros(dims, dtype=self.dtype, device=self.device)
             self.v = torch.zeros(dims, dtype=self.dtype, device=self.device)
             self.copies.reallocations += 1
+        elif self.rows:
+            self.copies.shifts += 1
         new_start = plan.end - self.width
         if self.rows:
             embed.relocate(src_k, self.k, len(self.rows), self.start, self.end, new_start)
             embed.relocate(src_v, self.v, len(self.rows), self.start, self.end, new_start)
-            self.copies.relayouts += 1
             self.copies.copied_token_slots += len(self.rows) * self.width
         self.start, self.end = new_start, plan.end
 

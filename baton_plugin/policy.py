@@ -70,21 +70,26 @@ class Placement:
     reallocate: bool
 
 
+MIN_SPARE_COLUMNS = 48
+
+
 def plan_placement(
     rows: int, width: int, right: int, cap_rows: int, cap_cols: int, max_rows: int
 ) -> Placement:
     """Buffer size and window position when the window does not fit where it is.
 
-    The window needs `width` columns ending at `end` plus `right` free columns after it.
-    Shift it inside the buffer when it uses at most two thirds of the columns (so a shift buys
-    at least a quarter of the buffer of decode steps); otherwise grow to twice the need, rows
-    doubling up to `max_rows`. A quarter of the spare columns goes to the left (for longer
-    newcomers), the rest to the right (every decode step appends one column).
+    The window needs `width` columns ending at `end` plus `right` free columns after it. A
+    shift copies the window (`B x W` slots) and buys one decode step per spare column on the
+    right, so shift in place only while at least a third of the buffer and `MIN_SPARE_COLUMNS`
+    are spare (copying stays a few percent of what attention reads); otherwise grow to twice
+    the need plus 64 columns, rows doubling (from 4) up to `max_rows`. An eighth of the spare
+    goes to the left (for longer newcomers), the rest to the right (each step appends one).
     """
     need = width + right
-    grow = rows > cap_rows or 3 * need > 2 * cap_cols
-    if grow:
-        cap_rows = max(rows, min(max_rows, 2 * cap_rows))
-        cap_cols = max(cap_cols, 2 * need + 16)
     spare = cap_cols - need
-    return Placement(cap_rows, cap_cols, spare // 4 + width, grow)
+    grow = rows > cap_rows or 3 * spare < cap_cols or spare < MIN_SPARE_COLUMNS
+    if grow:
+        cap_rows = max(rows, min(max_rows, max(2 * cap_rows, 4)))
+        cap_cols = max(cap_cols, 2 * need + 64)
+        spare = cap_cols - need
+    return Placement(cap_rows, cap_cols, spare // 8 + width, grow)

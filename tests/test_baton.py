@@ -1,0 +1,305 @@
+"""BATON: each request's tokens equal its solo tokens under dynamic re-batching, no leaks,
+exact idle-computation counters, one batched attention call per layer per decode step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baton_plugin import BatonScheduler
+from baton_plugin.cache import BatonCache
+from runtime import hookimpl
+from runtime.engine import Engine
+from runtime.kv_cache import PassStats, Phase
+from runtime.request import FinishReason
+from runtime.sampling_params import SamplingParams
+from runtime.testing import Arrival, make_engine, random_arrivals, run_alone, run_mix, tiny_model
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes: OpenMP threads only contend (SDPA 12 ms instead of 10 us on a busy box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    """Weights large enough (std 0.3) that attention is sharp: a wrong position or a leaked
+    pad key changes the argmax; with the default 0.02 attention is near uniform."""
+    return tiny_model(seed=5).init_weights(5, std=0.3).to(torch.float64)
+
+
+def solo(model, prompt, params) -> list[int]:
+    """Reference tokens from the built-in per-request layout, run alone (independent code)."""
+    engine = make_engine(model, None, "runtime-default")
+    req = engine.add_request(list(prompt), params)
+    while engine.has_unfinished():
+        engine.step()
+    return req.output_token_ids
+
+
+def baton_engine(model, max_num_seqs: int = 4, **options) -> Engine:
+    return make_engine(model, BatonScheduler(**options), "baton", max_num_seqs=max_num_seqs)
+
+
+def drain(engine: Engine) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+def assert_empty(engine: Engine) -> None:
+    cache: BatonCache = engine.kv_cache
+    assert cache.is_empty(), cache.memory_stats()
+    assert cache.num_rows == 0 and cache.width == 0 and not cache.pending
+
+
+@pytest.mark.parametrize(
+    ("seed", "max_num_seqs", "tolerance"), [(0, 4, 0.25), (1, 3, 0.0), (2, 5, 10.0), (3, 2, 0.25)]
+)
+def test_random_mixes_match_solo(model, seed: int, max_num_seqs: int, tolerance: float) -> None:
+    arrivals = random_arrivals(
+        seed,
+        num_requests=10,
+        vocab_size=128,
+        prompt_len=(1, 20),
+        max_tokens=(1, 9),
+        max_arrival_step=10,
+        abort_fraction=0.25,
+    )
+    options = {"prefill_pad_tolerance": tolerance}
+    mixed, engine = run_mix(
+        model, lambda: BatonScheduler(**options), arrivals, max_num_seqs=max_num_seqs
+    )
+    assert_empty(engine)
+    for i, arr in enumerate(arrivals):
+        ref = solo(model, arr.prompt_token_ids, arr.params)
+        got = mixed.tokens[i]
+        if mixed.reasons[i] is FinishReason.ABORT:
+            assert got == ref[: len(got)], f"request {i} (aborted)"
+        else:
+            assert got == ref, f"request {i}: {got} != solo {ref}"
+
+
+def test_insert_shorter_equal_and_longer_than_batch(model) -> None:
+    engine = baton_engine(model, prefill_pad_tolerance=0.0)
+    cache: BatonCache = engine.kv_cache
+    inserts = []
+    original = cache.insert_prefilled
+
+    def record(requests, kv):
+        inserts.append((cache.width if cache.num_rows else None, kv.width))
+        original(requests, kv)
+
+    cache.insert_prefilled = record
+    first = engine.add_request(list(range(3, 9)), greedy(12))
+    engine.step()
+    engine.step()
+    width = cache.width  # 6 prompt keys + 2 decoded
+    assert width == 8
+    prompts = [list(range(10, 10 + n)) for n in (width - 3, width, width + 4)]
+    reqs = [engine.add_request(p, greedy(5)) for p in prompts]
+    engine.step()
+    assert inserts[1:] == [(8, 5), (8, 8), (8, 12)]  # shorter, equal, longer
+    assert cache.width == 13  # the longer one padded the batch on the left, then one decode
+    drain(engine)
+    assert_empty(engine)
+    assert first.output_token_ids == solo(model, range(3, 9), greedy(12))
+    for req, prompt in zip(reqs, prompts, strict=True):
+        assert req.output_token_ids == solo(model, prompt, greedy(5))
+
+
+def test_rows_embedded_this_step_decode_this_step(model) -> None:
+    engine = baton_engine(model)
+    a = engine.add_request([5, 6, 7], greedy(6))
+    engine.step()
+    assert [p.phase for p in engine.last_step.passes] == [Phase.PREFILL, Phase.DECODE]
+    assert len(a.output_token_ids) == 2  # first token from the prefill, second from the decode
+    b = engine.add_request([9] * 7, greedy(6))
+    engine.step()
+    decode = engine.last_step.passes[1]
+    assert decode.phase is Phase.DECODE and decode.num_requests == 2
+    assert len(b.output_token_ids) == 2 and len(a.output_token_ids) == 3
+
+
+def test_finishing_in_prefill_and_batch_emptying_and_refilling(model) -> None:
+    engine = baton_engine(model)
+    a = engine.add_request([1, 2, 3, 4], greedy(4))
+    engine.step()
+    one = engine.add_request([7] * 9, greedy(1))  # finishes in its own prefill pass
+    engine.step()
+    assert one.finish_reason is FinishReason.LENGTH and engine.last_step.passes[1].num_requests == 1
+    drain(engine)
+    assert_empty(engine)
+    c = engine.add_request([3, 1, 4, 1, 5], greedy(3))  # refill the emptied batch
+    d = engine.add_request([2, 7], greedy(4))
+    drain(engine)
+    assert_empty(engine)
+    for req in (a, one, c, d):
+        assert req.output_token_ids == solo(model, req.prompt_token_ids, req.params)
+
+
+def test_everything_finishing_in_the_same_step(model) -> None:
+    engine = baton_engine(model)
+    reqs = [engine.add_request(list(range(1, n)), greedy(4)) for n in (3, 9, 5)]
+    for _ in range(3):
+        engine.step()
+    assert engine.last_step.num_finished == 3 and not engine.running
+    assert_empty(engine)
+    for req in reqs:
+        assert req.output_token_ids == solo(model, req.prompt_token_ids, req.params)
+
+
+def test_abort_of_the_longest_row_trims_its_padding(model) -> None:
+    engine = baton_engine(model)
+    long = engine.add_request(list(range(1, 21)), greedy(10))
+    short = engine.add_request([4, 5, 6], greedy(8))
+    engine.step()
+    engine.step()
+    assert engine.kv_cache.width == 22
+    engine.abort(long.request_id)
+    engine.step()
+    assert long.finish_reason is FinishReason.ABORT
+    assert engine.kv_cache.width == 6  # 3 prompt keys + 3 decoded: the long padding is gone
+    assert engine.kv_cache.padding_mask().all()
+    drain(engine)
+    assert_empty(engine)
+    assert short.output_token_ids == solo(model, [4, 5, 6], greedy(8))
+
+
+def test_seeded_sampling_is_independent_of_the_batch(model) -> None:
+    params = SamplingParams(max_tokens=6, temperature=0.9, seed=1234, ignore_eos=True)
+    prompt = [8, 3, 9, 1]
+    alone = run_alone(model, BatonScheduler, Arrival(0, tuple(prompt), params))
+    engine = baton_engine(model)
+    others = [
+        engine.add_request(
+            [i + 1] * (3 * i + 2),
+            SamplingParams(max_tokens=5, temperature=1.0, seed=i, ignore_eos=True),
+        )
+        for i in range(2)
+    ]
+    engine.step()
+    req = engine.add_request(prompt, params)
+    drain(engine)
+    assert req.output_token_ids == alone
+    assert all(len(o.output_token_ids) == 5 for o in others)
+
+
+def test_idle_counters_match_a_hand_computed_case(model) -> None:
+    scheduler = BatonScheduler()
+    engine = make_engine(model, scheduler, "baton")
+    engine.add_request([1, 2, 3], greedy(3))
+    passes: list[PassStats] = []
+    engine.step()
+    passes += engine.last_step.passes
+    engine.add_request([4, 5, 6, 7, 8], greedy(3))
+    engine.step()
+    passes += engine.last_step.passes
+    mem = engine.last_step.memory
+    engine.step()
+    passes += engine.last_step.passes
+    P, D = Phase.PREFILL, Phase.DECODE
+    assert passes == [
+        PassStats(P, 1, 3, 3, 6, 9),  # prompt of 3: causal 3*4/2 of the 3x3 rectangle
+        PassStats(D, 1, 1, 1, 4, 4),  # 4 keys
+        PassStats(P, 1, 5, 5, 15, 25),
+        PassStats(D, 2, 2, 2, 5 + 6, 2 * 6),  # window 5+1: the first row has one pad column
+        PassStats(D, 1, 1, 1, 7, 7),  # the first row left and its pad column was trimmed
+    ]
+    per_token = 2 * 2 * 2 * 8  # k+v, 2 layers, 2 KV heads, head_dim 8
+    assert (mem.used_tokens, mem.reserved_tokens, mem.num_rows) == (6, 6, 1)
+    assert mem.used_elements == 6 * per_token and mem.allocated_elements >= mem.used_elements
+    t = scheduler.totals
+    assert (t.useful_tokens, t.computed_tokens) == (12, 12)
+    assert (t.useful_attention_pairs, t.computed_attention_pairs) == (43, 57)
+    assert_empty(engine)
+
+
+def test_idle_counters_of_a_padded_group_prefill(model) -> None:
+    engine = baton_engine(model, prefill_pad_tolerance=10.0)
+    engine.add_request([1, 2], greedy(2))
+    engine.add_request([3, 4, 5, 6], greedy(2))
+    engine.step()
+    assert engine.last_step.passes == (
+        PassStats(Phase.PREFILL, 2, 6, 8, 3 + 10, 2 * 4 * 4),
+        PassStats(Phase.DECODE, 2, 2, 2, 3 + 5, 2 * 5),
+    )
+    assert_empty(engine)
+
+
+def test_decode_is_one_batched_attention_call_per_layer(model, monkeypatch) -> None:
+    engine = baton_engine(model)
+    for n in (2, 6, 11):
+        engine.add_request(list(range(1, n + 1)), greedy(5))
+    engine.step()  # prefill(s) and the first decode
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(q, k, v, **kwargs):
+        calls.append((tuple(q.shape), tuple(k.shape)))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    engine.step()
+    assert [p.phase for p in engine.last_step.passes] == [Phase.DECODE]
+    layers = model.config.num_hidden_layers
+    assert len(calls) == layers  # one call per layer for the whole batch, no per-request loop
+    assert all(q == (3, 4, 1, 8) and k == (3, 2, 13, 8) for q, k in calls)
+
+
+def test_admission_joins_a_running_batch_without_draining(model) -> None:
+    engine = baton_engine(model, max_num_seqs=3)
+    reqs = [engine.add_request([i + 1] * 4, greedy(3 if i == 0 else 8)) for i in range(4)]
+    engine.step()
+    assert len(engine.running) == 3 and len(engine.waiting) == 1
+    engine.step()  # the first request finishes (3 tokens)
+    assert reqs[0].finish_reason is FinishReason.LENGTH and reqs[3] in engine.waiting
+    engine.step()  # the fourth joins as soon as a row is free, while the others still decode
+    assert reqs[3] in engine.running and len(reqs[1].output_token_ids) == 4
+    drain(engine)
+    assert_empty(engine)
+
+
+def test_admission_counts_the_padded_footprint(model) -> None:
+    # rows (keys cached after prefill, further keys): short (2, 3), long (18, 1). Real tokens
+    # peak at 5 + 19 = 24, but the dense cache holds 2 x 19 = 38 token slots.
+    engine = make_engine(model, BatonScheduler(kv_budget_tokens=30), "baton")
+    short = engine.add_request([1, 2], greedy(4))
+    long = engine.add_request(list(range(1, 19)), greedy(2))
+    engine.step()
+    assert engine.running == [short] and engine.waiting[0] is long
+    drain(engine)
+    assert long.output_token_ids == solo(model, long.prompt_token_ids, long.params)
+
+
+def test_padded_footprint_never_exceeds_the_budget(model) -> None:
+    budget = 60
+    arrivals = random_arrivals(
+        9,
+        num_requests=12,
+        vocab_size=128,
+        prompt_len=(1, 16),
+        max_tokens=(1, 8),
+        max_arrival_step=6,
+    )
+    peaks = []
+
+    class Recording(BatonScheduler):
+        @hookimpl
+        def make_kv_cache(self, shape, limits, device, dtype):
+            cache = super().make_kv_cache(shape, limits, device, dtype)
+            commit = cache.commit
+            cache.commit = lambda b: (commit(b), peaks.append(cache.num_rows * cache.width))
+            return cache
+
+    mixed, _ = run_mix(model, lambda: Recording(kv_budget_tokens=budget), arrivals, max_num_seqs=6)
+    assert peaks and max(peaks) <= budget
+    assert all(r is FinishReason.LENGTH for r in mixed.reasons.values())
