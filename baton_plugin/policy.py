@@ -70,7 +70,7 @@ class Placement:
     reallocate: bool
 
 
-MIN_SPARE_COLUMNS = 48
+MIN_SPARE_COLUMNS = 32
 
 
 def plan_placement(
@@ -81,15 +81,16 @@ def plan_placement(
     The window needs `width` columns ending at `end` plus `right` free columns after it. A
     shift copies the window (`B x W` slots) and buys one decode step per spare column on the
     right, so shift in place only while at least a third of the buffer and `MIN_SPARE_COLUMNS`
-    are spare (copying stays a few percent of what attention reads); otherwise grow to twice
-    the need plus 64 columns, rows doubling (from 4) up to `max_rows`. An eighth of the spare
-    goes to the left (for longer newcomers), the rest to the right (each step appends one).
+    are spare: the copies then stay within a few percent of what attention reads. Otherwise
+    grow to `1.5 x need + MIN_SPARE_COLUMNS` columns, rows doubling (from 4) up to `max_rows`.
+    An eighth of the spare goes to the left (for longer newcomers), the rest to the right
+    (every decode step appends one column).
     """
     need = width + right
     spare = cap_cols - need
     grow = rows > cap_rows or 3 * spare < cap_cols or spare < MIN_SPARE_COLUMNS
     if grow:
         cap_rows = max(rows, min(max_rows, max(2 * cap_rows, 4)))
-        cap_cols = max(cap_cols, 2 * need + 64)
+        cap_cols = max(cap_cols, need + need // 2 + MIN_SPARE_COLUMNS)
         spare = cap_cols - need
     return Placement(cap_rows, cap_cols, spare // 8 + width, grow)
