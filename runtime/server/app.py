@@ -139,7 +139,12 @@ class GracefulServer(uvicorn.Server):
 def run_server(config: RuntimeConfig) -> int:
     """Serve until SIGTERM/Ctrl-C; 0 after a graceful stop, 1 if the model failed to load."""
     from runtime.bootstrap import create_engine
+    from runtime.plugins import load_scheduler_class
 
+    # Fail fast on what needs no model: a wrong scheduler name or folder exits before binding.
+    load_scheduler_class(config.scheduler)
+    if not config.resolved_model().is_dir():
+        raise RuntimeError(f"model folder not found: {config.resolved_model()}")
     settings = ServerSettings.from_config(config)
     server: GracefulServer | None = None
 

@@ -113,9 +113,14 @@ class LiveServer:
 
 
 def start_server(
-    model_dir: Path, scheduler: str = "static", *, engine_factory=None, **options: Any
+    model_dir: Path,
+    scheduler: str = "static",
+    *,
+    engine_factory=None,
+    wait_ready: bool = True,
+    **options: Any,
 ) -> LiveServer:
-    """Start a server thread and wait until /health says ready."""
+    """Start a server thread; with `wait_ready`, wait until /health says ready."""
     from runtime.bootstrap import create_engine
 
     config = RuntimeConfig(
@@ -145,7 +150,7 @@ def start_server(
     port = server.servers[0].sockets[0].getsockname()[1]
     live = LiveServer(server, thread, app.state.server, f"http://127.0.0.1:{port}")
     with live.client() as client:
-        while client.get("/health").status_code != 200:
+        while wait_ready and client.get("/health").status_code != 200:
             assert time.monotonic() < deadline, "model did not load"
             time.sleep(0.02)
     return live

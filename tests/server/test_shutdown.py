@@ -1,0 +1,122 @@
+"""Graceful shutdown: stop admitting, drain, abort the rest with a final event, exit 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.conftest import make_model_dir, start_server
+from tests.server.test_streaming import events, slow_model
+
+
+def refused(base_url: str) -> bool:
+    try:
+        httpx.get(base_url + "/health", timeout=2.0)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+def test_drain_lets_in_flight_streams_finish(model_dir: Path, monkeypatch) -> None:
+    live = start_server(model_dir, shutdown_timeout=20.0)
+    slow_model(live, monkeypatch, 0.01)
+    body = {"prompt": "Hello", "max_tokens": 40, "stream": True}
+    with live.client() as http, http.stream("POST", "/v1/completions", json=body) as resp:
+        it = events(resp)
+        assert next(it)["choices"]
+        live.server.should_exit = True  # what SIGTERM does
+        time.sleep(0.3)
+        assert refused(live.base_url), "no new connections while draining"
+        rest = list(it)
+    assert rest[-1] == "[DONE]" and rest[-2]["choices"][0]["finish_reason"] == "length"
+    live.thread.join(timeout=30)
+    assert not live.thread.is_alive()
+
+
+def test_drain_timeout_aborts_with_final_event(model_dir: Path, monkeypatch) -> None:
+    live = start_server(model_dir, shutdown_timeout=0.3, max_num_seqs=4)
+    slow_model(live, monkeypatch, 0.01)
+    plain: dict = {}
+
+    def non_streaming() -> None:
+        with live.client() as http:
+            plain["resp"] = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 120})
+
+    thread = threading.Thread(target=non_streaming)
+    body = {"prompt": "Hello", "max_tokens": 120, "stream": True}
+    with live.client() as http, http.stream("POST", "/v1/completions", json=body) as resp:
+        thread.start()
+        it = events(resp)
+        assert next(it)["choices"]
+        while len(live.engine.running) + live.engine.num_waiting < 2:  # both in flight
+            time.sleep(0.005)
+        live.server.should_exit = True
+        started = time.monotonic()
+        rest = list(it)
+    assert time.monotonic() - started < 10
+    assert rest[-1] == "[DONE]"
+    err = rest[-2]["error"]
+    assert err["code"] == 503 and "shutting down" in err["message"]
+    thread.join(timeout=10)
+    assert plain["resp"].status_code == 503
+    live.thread.join(timeout=30)
+    assert not live.thread.is_alive()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_during_streaming_exits_zero(tmp_path: Path) -> None:
+    """`runtime serve` in a subprocess: SIGTERM while a long stream runs; the stream gets a
+    final error event and [DONE], new connections are refused, and the exit status is 0."""
+    model = make_model_dir(tmp_path / "model", context=1024)
+    port = free_port()
+    exe = Path(sys.executable).with_name("runtime")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "runtime.cli"]
+    cmd += ["serve", str(model), "--port", str(port), "--shutdown-timeout", "0.2"]
+    cmd += ["--served-model-name", "tiny", "--num-threads", "1"]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not become ready"
+            try:
+                if httpx.get(base + "/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 1000, "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as resp:
+            it = events(resp)
+            assert next(it)["choices"] and next(it)["choices"]
+            proc.send_signal(signal.SIGTERM)
+            rest = list(it)
+        assert rest[-1] == "[DONE]"
+        assert rest[-2]["error"]["code"] == 503, rest[-2]
+        assert refused(base)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stdout.read()
+    assert "effective config" in log and "aborting 1 unfinished" in log
