@@ -13,16 +13,19 @@ import torch
 from static_plugin import StaticScheduler
 
 from runtime import hookimpl
-from runtime.conformance import (
-    SchedulerConformance,
-    check_abort_handling,
-    check_hook_contracts,
-    check_no_leak,
-)
+from runtime.conformance import SchedulerConformance
 from runtime.default_cache import PerRequestKVCache
 from runtime.plugins import installed_schedulers
 from runtime.scheduling import AdmissionDecision
-from runtime.testing import Arrival, check_scheduling_invariance, random_arrivals, run_mix
+from runtime.testing import (
+    Arrival,
+    check_abort_handling,
+    check_hook_contracts,
+    check_no_leak,
+    check_scheduling_invariance,
+    random_arrivals,
+    run_mix,
+)
 
 NAMES = [info.name for info in installed_schedulers()]
 
