@@ -23,7 +23,7 @@ from runtime.server import chat, completions
 from runtime.server.async_engine import AsyncEngine
 from runtime.server.errors import APIError, install_error_handlers
 from runtime.server.metrics import ServerMetrics
-from runtime.server.serving import ServerSettings, ServerState, ready_state
+from runtime.server.state import ServerSettings, ServerState, ready_state
 
 logger = logging.getLogger("runtime.server")
 

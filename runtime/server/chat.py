@@ -15,19 +15,17 @@ from runtime.server.errors import APIError
 from runtime.server.protocol import ChatCompletionRequest
 from runtime.server.serving import (
     Job,
-    ServerState,
     TokenLogprob,
     build_requests,
-    check_model,
     choice_outputs,
     collect,
     envelope,
     public_reason,
-    ready_state,
     sse_events,
     submit,
     token_logprobs,
 )
+from runtime.server.state import ServerState, check_model, ready_state
 
 router = APIRouter()
 
@@ -68,7 +66,9 @@ async def create_chat_completion(
 ) -> dict | EventSourceResponse:
     check_model(state, body.model)
     ids = render_prompt(state, body)
-    job = Job("chatcmpl", state.settings.model_name, body.n, body.include_usage)
+    job = Job(
+        "chatcmpl", "chat.completion.chunk", state.settings.model_name, body.n, body.include_usage
+    )
     limit = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )

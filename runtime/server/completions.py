@@ -14,19 +14,17 @@ from runtime.server.errors import APIError
 from runtime.server.protocol import CompletionRequest
 from runtime.server.serving import (
     Job,
-    ServerState,
     TokenLogprob,
     build_requests,
-    check_model,
     choice_outputs,
     collect,
     envelope,
     public_reason,
-    ready_state,
     sse_events,
     submit,
     token_logprobs,
 )
+from runtime.server.state import ServerState, check_model, ready_state
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default
@@ -55,7 +53,7 @@ async def create_completion(
     check_model(state, body.model)
     if body.echo:
         raise APIError("echo is not supported", 400, "echo")
-    job = Job("cmpl", state.settings.model_name, body.n, body.include_usage)
+    job = Job("cmpl", "text_completion", state.settings.model_name, body.n, body.include_usage)
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     defaults = state.core.tokenizer.generation_defaults
     build_requests(

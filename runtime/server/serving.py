@@ -1,4 +1,4 @@
-"""What completions and chat share: server state, admission, SSE framing, collection, usage.
+"""What completions and chat share: admission, SSE framing, collection, usage, logprobs.
 
 A request with `p` prompts and `n` choices becomes `p * n` engine requests (choice index
 `prompt * n + j`, OpenAI's order) read from one `RequestStream`. Streaming ends with
@@ -18,90 +18,29 @@ from dataclasses import dataclass, field
 from fastapi import Request as HTTPRequest
 from fastapi.sse import format_sse_event
 
-from runtime.config import RuntimeConfig
 from runtime.engine import Engine
 from runtime.outputs import RequestOutput
 from runtime.request import FinishReason, Request
 from runtime.sampling_params import InvalidParameterError, SamplingParams
 from runtime.server.async_engine import (
-    AsyncEngine,
     EngineDeadError,
     NotAcceptingError,
     QueueFullError,
     RequestStream,
 )
 from runtime.server.errors import QUEUE_FULL_STATUS, APIError
-from runtime.server.metrics import ServerMetrics
+from runtime.server.state import ServerState, state_of
 
 logger = logging.getLogger("runtime.server")
 DONE = format_sse_event(data_str="[DONE]")
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSettings:
-    """The server's own options (the engine's come from RuntimeConfig through bootstrap)."""
-
-    model_name: str
-    scheduler: str
-    max_queued_requests: int = 1024
-    shutdown_timeout: float = 30.0
-    chat_template: str | None = None
-    log_requests: bool = False
-    log_interval: float = 10.0
-
-    @classmethod
-    def from_config(cls, config: RuntimeConfig) -> ServerSettings:
-        name = config.served_model_name or config.resolved_model().name
-        return cls(
-            name,
-            config.scheduler,
-            config.max_queued_requests,
-            config.shutdown_timeout,
-            config.chat_template,
-            config.log_requests,
-            config.log_interval,
-        )
-
-
-@dataclass
-class ServerState:
-    """Per-app state; `engine` is None until loading has finished."""
-
-    settings: ServerSettings
-    metrics: ServerMetrics
-    engine: AsyncEngine | None = None
-    load_error: BaseException | None = None
-    chat_template: str | None = None
-    max_model_len: int | None = None
-
-    @property
-    def core(self) -> Engine:
-        assert self.engine is not None
-        return self.engine.engine
-
-
-def ready_state(request: HTTPRequest) -> ServerState:
-    """FastAPI dependency: the state of a server that can take requests, else a 503."""
-    state: ServerState = request.app.state.server
-    if state.load_error is not None:
-        raise APIError(f"the model failed to load: {state.load_error}", 503)
-    if state.engine is None:
-        raise APIError("the model is still loading", 503)
-    if state.engine.error is not None:
-        raise APIError(f"the engine loop died: {state.engine.error!r}", 503)
-    return state
-
-
-def check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.settings.model_name:
-        raise APIError(f"The model `{model}` does not exist.", 404, "model")
 
 
 @dataclass
 class Job:
     """One HTTP request's engine requests and what its responses repeat."""
 
-    prefix: str
+    prefix: str  # of the response id: cmpl or chatcmpl
+    chunk_object: str  # the `object` of its stream chunks
     model: str
     n: int
     include_usage: bool
@@ -207,17 +146,13 @@ async def sse_events(
                 chunk["usage"] = None
             yield sse(chunk)
         if job.include_usage:
-            yield sse(envelope(job, _chunk_object(job), []) | {"usage": job.usage()})
+            yield sse(envelope(job, job.chunk_object, []) | {"usage": job.usage()})
         log_finished(state, job)
     except APIError as exc:
         yield sse(exc.body())
     finally:
         stream.abort()
     yield DONE
-
-
-def _chunk_object(job: Job) -> str:
-    return "chat.completion.chunk" if job.prefix == "chatcmpl" else "text_completion"
 
 
 def envelope(job: Job, obj: str, choices: list[dict]) -> dict:
@@ -271,10 +206,6 @@ async def collect(request: HTTPRequest, job: Job, stream: RequestStream) -> list
         stream.abort()
     log_finished(state_of(request), job)
     return choices
-
-
-def state_of(request: HTTPRequest) -> ServerState:
-    return request.app.state.server
 
 
 def log_finished(state: ServerState, job: Job) -> None:

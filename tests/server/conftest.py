@@ -21,7 +21,7 @@ import uvicorn
 from runtime.config import RuntimeConfig
 from runtime.plugins import installed_schedulers
 from runtime.server.app import GracefulServer, create_app
-from runtime.server.serving import ServerSettings, ServerState
+from runtime.server.state import ServerSettings, ServerState
 from tests.tokenizer_factory import make_tokenizer_dir
 
 MODEL_NAME = "tiny-llama"
