@@ -57,16 +57,20 @@ def test_failed_load_stays_503_with_the_reason(model_dir: Path) -> None:
         live.stop()
 
 
-def test_periodic_log_and_request_logging(
+def test_periodic_log_request_logging_and_chat_template_option(
     model_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:
     caplog.set_level(logging.INFO, logger="runtime.server")
-    live = start_server(model_dir, log_interval=0.1, log_requests=True)
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # --chat-template
+    live = start_server(model_dir, log_interval=0.1, log_requests=True, chat_template=template)
     try:
         slow_model(live, monkeypatch, 0.01)
         with live.client() as http:
             body = {"prompt": "Hello", "max_tokens": 30}
             rid = http.post("/v1/completions", json=body).json()["id"]
+            chat = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+            usage = http.post("/v1/chat/completions", json=chat).json()["usage"]
+            assert usage["prompt_tokens"] == len(live.engine.tokenizer.encode("Hello", False))
         live.wait_idle()
     finally:
         live.stop()

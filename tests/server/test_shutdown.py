@@ -86,8 +86,10 @@ def test_sigterm_during_streaming_exits_zero(tmp_path: Path) -> None:
     port = free_port()
     exe = Path(sys.executable).with_name("runtime")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "runtime.cli"]
-    cmd += ["serve", str(model), "--port", str(port), "--shutdown-timeout", "0.2"]
-    cmd += ["--served-model-name", "tiny", "--num-threads", "1"]
+    config = tmp_path / "serve.yaml"  # YAML keys are the long option names; CLI wins
+    config.write_text("served-model-name: tiny\nshutdown_timeout: 30\nport: 1\n")
+    cmd += ["serve", str(model), "--config", str(config), "--port", str(port)]
+    cmd += ["--shutdown-timeout", "0.2", "--num-threads", "1"]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
@@ -119,4 +121,5 @@ def test_sigterm_during_streaming_exits_zero(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     log = proc.stdout.read()
-    assert "effective config" in log and "aborting 1 unfinished" in log
+    assert "effective config" in log and '"shutdown_timeout": 0.2' in log
+    assert '"served_model_name": "tiny"' in log and "aborting 1 unfinished" in log
