@@ -188,3 +188,29 @@ def test_tutorial_quotes_the_template_as_it_is() -> None:
     pyproject = (root / "plugins/template/pyproject.toml").read_text()
     assert 'sjf = "sjf_scheduler:ShortestPromptFirst"' in pyproject
     assert 'sjf = "sjf_scheduler:ShortestPromptFirst"' in tutorial
+
+
+def test_template_selected_by_yaml_serves_a_model_folder(tmp_path: Path, capsys) -> None:
+    """`scheduler: sjf` in a YAML file, through `runtime generate`: the same greedy tokens."""
+    import json
+
+    import torch
+
+    from runtime.cli import main
+    from tests.model_factory import make_hf_model_dir
+    from tests.tokenizer_factory import make_tokenizer_dir
+
+    model_dir = make_hf_model_dir(tmp_path / "m", "llama", dtype=torch.float64, seed=5)
+    make_tokenizer_dir(model_dir, vocab_size=300)
+    common = f"model: {model_dir}\ndtype: float64\nmax_num_seqs: 2\n"
+    (tmp_path / "sjf.yaml").write_text(common + "scheduler: sjf\nscheduler_options:\n"
+                                       "  max_wait_steps: 1\n")
+    (tmp_path / "static.yaml").write_text(common + "scheduler: static\n")
+    args = ["--max-tokens", "5", "--ignore-eos", "--json"]
+    for prompt in ("In the beginning was the word", "a b", "c d e"):
+        args += ["--prompt", prompt]
+    runs = {}
+    for name in ("sjf", "static"):
+        assert main(["generate", "--config", str(tmp_path / f"{name}.yaml"), *args]) == 0
+        runs[name] = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
+    assert runs["sjf"] == runs["static"] and all(len(t) == 5 for t in runs["sjf"])
