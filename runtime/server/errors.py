@@ -15,7 +15,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.chat_template import ChatTemplateError
 from runtime.sampling_params import InvalidParameterError
 
 logger = logging.getLogger(__name__)
@@ -72,13 +71,6 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def bad_request(
-    exc: InvalidParameterError | ChatTemplateError, param: str | None = None
-) -> APIError:
-    """A 400 from the validation errors the core raises (they carry `param` when they know it)."""
-    return APIError(str(exc), 400, getattr(exc, "param", None) or param)
-
-
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
     """The top-level field: ("body", "messages", 0, "content") -> "messages"; body -> None."""
     fields = [p for p in loc if p != "body"]
@@ -127,7 +119,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidParameterError)
     async def _invalid(_: Request, exc: InvalidParameterError) -> JSONResponse:
-        return bad_request(exc).response()
+        return APIError(str(exc), 400, exc.param).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

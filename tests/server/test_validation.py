@@ -129,3 +129,14 @@ def test_chat_template_errors_are_400(server: LiveServer, monkeypatch: pytest.Mo
         monkeypatch.setattr(server.state, "chat_template", bad)
         err = check_error(http.post("/v1/chat/completions", json=CHAT_OK), 400, "messages")
         assert "system messages are not supported" in err["message"]
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_non_finite_numbers(server: LiveServer, field: str, value: str) -> None:
+    raw = f'{{"prompt": "Hi", "max_tokens": 2, "{field}": {value}}}'.encode()
+    with server.client() as http:
+        resp = http.post(
+            "/v1/completions", content=raw, headers={"content-type": "application/json"}
+        )
+    check_error(resp, 400, field)
