@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -37,10 +38,10 @@ async def _load(
     from runtime.tokenizer import load_chat_template
 
     try:
-        engine = await asyncio.to_thread(factory)
+        engine, threads = await asyncio.to_thread(lambda: (factory(), torch.get_num_threads()))
         if state.settings.chat_template:
             state.chat_template = load_chat_template(state.settings.chat_template)
-        aengine = AsyncEngine(engine, state.settings.max_queued_requests, state.metrics)
+        aengine = AsyncEngine(engine, state.settings.max_queued_requests, state.metrics, threads)
         aengine.start()
         state.max_model_len = engine.max_model_len
         state.engine = aengine

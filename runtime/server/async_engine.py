@@ -13,6 +13,8 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
 
+import torch
+
 from runtime.engine import Engine
 from runtime.outputs import RequestOutput
 from runtime.request import Request
@@ -65,9 +67,14 @@ class AsyncEngine:
     """Feeds an `Engine` from asyncio handlers and streams its outputs back to them."""
 
     def __init__(
-        self, engine: Engine, max_queued_requests: int, metrics: ServerMetrics | None = None
+        self,
+        engine: Engine,
+        max_queued_requests: int,
+        metrics: ServerMetrics | None = None,
+        num_threads: int | None = None,
     ) -> None:
         self.engine = engine
+        self.num_threads = num_threads
         self.max_queued_requests = max_queued_requests
         self.metrics = metrics
         self.accepting = True
@@ -119,6 +126,8 @@ class AsyncEngine:
     def _run(self) -> None:
         """The engine thread: step while there is work, sleep on an event when idle."""
         engine, metrics = self.engine, self.metrics
+        if self.num_threads:  # torch's CPU thread count is per thread: carry the loader's over
+            torch.set_num_threads(self.num_threads)
         try:
             while not self._stop.is_set():
                 if not engine.has_unfinished():
