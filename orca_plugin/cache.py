@@ -97,15 +97,16 @@ class OrcaKVCache(KVCache):
 
     def add(self, request: Request) -> None:
         size = self.reservation(request)
-        if self.slots.reserved + size > self.kv_slots:
+        if self.slots.ranges and self.slots.reserved + size > self.kv_slots:
             raise RuntimeError(
                 f"{request.request_id}: {size} slots exceed the free "
                 f"{self.kv_slots - self.slots.reserved} of kv_slots={self.kv_slots}"
             )
         start = self.slots.find(size)
-        if start is None and self.slots.capacity < self.kv_slots:
+        limit = max(self.kv_slots, size)  # a lone request over the budget still fits
+        if start is None and self.slots.capacity < limit:
             want = max(2 * self.slots.capacity, self.slots.high_water + size, MIN_POOL_TOKENS)
-            self._grow(min(want, self.kv_slots))
+            self._grow(min(want, limit))
             start = self.slots.find(size)
         if start is None:
             self._compact()

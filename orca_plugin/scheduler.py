@@ -31,14 +31,16 @@ def select_batch(
 
     Running requests (all earlier selections) fill the batch first. A request starting its
     initiation reserves `prompt_len + max_tokens` slots; the first one that does not fit ends
-    selection (`break`): later requests wait behind it even if they would fit.
+    selection (`break`): later requests wait behind it even if they would fit. One exception
+    keeps the queue live: a request larger than the whole budget runs when it is alone.
     """
     selected: list[Request] = []
+    alone = num_running == 0
     for req in sorted(waiting, key=lambda r: r.arrival_time):  # stable: ties keep queue order
         if num_running + len(selected) >= max_batch_size:
             break
         need = OrcaKVCache.reservation(req)
-        if need > free_slots:
+        if need > free_slots and not (alone and not selected):
             break
         free_slots -= need
         selected.append(req)
@@ -61,8 +63,8 @@ class OrcaScheduler:
     """Options (YAML `scheduler_options`):
 
     - `max_batch_size`: requests per iteration (default and cap: the engine's `max_num_seqs`).
-    - `kv_slots`: Orca's slot budget `n_slots`, in tokens (default: the engine's KV capacity);
-      must hold one request of the full context length.
+    - `kv_slots`: Orca's slot budget `n_slots`, in tokens (default: the engine's KV capacity).
+      A request reserving more than all of it runs alone rather than blocking the queue.
     - `attention`: `fused` (decode rows in one padded call per layer; the default, faster on
       CPU at batch >= 8) or `loop` (one call per request, the paper's literal split).
     """
@@ -104,11 +106,6 @@ class OrcaScheduler:
         self, shape: ModelShape, limits: CacheLimits, device: torch.device, dtype: torch.dtype
     ) -> KVCache:
         kv_slots = self.kv_slots or limits.kv_capacity_tokens
-        if kv_slots < limits.max_model_len:
-            raise ValueError(
-                f"kv_slots={kv_slots} is smaller than max_model_len={limits.max_model_len}: a "
-                "request of the full context length could never be admitted"
-            )
         self.cache = OrcaKVCache(shape, limits, device, dtype, kv_slots, self.attention)
         return self.cache
 

@@ -1,0 +1,255 @@
+"""Orca: tokens equal solo runs under mixed iterations and aborts, Algorithm 1's break, no leaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orca_plugin import OrcaScheduler
+from orca_plugin.masks import CAUSAL, build_orca_mask, decode_padding_mask
+from orca_plugin.scheduler import select_batch
+from orca_plugin.slots import SlotAllocator
+from runtime import hookimpl
+from runtime.default_cache import Segment
+from runtime.engine import Engine, EngineLimits
+from runtime.kv_cache import Phase
+from runtime.plugins import instantiate_scheduler
+from runtime.request import FinishReason, Request
+from runtime.sampling_params import SamplingParams
+from runtime.scheduling import StepStats
+from runtime.testing import (
+    Arrival,
+    check_scheduling_invariance,
+    random_arrivals,
+    run_alone,
+    tiny_model,
+)
+
+MODES = ("fused", "loop")
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_model(seed=5)  # float64, 4 heads over 2 KV heads (GQA group 2)
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def engine_for(model, scheduler: object, max_num_seqs: int = 4, observers=()) -> Engine:
+    return Engine(
+        model, None, scheduler, "orca", EngineLimits(max_num_seqs=max_num_seqs), observers=observers
+    )
+
+
+def run(engine: Engine, max_steps: int = 500) -> None:
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return
+        engine.step()
+    raise AssertionError("requests still unfinished")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tokens_equal_solo_under_mixed_iterations_and_aborts(model, mode: str, seed: int) -> None:
+    schedulers: list[OrcaScheduler] = []
+
+    def factory() -> OrcaScheduler:
+        schedulers.append(OrcaScheduler(attention=mode))
+        return schedulers[-1]
+
+    arrivals = random_arrivals(
+        seed,
+        num_requests=10,
+        vocab_size=128,
+        prompt_len=(1, 20),
+        max_tokens=(1, 9),
+        max_arrival_step=8,
+        abort_fraction=0.25,
+    )
+    check_scheduling_invariance(model, factory, arrivals, max_num_seqs=5)
+    mixed = schedulers[0].totals  # the mixed run is the first engine built
+    assert mixed.num_mixed_iterations > 0, "no iteration mixed initiation and increment"
+
+
+def test_solo_tokens_equal_the_runtime_default_layout(model) -> None:
+    arrival = Arrival(0, tuple(range(3, 20)), greedy(8))
+    reference = run_alone(model, lambda: None, arrival)
+    for mode in MODES:
+        assert run_alone(model, lambda m=mode: OrcaScheduler(attention=m), arrival) == reference
+
+
+class _UnmaskedFused(OrcaScheduler):
+    """Broken on purpose: the fused decode group's padded keys are not hidden."""
+
+    @hookimpl
+    def build_attention_mask(self, batch, kv_cache):
+        mask = super().build_attention_mask(batch, kv_cache)
+        if mask.decode is None:
+            return mask
+        return type(mask)(mask.segments, torch.zeros_like(mask.decode))
+
+
+def test_invariance_check_catches_unmasked_decode_padding(model) -> None:
+    arrivals = [Arrival(0, tuple(range(1, 30)), greedy(6)), Arrival(0, (7, 8), greedy(6))]
+    with pytest.raises(AssertionError, match="batched"):
+        check_scheduling_invariance(model, _UnmaskedFused, arrivals)
+
+
+def test_select_batch_breaks_at_the_first_misfit() -> None:
+    big = Request("big", [1] * 20, greedy(10), arrival_time=1.0)  # reserves 30
+    small = Request("small", [1] * 3, greedy(2), arrival_time=2.0)  # reserves 5
+    first = Request("first", [1] * 5, greedy(5), arrival_time=0.0)  # reserves 10
+    assert select_batch([big, small, first], 0, 8, 40) == (first, big)
+    assert select_batch([big, small], 1, 8, 29) == ()  # break: small would fit, but waits
+    assert select_batch([big, small], 1, 2, 100) == (big,)  # max_batch_size counts running
+    assert select_batch([big, small], 0, 8, 10) == (big,)  # larger than the budget: alone
+
+
+def test_admission_waits_behind_a_misfit_and_slots_return(model) -> None:
+    sched = OrcaScheduler(kv_slots=60)
+    engine = engine_for(model, sched)
+    a = engine.add_request(list(range(1, 21)), greedy(20))  # 40 slots
+    b = engine.add_request(list(range(1, 21)), greedy(10))  # 30 slots: 70 > 60
+    c = engine.add_request(list(range(1, 6)), greedy(5))  # 10 slots: would fit, must wait
+    engine.step()
+    assert engine.running == [a] and list(engine.waiting) == [b, c]
+    assert engine.kv_cache.memory_stats().reserved_tokens == 40
+    while a.finish_reason is None:
+        assert list(engine.waiting) == [b, c]  # c fits, but waits behind b
+        engine.step()
+    engine.step()  # a's slots came back at its finish: b and c join together
+    assert set(engine.running) == {b, c}
+    assert engine.kv_cache.memory_stats().reserved_tokens == 40
+    run(engine)
+    assert engine.kv_cache.is_empty()
+    assert engine.kv_cache.num_free_tokens() == 60
+
+
+def test_abort_returns_slots_at_once(model) -> None:
+    engine = engine_for(model, OrcaScheduler(kv_slots=60))
+    a = engine.add_request(list(range(1, 21)), greedy(30))  # 50 slots
+    b = engine.add_request(list(range(1, 11)), greedy(10))  # 20 slots: waits
+    engine.step()
+    engine.step()
+    assert list(engine.waiting) == [b]
+    engine.abort(a.request_id)
+    engine.step()  # the abort frees a's 50 slots before admission
+    assert a.finish_reason is FinishReason.ABORT and engine.running == [b]
+    assert engine.kv_cache.memory_stats().reserved_tokens == 20
+    run(engine)
+    assert engine.kv_cache.is_empty() and engine.kv_cache.pool_tokens == 60
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fragmented_pool_compacts_and_keeps_tokens(model, mode: str) -> None:
+    prompts = {
+        "a": (list(range(1, 16)), 5),
+        "b": (list(range(2, 12)), 2),
+        "c": (list(range(3, 18)), 5),
+        "d": (list(range(5, 19)), 6),
+    }
+    engine = engine_for(model, OrcaScheduler(kv_slots=64, attention=mode))
+    reqs = {k: engine.add_request(p, greedy(n)) for k, (p, n) in list(prompts.items())[:3]}
+    engine.step()  # a [0, 20), b [20, 32), c [32, 52): b finishes first and leaves a hole
+    engine.step()
+    assert reqs["b"].finish_reason is FinishReason.LENGTH
+    reqs["d"] = engine.add_request(prompts["d"][0], greedy(prompts["d"][1]))  # 20 slots
+    engine.step()  # 24 slots free, but in two holes of 12: the pool compacts, c moves down
+    assert engine.kv_cache.slots.ranges[reqs["c"]].start == 20
+    run(engine)
+    assert engine.kv_cache.is_empty()
+    for key, (prompt, n) in prompts.items():
+        solo = run_alone(
+            model, lambda: OrcaScheduler(attention=mode), Arrival(0, tuple(prompt), greedy(n))
+        )
+        assert reqs[key].output_token_ids == solo, key
+
+
+def test_slot_allocator_first_fit_and_compaction() -> None:
+    slots = SlotAllocator(capacity=10)
+    for key, size in (("a", 3), ("b", 3), ("c", 3)):
+        slots.place(key, slots.find(size), size)
+    slots.release("b")
+    assert slots.find(3) == 3 and slots.find(4) is None
+    moves = slots.compact()
+    assert [(k, old.start, new.start) for k, old, new in moves] == [("c", 6, 3)]
+    assert slots.find(4) == 6 and slots.reserved == 6
+    assert slots.release("b") is None  # idempotent
+
+
+class _Recorder:
+    """An observer registered after the scheduler: it must already see Orca's extra."""
+
+    def __init__(self) -> None:
+        self.steps: list[StepStats] = []
+
+    @hookimpl
+    def on_step_end(self, stats: StepStats) -> None:
+        self.steps.append(stats)
+        assert "orca" in stats.extra
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_accounting_of_a_mixed_iteration(model, mode: str) -> None:
+    recorder = _Recorder()
+    engine = engine_for(model, OrcaScheduler(attention=mode), observers=(recorder,))
+    engine.add_request(list(range(1, 5)), greedy(10))  # 4-token prompt
+    engine.add_request(list(range(1, 9)), greedy(10))  # 8-token prompt
+    engine.step()
+    engine.step()  # contexts now 5 and 9 after this iteration's writes
+    engine.add_request(list(range(1, 4)), greedy(4))  # a 3-token initiation joins
+    engine.step()
+    stats = recorder.steps[-1].passes[0]
+    assert stats.phase is Phase.MIXED
+    assert stats.useful_tokens == stats.computed_tokens == 1 + 1 + 3
+    assert stats.useful_attention_pairs == 6 + 10 + 6
+    padded = 2 * 10 if mode == "fused" else 6 + 10  # fused pads both decode rows to 10 keys
+    assert stats.computed_attention_pairs == padded + 6
+    info = recorder.steps[-1].extra["orca"]
+    assert info["num_initiation_tokens"] == 3 and info["num_decode_tokens"] == 2
+    assert info["num_decode_requests"] == 2 and info["prompt_wait_s"] > 0
+    memory = recorder.steps[-1].memory
+    assert memory.reserved_tokens == 14 + 18 + 7
+    assert memory.used_tokens == 6 + 10 + 3
+    assert memory.allocated_elements == memory.reserved_tokens * 2 * 2 * 2 * 8
+
+
+def test_masks_causal_within_each_request() -> None:
+    segments = [Segment(0, 1, 6), Segment(1, 4, 0), Segment(5, 2, 3)]
+    mask = build_orca_mask(segments, None, 0, torch.float32, torch.device("cpu"))
+    assert mask.segments[0] is None and mask.segments[1] is CAUSAL
+    expected = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask.segments[2], expected)
+    pad = decode_padding_mask(torch.tensor([2, 3]), 3, torch.float32)
+    assert pad.shape == (2, 1, 1, 3)
+    assert pad[0, 0, 0, 2] == torch.finfo(torch.float32).min and pad[1].eq(0).all()
+
+
+def test_options_are_validated_and_selectable_by_name() -> None:
+    with pytest.raises(ValueError, match="attention"):
+        OrcaScheduler(attention="flash")
+    with pytest.raises(ValueError, match="kv_slots"):
+        OrcaScheduler(kv_slots=0)
+    sched = instantiate_scheduler("orca", {"attention": "loop", "max_batch_size": 2})
+    assert isinstance(sched, OrcaScheduler) and sched.attention == "loop"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", MODES)
+def test_runs_on_cuda(mode: str) -> None:
+    gpu_model = tiny_model(seed=5).to("cuda")
+    arrivals = random_arrivals(
+        3,
+        num_requests=6,
+        vocab_size=128,
+        prompt_len=(1, 20),
+        max_tokens=(1, 8),
+        max_arrival_step=4,
+        abort_fraction=0.2,
+    )
+    check_scheduling_invariance(
+        gpu_model, lambda: OrcaScheduler(attention=mode), arrivals, max_num_seqs=4
+    )
