@@ -198,8 +198,6 @@ class ContractChecker:
         mem = stats.memory
         if not 0 <= mem.used_elements <= mem.allocated_elements:
             self.violations.append(f"step {stats.step}: used KV exceeds allocated: {mem}")
-        if len(stats.pass_seconds) != len(stats.passes):
-            self.violations.append(f"step {stats.step}: pass_seconds do not match passes")
 
     @hookimpl
     def on_request_finished(self, request) -> None:
