@@ -52,7 +52,7 @@ def running_request(server: LiveServer, timeout: float = 5.0):
 
 
 def test_streaming_disconnect_aborts_and_frees(server: LiveServer, monkeypatch) -> None:
-    slow_model(server, monkeypatch, 0.01)
+    slow_model(server, monkeypatch, 0.02)
     body = {"prompt": "Hello", "max_tokens": 120, "stream": True, "temperature": 0}
     with server.client() as http, http.stream("POST", "/v1/completions", json=body) as resp:
         it = events(resp)
@@ -70,7 +70,7 @@ def test_streaming_disconnect_aborts_and_frees(server: LiveServer, monkeypatch) 
 
 
 def test_non_streaming_disconnect_aborts(server: LiveServer, monkeypatch) -> None:
-    slow_model(server, monkeypatch, 0.01)
+    slow_model(server, monkeypatch, 0.02)
     body = {"prompt": "Hello", "max_tokens": 120, "temperature": 0}
     seen = {}
 
