@@ -303,3 +303,24 @@ def test_padded_footprint_never_exceeds_the_budget(model) -> None:
     mixed, _ = run_mix(model, lambda: Recording(kv_budget_tokens=budget), arrivals, max_num_seqs=6)
     assert peaks and max(peaks) <= budget
     assert all(r is FinishReason.LENGTH for r in mixed.reasons.values())
+
+
+def test_a_failing_prefill_pass_fails_only_its_requests(model, monkeypatch) -> None:
+    engine = baton_engine(model)
+    ok = engine.add_request([1, 2, 3], greedy(5))
+    engine.step()
+    bad = engine.add_request([4, 5, 6, 7], greedy(5))
+    forward = model.forward
+
+    def failing(input_ids, *args):
+        if input_ids.shape[-1] > 1:
+            raise RuntimeError("boom")
+        return forward(input_ids, *args)
+
+    monkeypatch.setattr(model, "forward", failing)
+    engine.step()
+    monkeypatch.setattr(model, "forward", forward)
+    assert bad.finish_reason is FinishReason.ERROR and not engine.kv_cache.pending
+    drain(engine)
+    assert_empty(engine)
+    assert ok.output_token_ids == solo(model, [1, 2, 3], greedy(5))
