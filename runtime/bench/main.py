@@ -40,7 +40,8 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workload",
         default="smoke",
-        help="named workload in benchmarks/workloads/ or a YAML file (default smoke)",
+        help="named workload(s) in benchmarks/workloads/ or YAML file(s), comma "
+        "separated; several go to OUT/<name>/ (default smoke)",
     )
     p.add_argument("--num-requests", type=int, help="override the workload's request count")
     p.add_argument("--rate", type=float, help="override: Poisson arrivals at this rate (req/s)")
@@ -136,8 +137,11 @@ def _default_schedulers() -> list[str]:
     ) or ["default"]
 
 
-def _workload(args: argparse.Namespace, vocab_size: int, max_len: int, rate: float | None = None):
-    spec = load_workload(args.workload).with_overrides(
+def _workload(
+    args: argparse.Namespace, name: str, vocab_size: int, max_len: int, rate: float | None = None
+):
+    """The named workload with this run's overrides, and its seeded request list."""
+    spec = load_workload(name).with_overrides(
         args.num_requests, rate if rate is not None else args.rate, args.all_at_once, args.seed
     )
     return spec, generate_requests(spec, vocab_size, max_len)
@@ -215,13 +219,12 @@ def _header(args: argparse.Namespace, spec: Any, model_dir: Path, mode: str) -> 
 
 
 def run_offline_cli(args: argparse.Namespace) -> int:
-    """Build every contender once, then run the workload (or each rate of the sweep)."""
+    """Build every contender once, then run each workload (and each rate of the sweep)."""
     import torch
 
     from runtime.bench.model_spec import resolve_model
     from runtime.bench.offline import EngineContender, run_comparison
     from runtime.bench.peers import PeerUnavailable, make_peer
-    from runtime.bench.report import write_json
     from runtime.engine import EngineLimits
     from runtime.loader import load_model, load_model_config
 
@@ -229,8 +232,9 @@ def run_offline_cli(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.num_threads)
     model_dir = resolve_model(args.model_spec, args.model)
     config = load_model_config(model_dir)
-    base_spec = load_workload(args.workload)
-    max_len = args.max_model_len or min(config.max_position_embeddings, base_spec.max_total_len())
+    names = _csv(args.workload)
+    longest = max(load_workload(n).max_total_len() for n in names)
+    max_len = args.max_model_len or min(config.max_position_embeddings, longest)
     model = load_model(model_dir, dtype=args.dtype)
     limits = EngineLimits(args.max_num_seqs, max_len, args.kv_cache_tokens)
     options = _scheduler_options(args.scheduler_option)
@@ -245,71 +249,40 @@ def run_offline_cli(args: argparse.Namespace) -> int:
         except PeerUnavailable as exc:
             unavailable[name] = str(exc)
             print(f"peer {name}: not available: {exc}", file=sys.stderr)
-    out = Path(args.out)
-    rates = args.rate_sweep or [None]
-    sweep = {}
-    for rate in rates:
-        spec, requests = _workload(args, config.vocab_size, max_len, rate)
-        tag = f"-rate{rate:g}" if rate is not None else ""
-        print(
-            f"workload {spec.name}: {len(requests)} requests, "
-            f"{'all at once' if spec.rate is None else f'Poisson {spec.rate:g} req/s'}, "
-            f"model {model_dir}, max_model_len {max_len}, contenders "
-            f"{', '.join(c.label for c in contenders)}, {args.repeats} repeat(s)"
-        )
-        result = run_comparison(contenders, requests, args.repeats, not args.no_progress)
-        result.errors |= unavailable
-        header = _header(args, spec, model_dir, "offline")
-        sweep[spec.rate] = _summarise(result, args, header, out, tag)
-    if args.rate_sweep:
-        write_json(out / "rate_sweep.json", {str(r): v for r, v in sweep.items()})
-        if not args.no_plots:
-            from runtime.bench.plots import plot_rate_sweep
-
-            plot_rate_sweep(sweep, out / "rate_sweep.png", f"{base_spec.name} rate sweep")
-    print(f"results written to {out}/")
+    for name in names:
+        out = Path(args.out) / name if len(names) > 1 else Path(args.out)
+        sweep = {}
+        for rate in args.rate_sweep or [None]:
+            spec, requests = _workload(args, name, config.vocab_size, max_len, rate)
+            arrival = "all at once" if spec.rate is None else f"Poisson {spec.rate:g} req/s"
+            print(
+                f"workload {spec.name}: {len(requests)} requests, {arrival}; model {model_dir}, "
+                f"max_model_len {max_len}; contenders {', '.join(c.label for c in contenders)}; "
+                f"{args.repeats} repeat(s), {torch.get_num_threads()} torch thread(s)"
+            )
+            result = run_comparison(contenders, requests, args.repeats, not args.no_progress)
+            result.errors |= unavailable
+            header = _header(args, spec, model_dir, "offline")
+            tag = f"-rate{rate:g}" if rate is not None else ""
+            sweep[spec.rate] = _summarise(result, args, header, out, tag)
+        if args.rate_sweep:
+            _write_sweep(sweep, out, name, args.no_plots)
+        print(f"results written to {out}/")
     return 0
 
 
-def _parse_targets(values: list[str]) -> list[tuple[str, str]]:
-    targets = []
-    for i, value in enumerate(values):
-        name, sep, url = value.partition("=")
-        targets.append(
-            (name, url)
-            if sep and not name.startswith("http")
-            else (f"server{i + 1}" if len(values) > 1 else "server", value)
-        )
-    return targets
+def _write_sweep(sweep: dict, out: Path, name: str, no_plots: bool) -> None:
+    from runtime.bench.report import write_json
+
+    write_json(out / "rate_sweep.json", {str(r): v for r, v in sweep.items()})
+    if not no_plots:
+        from runtime.bench.plots import plot_rate_sweep
+
+        plot_rate_sweep(sweep, out / "rate_sweep.png", f"{name} rate sweep")
 
 
 def run_online_cli(args: argparse.Namespace) -> int:
-    """Replay the workload against each server in turn (interleaved repeats), same client."""
-    from runtime.bench.metrics import compute_metrics
-    from runtime.bench.model_spec import resolve_model
-    from runtime.bench.offline import ComparisonResult
-    from runtime.bench.online import run_online
-    from runtime.loader import load_model_config
+    """`runtime bench serve`: see `runtime.bench.online.run_online_cli`."""
+    from runtime.bench import online
 
-    model_dir = resolve_model(args.model_spec, args.model)
-    config = load_model_config(model_dir)
-    base_spec = load_workload(args.workload)
-    max_len = min(config.max_position_embeddings, base_spec.max_total_len())
-    spec, requests = _workload(args, config.vocab_size, max_len)
-    targets = _parse_targets(args.base_url)
-    result = ComparisonResult()
-    for rep in range(args.repeats):
-        for label, url in targets[rep % len(targets) :] + targets[: rep % len(targets)]:
-            print(f"{label}: replaying {len(requests)} requests of {spec.name} against {url}")
-            trace, model_id = run_online(
-                url, requests, args.served_model_name, not args.no_progress
-            )
-            result.runs.setdefault(label, []).append(compute_metrics(trace))
-            result.traces.setdefault(label, []).append(trace)
-            failed = [r.error for r in trace.requests if not r.success]
-            if failed:
-                print(f"{label}: {len(failed)} failed, first: {failed[0]}", file=sys.stderr)
-    header = _header(args, spec, model_dir, "online") | {"base_urls": dict(targets)}
-    _summarise(result, args, header, Path(args.out))
-    print(f"results written to {args.out}/")
-    return 0
+    return online.run_online_cli(args)

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import httpx
 from tqdm import tqdm
 
 from runtime.bench.metrics import RequestTrace, RunTrace
-from runtime.bench.workload import BenchRequest
+from runtime.bench.workload import BenchRequest, load_workload
 
 
 def completion_payload(model: str, req: BenchRequest) -> dict:
@@ -116,3 +119,45 @@ def run_online(
 ) -> tuple[RunTrace, str]:
     """Synchronous wrapper of `run_online_async` (the CLI entry point)."""
     return asyncio.run(run_online_async(base_url, requests, model, progress))
+
+
+def parse_targets(values: list[str]) -> list[tuple[str, str]]:
+    """`--base-url` values, `URL` or `NAME=URL`, as (label, url) pairs."""
+    targets = []
+    for i, value in enumerate(values):
+        name, sep, url = value.partition("=")
+        if sep and not name.startswith("http"):
+            targets.append((name, url))
+        else:
+            targets.append((f"server{i + 1}" if len(values) > 1 else "server", value))
+    return targets
+
+
+def run_online_cli(args: Any) -> int:
+    """Replay the workload against each server in turn (interleaved repeats), same client."""
+    from runtime.bench.main import _header, _summarise, _workload
+    from runtime.bench.metrics import compute_metrics
+    from runtime.bench.model_spec import resolve_model
+    from runtime.bench.offline import ComparisonResult
+    from runtime.loader import load_model_config
+
+    model_dir = resolve_model(args.model_spec, args.model)
+    config = load_model_config(model_dir)
+    spec0 = load_workload(args.workload)
+    max_len = min(config.max_position_embeddings, spec0.max_total_len())
+    spec, requests = _workload(args, args.workload, config.vocab_size, max_len)
+    targets = parse_targets(args.base_url)
+    result = ComparisonResult()
+    for rep in range(args.repeats):
+        for label, url in targets[rep % len(targets) :] + targets[: rep % len(targets)]:
+            print(f"{label}: replaying {len(requests)} requests of {spec.name} against {url}")
+            trace, _ = run_online(url, requests, args.served_model_name, not args.no_progress)
+            result.runs.setdefault(label, []).append(compute_metrics(trace))
+            result.traces.setdefault(label, []).append(trace)
+            failed = [r.error for r in trace.requests if not r.success]
+            if failed:
+                print(f"{label}: {len(failed)} failed, first: {failed[0]}", file=sys.stderr)
+    header = _header(args, spec, model_dir, "online") | {"base_urls": dict(targets)}
+    _summarise(result, args, header, Path(args.out))
+    print(f"results written to {args.out}/")
+    return 0
