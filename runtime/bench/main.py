@@ -155,6 +155,7 @@ def _summarise(
     from runtime.bench.report import (
         format_ratios,
         format_report,
+        format_summary,
         ratio_table,
         vllm_result,
         write_json,
@@ -163,6 +164,8 @@ def _summarise(
     results = {label: aggregate(runs) for label, runs in result.runs.items()}
     for label, metrics in results.items():
         print(format_report(metrics, title=label))
+    if results:
+        print(format_summary(results))
     baseline = args.baseline or ("orca" if "orca" in results else next(iter(results), None))
     ratios = {}
     if baseline in results:
@@ -250,7 +253,7 @@ def run_offline_cli(args: argparse.Namespace) -> int:
             unavailable[name] = str(exc)
             print(f"peer {name}: not available: {exc}", file=sys.stderr)
     for name in names:
-        out = Path(args.out) / name if len(names) > 1 else Path(args.out)
+        out = Path(args.out) / Path(name).stem if len(names) > 1 else Path(args.out)
         sweep = {}
         for rate in args.rate_sweep or [None]:
             spec, requests = _workload(args, name, config.vocab_size, max_len, rate)

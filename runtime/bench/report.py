@@ -34,12 +34,25 @@ RATIO_ROWS = (
     ("mean_e2el_ms", "Mean E2EL", False),
     ("p99_e2el_ms", "P99 E2EL", False),
     ("computed_token_slots", "Token slots computed", False),
-    ("idle_token_fraction", "Idle token slots (frac)", False),
     ("computed_attention_pairs", "Attention pairs computed", False),
-    ("idle_attention_fraction", "Idle attn pairs (frac)", False),
     ("mean_kv_allocated_mib", "KV allocated (mean)", False),
-    ("prefill_time_s", "Prefill time", False),
-    ("decode_time_s", "Decode time", False),
+    ("forward_time_s", "Forward time (all passes)", False),
+)
+# (key, label, scale, format) rows of the absolute summary table; fractions shown in percent.
+SUMMARY_ROWS = (
+    ("output_throughput", "Output tokens/s", 1, ".1f"),
+    ("request_throughput", "Requests/s", 1, ".2f"),
+    ("duration", "Makespan (s)", 1, ".1f"),
+    ("mean_ttft_ms", "Mean TTFT (ms)", 1, ".0f"),
+    ("mean_tpot_ms", "Mean TPOT (ms)", 1, ".1f"),
+    ("mean_e2el_ms", "Mean E2EL (ms)", 1, ".0f"),
+    ("idle_token_fraction", "Idle token slots (%)", 100, ".1f"),
+    ("idle_attention_fraction", "Idle attention pairs (%)", 100, ".1f"),
+    ("mean_kv_allocated_mib", "KV allocated, mean (MiB)", 1, ".1f"),
+    ("kv_usage", "KV used / allocated (%)", 100, ".1f"),
+    ("prefill_time_s", "Prefill-only passes (s)", 1, ".2f"),
+    ("decode_time_s", "Decode-only passes (s)", 1, ".2f"),
+    ("mixed_time_s", "Mixed passes (s)", 1, ".2f"),
 )
 
 
@@ -133,6 +146,20 @@ def format_ratios(ratios: Mapping[str, Mapping[str, float]], baseline: str) -> s
             for n in names
         )
         lines.append(f"{label:<28}{'higher' if higher else 'lower':>8}{cells}")
+    lines.append("=" * len(head))
+    return "\n".join(lines)
+
+
+def format_summary(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Absolute values side by side (idle fractions, KV use, time by pass phase)."""
+    names = list(results)
+    width = max(10, *(len(n) + 2 for n in names))
+    head = f"{'metric':<36}" + "".join(f"{n:>{width}}" for n in names)
+    lines = ["{s:{c}^{n}}".format(s=" Summary ", n=len(head), c="="), head]
+    for key, label, scale, fmt in SUMMARY_ROWS:
+        if all(key in results[n] for n in names):
+            cells = "".join(f"{float(results[n][key]) * scale:>{width}{fmt}}" for n in names)
+            lines.append(f"{label:<36}{cells}")
     lines.append("=" * len(head))
     return "\n".join(lines)
 

@@ -109,3 +109,30 @@ def test_a_failing_contender_is_reported_not_fatal(cache):
     result = run_comparison([good, bad], [BenchRequest(0, 0.0, (20, 21), 2)], progress=False)
     assert "default" in result.runs and "broken" not in result.runs
     assert "no-such-scheduler" in result.errors["broken"]
+
+
+def test_several_workloads_in_one_command(tmp_path, cache):
+    other = tmp_path / "tiny-burst.yaml"
+    other.write_text("num_requests: 2\nprompt_len: [3, 5]\noutput_len: 2\n")
+    out = tmp_path / "multi"
+    rc = main(
+        [
+            "bench",
+            "--model-spec",
+            "tiny",
+            "--workload",
+            f"smoke,{other}",
+            "--num-requests",
+            "2",
+            "--schedulers",
+            "default",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-plots",
+        ]
+    )
+    assert rc == 0
+    assert json.loads((out / "smoke" / "results.json").read_text())["workload"]["name"] == "smoke"
+    burst = json.loads((out / "tiny-burst" / "results.json").read_text())
+    assert burst["results"]["default"]["completed"] == 2

@@ -10,6 +10,7 @@ from runtime.bench.report import (
     HEADER,
     format_ratios,
     format_report,
+    format_summary,
     ratio_table,
     vllm_result,
     write_json,
@@ -79,3 +80,10 @@ def test_json_has_vllm_keys_and_no_nan(tmp_path):
     assert data["backend"] == "baton" and data["x"] is None
     for key in VLLM_KEYS:
         assert key in data, key
+
+
+def test_summary_shows_fractions_in_percent():
+    m = compute_metrics(hand_trace())
+    text = format_summary({"baton": m})
+    row = next(line for line in text.splitlines() if line.startswith("Idle token slots (%)"))
+    assert row.split()[-1] == "25.0"
