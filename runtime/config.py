@@ -25,7 +25,7 @@ class RuntimeConfig:
     """Every key a YAML config may hold; the long CLI option names with `-` as `_`."""
 
     model: str | None = None
-    scheduler: str = "static"
+    scheduler: str = "baton"
     scheduler_options: dict = field(default_factory=dict)
     dtype: str = "auto"
     device: str = "cpu"
