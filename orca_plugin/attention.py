@@ -9,8 +9,8 @@ attention is split per request and merged back. Two implementations of the split
   gather's padding is masked and counted as computed), initiations one call each as before.
 
 Both write the iteration's keys and values into the pool in place with one `index_copy_`.
-A single decode query uses the GQA fold: its `H` query heads become `G = H / H_kv` queries
-against each KV head, so SDPA needs no `enable_gqa` expansion and no mask.
+A decode query uses the GQA fold: its `H` query heads become `G = H / H_kv` queries against
+each KV head, so no K/V is repeated and a single request needs no mask.
 """
 
 from __future__ import annotations
@@ -50,6 +50,20 @@ def _fold_decode(
     folded = q.reshape(*batch, kv_heads, heads // kv_heads, dim)  # (*b, H_kv, G, D)
     out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
     return out.reshape(*batch, heads, dim)
+
+
+def _one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One request's decode query q `(H, D)` over its pool slice `(S, H_kv, D)` -> `(1, H, D)`.
+
+    Two `bmm`s and a softmax: per call this is cheaper than SDPA's kernel dispatch on CPU,
+    which dominates at one query (the loop makes `L x B` of these calls per iteration).
+    """
+    heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    folded = q.view(kv_heads, heads // kv_heads, dim)  # (H_kv, G, D)
+    scores = torch.bmm(folded, keys.permute(1, 2, 0)).mul_(dim**-0.5)  # (H_kv, G, S)
+    out = torch.bmm(scores.softmax(-1), values.transpose(0, 1))  # (H_kv, G, D)
+    return out.view(1, heads, dim)
 
 
 class LoopAttention:
@@ -95,12 +109,12 @@ class LoopAttention:
         for i in range(first, last):
             seg, start = self.layout.segments[i], self.layout.slot_starts[i]
             end = start + seg.past + seg.length
+            if seg.length == 1:
+                outputs.append(_one_query(q[seg.start], keys[start:end], values[start:end]))
+                continue
             k_req = keys[start:end].transpose(0, 1)  # (H_kv, past + n, D)
             v_req = values[start:end].transpose(0, 1)
             seg_mask = mask.segments[i]
-            if seg.length == 1:
-                outputs.append(_fold_decode(q[seg.start], k_req, v_req).unsqueeze(0))
-                continue
             q_req = q[seg.start : seg.start + seg.length].transpose(0, 1)  # (H, n, D)
             out = F.scaled_dot_product_attention(
                 q_req,

@@ -253,3 +253,34 @@ def test_runs_on_cuda(mode: str) -> None:
     check_scheduling_invariance(
         gpu_model, lambda: OrcaScheduler(attention=mode), arrivals, max_num_seqs=4
     )
+
+
+def test_worked_example_of_the_docs(model) -> None:
+    """docs/orca.md section 2: D fits at iteration 2 but waits behind C; iteration 5 is mixed."""
+    engine = engine_for(model, OrcaScheduler(kv_slots=32, max_batch_size=3), max_num_seqs=8)
+    for name, (prompt_len, n) in {"A": (6, 4), "B": (12, 8), "C": (3, 3)}.items():
+        engine.add_request(list(range(1, prompt_len + 1)), greedy(n), request_id=name)
+    rows = []
+    while engine.has_unfinished():
+        if engine.num_steps == 1:
+            engine.add_request([1, 2], greedy(2), request_id="D")
+        engine.step()
+        lay = engine.kv_cache.last_layout
+        rows.append(
+            (
+                engine.last_step.passes[0].phase.value,
+                [(s.length, s.past) for s in lay.segments],
+                engine.last_step.memory.reserved_tokens,
+                [r.request_id for r in engine.waiting],
+            )
+        )
+    assert rows == [
+        ("prefill", [(6, 0), (12, 0)], 30, ["C"]),
+        ("decode", [(1, 6), (1, 12)], 30, ["C", "D"]),
+        ("decode", [(1, 7), (1, 13)], 30, ["C", "D"]),
+        ("decode", [(1, 8), (1, 14)], 20, ["C", "D"]),
+        ("mixed", [(1, 15), (3, 0), (2, 0)], 30, []),
+        ("decode", [(1, 16), (1, 3), (1, 2)], 26, []),
+        ("decode", [(1, 17), (1, 4)], 20, []),
+        ("decode", [(1, 18)], 0, []),
+    ]
