@@ -62,6 +62,7 @@ class RunTrace:
     passes: list[PassTrace] = field(default_factory=list)
     memory: list[tuple[int, int]] = field(default_factory=list)  # (allocated, used) elements/step
     bytes_per_element: int = 4
+    cpu_seconds: float | None = None  # process CPU time of the run (robust on a busy machine)
 
 
 class StepRecorder:
@@ -133,6 +134,10 @@ def compute_metrics(trace: RunTrace) -> dict[str, float | int]:
         "output_throughput": output_tokens / duration,
         "total_token_throughput": (input_tokens + output_tokens) / duration,
     }
+    if trace.cpu_seconds:
+        out["cpu_time_s"] = trace.cpu_seconds
+        out["output_tokens_per_cpu_s"] = output_tokens / trace.cpu_seconds
+        out["requests_per_cpu_s"] = len(ok) / trace.cpu_seconds
     for name, values in latency_samples(ok).items():
         out |= _stats(name, values)
     if trace.passes:

@@ -172,7 +172,9 @@ def run_comparison(
             if c.label in result.errors:
                 continue
             try:
+                cpu = time.process_time()
                 trace = c.run(requests, progress)
+                trace.cpu_seconds = time.process_time() - cpu
             except Exception as exc:
                 logger.exception("run of %s failed", c.label)
                 result.errors[c.label] = f"run failed: {type(exc).__name__}: {exc}"

@@ -26,6 +26,7 @@ RATIO_ROWS = (
     ("output_throughput", "Output token throughput", True),
     ("total_token_throughput", "Total token throughput", True),
     ("duration", "Makespan", False),
+    ("output_tokens_per_cpu_s", "Output tokens per CPU-s", True),
     ("mean_ttft_ms", "Mean TTFT", False),
     ("p99_ttft_ms", "P99 TTFT", False),
     ("mean_tpot_ms", "Mean TPOT", False),
@@ -43,6 +44,8 @@ SUMMARY_ROWS = (
     ("output_throughput", "Output tokens/s", 1, ".1f"),
     ("request_throughput", "Requests/s", 1, ".2f"),
     ("duration", "Makespan (s)", 1, ".1f"),
+    ("cpu_time_s", "CPU time of the process (s)", 1, ".1f"),
+    ("output_tokens_per_cpu_s", "Output tokens per CPU-second", 1, ".1f"),
     ("mean_ttft_ms", "Mean TTFT (ms)", 1, ".0f"),
     ("mean_tpot_ms", "Mean TPOT (ms)", 1, ".1f"),
     ("mean_e2el_ms", "Mean E2EL (ms)", 1, ".0f"),
@@ -81,6 +84,11 @@ def format_report(metrics: Mapping[str, Any], title: str | None = None) -> str:
         _row("Output token throughput (tok/s):", float(metrics["output_throughput"])),
         _row("Total Token throughput (tok/s):", float(metrics["total_token_throughput"])),
     ]
+    if "cpu_time_s" in metrics:
+        lines.append(_row("Process CPU time (s):", float(metrics["cpu_time_s"])))
+        lines.append(
+            _row("Output tokens per CPU-second:", float(metrics["output_tokens_per_cpu_s"]))
+        )
     for key, short, title_text in _LATENCY_SECTIONS:
         lines.append(_section(title_text))
         lines.append(_row(f"Mean {short} (ms):", float(metrics[f"mean_{key}_ms"])))

@@ -103,3 +103,12 @@ def test_aggregate_is_the_median_of_repeats():
         {"completed": 3, "output_throughput": 11.0},
     ]
     assert aggregate(runs) == {"completed": 3, "output_throughput": 11.0}
+
+
+def test_cpu_time_throughput():
+    trace = hand_trace()
+    trace.cpu_seconds = 2.0
+    m = compute_metrics(trace)
+    assert m["cpu_time_s"] == 2.0 and m["output_tokens_per_cpu_s"] == pytest.approx(3.0)
+    assert m["requests_per_cpu_s"] == pytest.approx(1.5)
+    assert "cpu_time_s" not in compute_metrics(hand_trace())
