@@ -1,8 +1,9 @@
 """Orca's two split-attention variants on a SmolLM2-135M-shaped random model, step by step.
 
 Runs the same requests through engines that differ only in `attention` (`fused`: the decode
-rows in one padded SDPA call per layer; `loop`: one call per request, the literal split) and,
-for reference, the runtime's default per-request layout. Steps are interleaved across the
+rows in one padded SDPA call per layer; `loop`: one call per request, the literal split;
+`auto`: whichever measures faster) and, for reference, the runtime's default per-request
+layout (per-request slabs, one SDPA call per request). Steps are interleaved across the
 engines so background load hits all alike; medians are reported. Random seeded weights,
 float32; prompts U(prompt_min, prompt_max) so contexts spread like a serving batch.
 
@@ -24,7 +25,7 @@ from runtime.bench.model_spec import SPECS
 from runtime.engine import Engine, EngineLimits
 from runtime.sampling_params import SamplingParams
 
-VARIANTS = ("fused", "loop", "default")
+VARIANTS = ("fused", "loop", "auto", "default")
 
 
 def make_engine(model: torch.nn.Module, variant: str, batch: int) -> Engine:
@@ -69,6 +70,11 @@ def run(
             step_ms[name].append(1000 * (time.perf_counter() - start))
             attn_ms[name].append(attention_ms(engine))
     contexts = [r.num_computed_tokens for r in engines["fused"].running]
+    costs = engines["auto"].kv_cache.chooser.cost
+    print(
+        "auto's measured decode attention, ms per row: "
+        + ", ".join(f"{v} {1000 * c:.2f}" for v, c in costs.items() if c is not None)
+    )
     print(
         f"batch {batch}: mean context {statistics.mean(contexts):.0f}, max {max(contexts)} tokens"
     )

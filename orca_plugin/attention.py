@@ -41,6 +41,38 @@ class AttentionTimes:
     decode_s: float = 0.0
 
 
+class VariantChooser:
+    """`attention: auto`: pick, per iteration, the variant whose decode attention is cheaper.
+
+    Both variants compute the same attention, so the choice only changes speed. Which one is
+    faster depends on the machine and on its load (the fused gather is memory-bound, the loop
+    dispatch-bound), so it is measured: seconds per decode row, averaged (EMA), each variant
+    tried first, and the slower one re-tried every `probe_every` iterations to notice change.
+    """
+
+    VARIANTS = ("fused", "loop")
+
+    def __init__(self, probe_every: int = 16, alpha: float = 0.3) -> None:
+        self.probe_every = probe_every
+        self.alpha = alpha
+        self.cost: dict[str, float | None] = dict.fromkeys(self.VARIANTS)
+        self.num_choices = 0
+
+    def choose(self) -> str:
+        self.num_choices += 1
+        for variant, cost in self.cost.items():
+            if cost is None:
+                return variant
+        best = min(self.VARIANTS, key=lambda v: self.cost[v])
+        if self.num_choices % self.probe_every == 0:
+            return next(v for v in self.VARIANTS if v != best)
+        return best
+
+    def record(self, variant: str, seconds: float, rows: int) -> None:
+        cost, old = seconds / rows, self.cost[variant]
+        self.cost[variant] = cost if old is None else old + self.alpha * (cost - old)
+
+
 def _fold_decode(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:

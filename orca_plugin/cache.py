@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from orca_plugin.attention import AttentionTimes, FusedAttention, LoopAttention
+from orca_plugin.attention import AttentionTimes, FusedAttention, LoopAttention, VariantChooser
 from orca_plugin.masks import OrcaMask, build_orca_mask
 from orca_plugin.slots import SlotAllocator
 from runtime.default_cache import Segment
@@ -31,7 +31,7 @@ from runtime.kv_cache import (
 )
 from runtime.request import Request
 
-AttentionMode = Literal["fused", "loop"]
+AttentionMode = Literal["auto", "fused", "loop"]
 MIN_POOL_TOKENS = 256  # first allocation; the pool then doubles up to `kv_slots`
 
 
@@ -63,7 +63,7 @@ class OrcaKVCache(KVCache):
         device: torch.device,
         dtype: torch.dtype,
         kv_slots: int,
-        attention: AttentionMode = "fused",
+        attention: AttentionMode = "auto",
         time_attention: bool = True,
     ) -> None:
         super().__init__(shape, limits, device, dtype)
@@ -72,6 +72,9 @@ class OrcaKVCache(KVCache):
         self.slots = SlotAllocator()
         self.pool = self._empty_pool(0)
         self.time_attention = time_attention and self.device.type == "cpu"
+        if attention == "auto" and not self.time_attention:
+            self.mode = "fused"  # nothing to measure with (CUDA): the batched call
+        self.chooser = VariantChooser()
         self.last_times = AttentionTimes()
         self.last_layout: OrcaLayout | None = None
 
@@ -183,11 +186,14 @@ class OrcaKVCache(KVCache):
         )
 
     def _decode_group(self, segments: Sequence[Segment], starts: Sequence[int]) -> dict:
-        """Fused mode: padded gather indices of the decode rows' keys (pads repeat slot 0).
+        """Fused: padded gather indices of the decode rows' keys (pads repeat the first slot).
 
         A pad points at a slot the row has written, so masked-out values are finite.
         """
-        if self.mode != "fused" or len(segments) < 2:
+        if len(segments) < 2:
+            return {}
+        variant = self.chooser.choose() if self.mode == "auto" else self.mode
+        if variant != "fused":
             return {}
         dev = self.device
         lengths = torch.tensor([s.past + 1 for s in segments], device=dev)
@@ -204,7 +210,11 @@ class OrcaKVCache(KVCache):
         return cls(self.pool, batch.layout, self.last_times)
 
     def commit(self, batch: ForwardBatch) -> None:
-        """Nothing to advance: a request's cached length is its own `num_computed_tokens`."""
+        """Feed `auto` its measurement; lengths need no update (`num_computed_tokens` is it)."""
+        lay: OrcaLayout = batch.layout
+        if self.mode == "auto" and lay.num_decode >= 2 and self.last_times.enabled:
+            variant = "fused" if lay.gather_index is not None else "loop"
+            self.chooser.record(variant, self.last_times.decode_s, lay.num_decode)
 
     def build_mask(self, batch: ForwardBatch) -> OrcaMask:
         lay: OrcaLayout = batch.layout

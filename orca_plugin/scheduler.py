@@ -21,7 +21,7 @@ from runtime.kv_cache import CacheLimits, ForwardBatch, KVCache, ModelShape
 from runtime.request import Request
 from runtime.scheduling import AdmissionDecision, SchedulingBudget, StepStats
 
-ATTENTION_MODES: tuple[AttentionMode, ...] = ("fused", "loop")
+ATTENTION_MODES: tuple[AttentionMode, ...] = ("auto", "fused", "loop")
 
 
 def select_batch(
@@ -65,15 +65,16 @@ class OrcaScheduler:
     - `max_batch_size`: requests per iteration (default and cap: the engine's `max_num_seqs`).
     - `kv_slots`: Orca's slot budget `n_slots`, in tokens (default: the engine's KV capacity).
       A request reserving more than all of it runs alone rather than blocking the queue.
-    - `attention`: `fused` (decode rows in one padded call per layer; the default, faster on
-      CPU at batch >= 8) or `loop` (one call per request, the paper's literal split).
+    - `attention`: `fused` (the decode rows in one padded call per layer), `loop` (one call
+      per request, the paper's literal split) or `auto` (the default: whichever of the two
+      is measured faster on this machine, re-checked as the run goes; `fused` on CUDA).
     """
 
     def __init__(
         self,
         max_batch_size: int | None = None,
         kv_slots: int | None = None,
-        attention: AttentionMode = "fused",
+        attention: AttentionMode = "auto",
     ) -> None:
         for name, value in (("max_batch_size", max_batch_size), ("kv_slots", kv_slots)):
             if value is not None and (

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from orca_plugin import OrcaScheduler
+from orca_plugin.attention import VariantChooser
 from orca_plugin.masks import CAUSAL, build_orca_mask, decode_padding_mask
 from orca_plugin.scheduler import select_batch
 from orca_plugin.slots import SlotAllocator
@@ -26,6 +27,7 @@ from runtime.testing import (
 )
 
 MODES = ("fused", "loop")
+ALL_MODES = ("auto", "fused", "loop")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def run(engine: Engine, max_steps: int = 500) -> None:
     raise AssertionError("requests still unfinished")
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_tokens_equal_solo_under_mixed_iterations_and_aborts(model, mode: str, seed: int) -> None:
     schedulers: list[OrcaScheduler] = []
@@ -166,6 +168,19 @@ def test_fragmented_pool_compacts_and_keeps_tokens(model, mode: str) -> None:
             model, lambda: OrcaScheduler(attention=mode), Arrival(0, tuple(prompt), greedy(n))
         )
         assert reqs[key].output_token_ids == solo, key
+
+
+def test_auto_tries_both_variants_then_keeps_the_faster() -> None:
+    chooser = VariantChooser(probe_every=4)
+    assert chooser.choose() == "fused"  # each variant is measured first
+    chooser.record("fused", 0.010, 10)  # 1 ms per decode row
+    assert chooser.choose() == "loop"
+    chooser.record("loop", 0.030, 10)  # 3 ms per decode row
+    picks = [chooser.choose() for _ in range(8)]  # choices 3 to 10
+    assert picks == ["fused", "loop", "fused", "fused", "fused", "loop", "fused", "fused"]
+    for _ in range(10):
+        chooser.record("fused", 0.050, 10)  # the machine got busy: fused is now slower
+    assert chooser.choose() == "loop"
 
 
 def test_slot_allocator_first_fit_and_compaction() -> None:
