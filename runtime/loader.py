@@ -60,7 +60,7 @@ def load_model_config(path: str | Path) -> ModelConfig:
 def resolve_dtype(
     dtype: str | torch.dtype, config: ModelConfig, device: str | torch.device = "cpu"
 ) -> torch.dtype:
-    """ "auto" is the config's dtype, except half types become float32 on CPU (no fast kernels)."""
+    """Resolve a dtype name; "auto" is the config's, but half types become float32 on CPU."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ModelLoadError(
