@@ -90,18 +90,23 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = rope_inv_freq(rope, head_dim)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """positions (*tok,) -> cos and signed sin (*tok, 1, D) for `apply_rope`."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions[..., None].float() * self.inv_freq  # (*tok, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (*tok, D)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        freqs = positions[..., None, None].float() * self.inv_freq  # (*tok, 1, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (*tok, 1, D)
+        sin = emb.sin()
+        half = sin.shape[-1] // 2
+        sin[..., :half].neg_()  # folds rotate-half's sign into the table, once per forward
+        return emb.cos().to(dtype), sin.to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (*tok, H, D) by cos/sin (*tok, D), HF's rotate-half convention."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (*tok, 1, D)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (*tok, H, D): x*cos + rotate_half(x)*sin, HF's convention, in fewer ops.
+
+    rotate_half(x) = cat(-x2, x1) equals roll(x, D/2) times the sign already in `signed_sin`.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 @torch.no_grad()

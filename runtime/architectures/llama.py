@@ -104,7 +104,7 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: Any, mask: Any
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (*tok, hidden)
-        cos, sin = self.rotary_emb(positions, x.dtype)  # (*tok, D) each, shared by all layers
+        cos, sin = self.rotary_emb(positions, x.dtype)  # (*tok, 1, D) each, for every layer
         for layer in self.layers:
             x = layer(x, cos, sin, attn, mask)
         return self.norm(x)
