@@ -3,7 +3,8 @@
 The model runs every token-wise op on the packed `(N, ...)` tokens of the iteration; only the
 attention is split per request and merged back. Two implementations of the split:
 
-- `LoopAttention`, the literal one: one SDPA call per request per layer.
+- `LoopAttention`, the literal one: per layer, one call per request (a causal SDPA for an
+  initiation, two `bmm`s for an increment).
 - `FusedAttention`: the increment (decode) requests of the iteration in ONE padded SDPA call
   per layer over keys gathered from their ranges (varlen batching of the attention op; the
   gather's padding is masked and counted as computed), initiations one call each as before.
