@@ -70,7 +70,8 @@ def run(
             step_ms[name].append(1000 * (time.perf_counter() - start))
             attn_ms[name].append(attention_ms(engine))
     contexts = [r.num_computed_tokens for r in engines["fused"].running]
-    costs = engines["auto"].kv_cache.chooser.cost
+    chooser = engines["auto"].kv_cache.chooser
+    costs = {v: chooser.cost(v) for v in chooser.VARIANTS}
     print(
         "auto's measured decode attention, ms per row: "
         + ", ".join(f"{v} {1000 * c:.2f}" for v, c in costs.items() if c is not None)

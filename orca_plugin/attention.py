@@ -16,6 +16,8 @@ each KV head, so no K/V is repeated and a single request needs no mask.
 
 from __future__ import annotations
 
+import collections
+import statistics
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -47,31 +49,38 @@ class VariantChooser:
 
     Both variants compute the same attention, so the choice only changes speed. Which one is
     faster depends on the machine and on its load (the fused gather is memory-bound, the loop
-    dispatch-bound), so it is measured: seconds per decode row, averaged (EMA), each variant
-    tried first, and the slower one re-tried every `probe_every` iterations to notice change.
+    dispatch-bound), so it is measured: seconds per decode row, the median of each variant's
+    last `window` iterations (robust to a one-off stall and to warm-up), each variant measured
+    `warmup` times first, and the slower one re-measured every `probe_every` iterations.
     """
 
     VARIANTS = ("fused", "loop")
 
-    def __init__(self, probe_every: int = 16, alpha: float = 0.3) -> None:
+    def __init__(self, probe_every: int = 16, window: int = 5, warmup: int = 2) -> None:
         self.probe_every = probe_every
-        self.alpha = alpha
-        self.cost: dict[str, float | None] = dict.fromkeys(self.VARIANTS)
+        self.warmup = warmup
+        self.samples: dict[str, collections.deque[float]] = {
+            v: collections.deque(maxlen=window) for v in self.VARIANTS
+        }
         self.num_choices = 0
+
+    def cost(self, variant: str) -> float | None:
+        """Median seconds per decode row of the recent iterations, None before any."""
+        samples = self.samples[variant]
+        return statistics.median(samples) if samples else None
 
     def choose(self) -> str:
         self.num_choices += 1
-        for variant, cost in self.cost.items():
-            if cost is None:
+        for variant, samples in self.samples.items():
+            if len(samples) < self.warmup:
                 return variant
-        best = min(self.VARIANTS, key=lambda v: self.cost[v])
+        best = min(self.VARIANTS, key=self.cost)
         if self.num_choices % self.probe_every == 0:
             return next(v for v in self.VARIANTS if v != best)
         return best
 
     def record(self, variant: str, seconds: float, rows: int) -> None:
-        cost, old = seconds / rows, self.cost[variant]
-        self.cost[variant] = cost if old is None else old + self.alpha * (cost - old)
+        self.samples[variant].append(seconds / rows)
 
 
 def _fold_decode(

@@ -171,15 +171,19 @@ def test_fragmented_pool_compacts_and_keeps_tokens(model, mode: str) -> None:
 
 
 def test_auto_tries_both_variants_then_keeps_the_faster() -> None:
-    chooser = VariantChooser(probe_every=4)
+    chooser = VariantChooser(probe_every=4, window=3, warmup=1)
     assert chooser.choose() == "fused"  # each variant is measured first
     chooser.record("fused", 0.010, 10)  # 1 ms per decode row
     assert chooser.choose() == "loop"
     chooser.record("loop", 0.030, 10)  # 3 ms per decode row
     picks = [chooser.choose() for _ in range(8)]  # choices 3 to 10
     assert picks == ["fused", "loop", "fused", "fused", "fused", "loop", "fused", "fused"]
-    for _ in range(10):
+    chooser.record("fused", 0.010, 10)
+    chooser.record("fused", 0.500, 10)  # one stall does not move the median
+    assert chooser.choose() == "fused"
+    for _ in range(2):
         chooser.record("fused", 0.050, 10)  # the machine got busy: fused is now slower
+    assert chooser.cost("fused") == 0.005 and chooser.choose() == "fused"  # choice 12: a probe
     assert chooser.choose() == "loop"
 
 
