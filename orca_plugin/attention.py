@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from orca_plugin.masks import CAUSAL, OrcaMask
+from orca_plugin.masks import CAUSAL, OrcaMask, SegmentMask
 
 if TYPE_CHECKING:
     from orca_plugin.cache import OrcaLayout
@@ -108,6 +108,25 @@ def _one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tor
     return out.view(1, heads, dim)
 
 
+def _initiation(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seg_mask: SegmentMask
+) -> torch.Tensor:
+    """One request's prompt q `(n, H, D)` over its pool slice `(S, H_kv, D)` -> `(n, H, D)`.
+
+    4-D inputs on purpose: on CPU, SDPA takes its flash kernel only for 4-D tensors (3-D ones
+    fall back to the math path, about 30x slower for a 300-token prompt here).
+    """
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],  # (1, H, n, D)
+        keys.transpose(0, 1)[None],  # (1, H_kv, S, D)
+        values.transpose(0, 1)[None],
+        attn_mask=None if seg_mask is CAUSAL else seg_mask,
+        is_causal=seg_mask is CAUSAL,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1)  # (n, H, D)
+
+
 class LoopAttention:
     """One SDPA call per request: its queries against its own pool slice."""
 
@@ -154,19 +173,14 @@ class LoopAttention:
             if seg.length == 1:
                 outputs.append(_one_query(q[seg.start], keys[start:end], values[start:end]))
                 continue
-            k_req = keys[start:end].transpose(0, 1)  # (H_kv, past + n, D)
-            v_req = values[start:end].transpose(0, 1)
-            seg_mask = mask.segments[i]
-            q_req = q[seg.start : seg.start + seg.length].transpose(0, 1)  # (H, n, D)
-            out = F.scaled_dot_product_attention(
-                q_req,
-                k_req,
-                v_req,
-                attn_mask=None if seg_mask is CAUSAL else seg_mask,
-                is_causal=seg_mask is CAUSAL,
-                enable_gqa=True,
+            outputs.append(
+                _initiation(
+                    q[seg.start : seg.start + seg.length],
+                    keys[start:end],
+                    values[start:end],
+                    mask.segments[i],
+                )
             )
-            outputs.append(out.transpose(0, 1))  # (n, H, D)
         return outputs
 
 
@@ -180,9 +194,9 @@ class FusedAttention(LoopAttention):
         lay = self.layout
         started = time.perf_counter() if self.times.enabled else 0.0
         rows, width = lay.num_decode, lay.decode_width
-        kv_shape = (rows, width, keys.shape[1], keys.shape[2])
-        k_dec = keys.index_select(0, lay.gather_index).view(kv_shape).transpose(1, 2)
-        v_dec = values.index_select(0, lay.gather_index).view(kv_shape).transpose(1, 2)
+        both = self.pool[layer_idx].index_select(1, lay.gather_index)  # (2, B_dec * S, H_kv, D)
+        both = both.view(2, rows, width, *keys.shape[1:]).transpose(2, 3)  # (2, B_dec, H_kv, S, D)
+        k_dec, v_dec = both[0], both[1]
         outputs = [_fold_decode(q[:rows], k_dec, v_dec, mask.decode)]  # (B_dec, H, D)
         split = time.perf_counter() if self.times.enabled else 0.0
         outputs += self.attend_segments(q, keys, values, mask, rows, len(lay.segments))
