@@ -140,9 +140,9 @@ def format_ratios(ratios: Mapping[str, Mapping[str, float]], baseline: str) -> s
     """The ratio table as text: one column per contender, `x` ratios against the baseline."""
     names = list(ratios)
     width = max(10, *(len(n) + 2 for n in names))
-    head = f"{'metric (' + baseline + ' = 1.00x)':<28}{'better':>8}" + "".join(
-        f"{n:>{width}}" for n in names
-    )
+    title = f"metric ({baseline} = 1.00x)"
+    first = max(28, len(title) + 1)
+    head = f"{title:<{first}}{'better':>8}" + "".join(f"{n:>{width}}" for n in names)
     lines = ["{s:{c}^{n}}".format(s=f" Ratios vs {baseline} ", n=len(head), c="="), head]
     for key, label, higher in RATIO_ROWS:
         if not all(key in ratios[n] for n in names):
@@ -153,7 +153,7 @@ def format_ratios(ratios: Mapping[str, Mapping[str, float]], baseline: str) -> s
             else f"{'n/a':>{width}}"
             for n in names
         )
-        lines.append(f"{label:<28}{'higher' if higher else 'lower':>8}{cells}")
+        lines.append(f"{label:<{first}}{'higher' if higher else 'lower':>8}{cells}")
     lines.append("=" * len(head))
     return "\n".join(lines)
 

@@ -1,0 +1,132 @@
+"""Where the time goes: replay one workload under several schedulers with torch's profiler.
+
+Groups the CPU self time of every op into GEMMs, attention, KV-cache data movement and the
+rest, and adds the Python time outside torch ops (the step loop, hooks, bookkeeping), so a
+throughput ratio between schedulers can be explained by its parts.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/profile_schedulers.py \
+        --model-spec smollm2-135m-shape --workload orca-trace --num-requests 16 \
+        --schedulers baton,orca
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from runtime.bench.model_spec import resolve_model
+from runtime.bench.offline import EngineContender
+from runtime.bench.workload import generate_requests, load_workload
+from runtime.engine import EngineLimits
+from runtime.loader import load_model, load_model_config
+
+GROUPS = {
+    "gemm (linear/matmul)": ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul"),
+    "attention (sdpa/bmm/softmax)": ("scaled_dot_product", "aten::bmm", "softmax", "aten::baddbmm"),
+    "kv data movement (copy/cat/index)": (
+        "aten::copy_",
+        "aten::cat",
+        "aten::index",
+        "aten::index_select",
+        "aten::index_put",
+        "aten::index_copy",
+        "aten::narrow_copy",
+        "aten::zero_",
+        "aten::fill_",
+        "aten::clone",
+        "aten::contiguous",
+        "aten::empty",
+        "aten::masked_fill",
+        "aten::where",
+    ),
+    "views (per-op dispatch overhead)": (
+        "aten::as_strided",
+        "aten::slice",
+        "aten::transpose",
+        "aten::select",
+        "aten::view",
+        "aten::reshape",
+        "aten::unsqueeze",
+        "aten::expand",
+        "aten::t",
+        "aten::split",
+        "aten::chunk",
+        "aten::unbind",
+        "aten::permute",
+        "aten::squeeze",
+        "aten::_unsafe_view",
+    ),
+    "norm/rope/activation/elementwise": (
+        "aten::mul",
+        "aten::add",
+        "aten::silu",
+        "aten::rms_norm",
+        "aten::neg",
+        "aten::rsqrt",
+        "aten::pow",
+        "aten::mean",
+        "aten::sub",
+        "aten::div",
+        "aten::embedding",
+    ),
+}
+
+
+def group_of(name: str) -> str:
+    for group, keys in GROUPS.items():
+        if any(name in (k, k + "_") or (not k.startswith("aten::") and k in name) for k in keys):
+            return group
+    return "other torch ops"
+
+
+def profile_one(contender: EngineContender, requests) -> dict[str, float]:
+    """Seconds per group for one run, plus wall time and the Python time outside torch ops."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        trace = contender.run(requests)
+        wall = time.perf_counter() - start
+    out: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        out[group_of(evt.key)] += evt.self_cpu_time_total / 1e6
+    torch_total = sum(out.values())
+    out["python outside torch ops (+ sleep)"] = max(0.0, wall - torch_total)
+    out["wall"] = wall
+    out["output tokens"] = sum(r.output_len for r in trace.requests)
+    return dict(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model-spec", default="smollm2-135m-shape")
+    p.add_argument("--workload", default="orca-trace")
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--all-at-once", action="store_true")
+    p.add_argument("--schedulers", default="baton,orca")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    path = resolve_model(args.model_spec)
+    config = load_model_config(path)
+    spec = load_workload(args.workload).with_overrides(
+        args.num_requests, all_at_once=args.all_at_once
+    )
+    max_len = min(config.max_position_embeddings, spec.max_total_len())
+    requests = generate_requests(spec, config.vocab_size, max_len)
+    model = load_model(path, dtype="float32")
+    results = {}
+    for name in args.schedulers.split(","):
+        contender = EngineContender(name, name, model, None, EngineLimits(32, max_len))
+        contender.warmup()
+        results[name] = profile_one(contender, requests)
+    keys = [*GROUPS, "other torch ops", "python outside torch ops (+ sleep)", "wall"]
+    print(f"{'seconds':<38}" + "".join(f"{n:>12}" for n in results))
+    for key in keys:
+        print(f"{key:<38}" + "".join(f"{results[n].get(key, 0.0):>12.2f}" for n in results))
+
+
+if __name__ == "__main__":
+    main()
