@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # registering the parser keeps `runtime --help` instant.
 logger = logging.getLogger(__name__)
 PREFERRED_ORDER = ("baton", "orca", "static")
-MODEL_SPECS = ("demo", "smollm2-135m-shape", "tiny")  # runtime.bench.model_spec.SPECS
+MODEL_SPECS = ("demo", "demo-shape", "smollm2-135m-shape", "tiny")  # model_spec.SPECS + demo
 
 
 def _csv(value: str) -> list[str]:
@@ -51,7 +51,8 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
         "--model-spec",
         choices=MODEL_SPECS,
         default=None,
-        help="random model of a named shape, built once and cached (default demo)",
+        help="random model of a named shape, built once and cached; demo = the trained demo "
+        "model when present, else demo-shape (default demo)",
     )
     p.add_argument("--model", help="a Hugging Face model folder instead of --model-spec")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats (default 1)")
