@@ -185,7 +185,8 @@ class LoopAttention:
 
 
 class FusedAttention(LoopAttention):
-    """The decode group in one padded SDPA call per layer; initiations as in the loop."""
+    """The decode rows in one gather and a few padded SDPA calls per layer (one per group of
+    similar lengths, `groups.plan_groups`); initiations as in the loop."""
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: OrcaMask
@@ -193,11 +194,19 @@ class FusedAttention(LoopAttention):
         keys, values = self.write(layer_idx, k, v)
         lay = self.layout
         started = time.perf_counter() if self.times.enabled else 0.0
-        rows, width = lay.num_decode, lay.decode_width
-        both = self.pool[layer_idx].index_select(1, lay.gather_index)  # (2, B_dec * S, H_kv, D)
-        both = both.view(2, rows, width, *keys.shape[1:]).transpose(2, 3)  # (2, B_dec, H_kv, S, D)
-        k_dec, v_dec = both[0], both[1]
-        outputs = [_fold_decode(q[:rows], k_dec, v_dec, mask.decode)]  # (B_dec, H, D)
+        # Two dim-0 gathers: about 40% faster here than one over the (2, capacity) planes.
+        k_all = keys.index_select(0, lay.gather_index)  # (sum rows x S, H_kv, D)
+        v_all = values.index_select(0, lay.gather_index)
+        outputs, offset = [], 0
+        for g, group_mask in zip(lay.decode_groups, mask.decode, strict=True):
+            shape = (g.rows, g.width, *keys.shape[1:])
+            k_g = (
+                k_all[offset : offset + g.num_keys].view(shape).transpose(1, 2)
+            )  # (rows, H_kv, S, D)
+            v_g = v_all[offset : offset + g.num_keys].view(shape).transpose(1, 2)
+            outputs.append(_fold_decode(q[g.first : g.first + g.rows], k_g, v_g, group_mask))
+            offset += g.num_keys
+        rows = lay.num_decode
         split = time.perf_counter() if self.times.enabled else 0.0
         outputs += self.attend_segments(q, keys, values, mask, rows, len(lay.segments))
         if self.times.enabled:

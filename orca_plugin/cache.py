@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from orca_plugin.attention import AttentionTimes, FusedAttention, LoopAttention, VariantChooser
+from orca_plugin.groups import DecodeGroup, plan_groups
 from orca_plugin.masks import OrcaMask, build_orca_mask
 from orca_plugin.slots import SlotAllocator
 from runtime.default_cache import Segment
@@ -49,8 +50,8 @@ class OrcaLayout:
     num_decode: int
     num_initiation_tokens: int
     decode_lengths: torch.Tensor | None = None  # (B_dec,) keys per decode row, new one included
-    decode_width: int = 0  # S: the padded key width of the fused decode group
-    gather_index: torch.Tensor | None = None  # (B_dec * S,) pool slots of the padded keys
+    decode_groups: tuple[DecodeGroup, ...] = ()  # fused: rows padded together, by length
+    gather_index: torch.Tensor | None = None  # (sum of rows x width,) pool slots, group by group
 
 
 class OrcaKVCache(KVCache):
@@ -140,7 +141,8 @@ class OrcaKVCache(KVCache):
             yield self._iteration(running)
 
     def _iteration(self, running: Sequence[Request]) -> ForwardBatch:
-        ordered = [r for r in running if len(r.pending_token_ids()) == 1]
+        decode = [r for r in running if len(r.pending_token_ids()) == 1]
+        ordered = sorted(decode, key=lambda r: r.num_computed_tokens)  # fused groups by length
         num_decode = len(ordered)
         ordered += [r for r in running if len(r.pending_token_ids()) != 1]
         ids: list[int] = []
@@ -186,9 +188,10 @@ class OrcaKVCache(KVCache):
         )
 
     def _decode_group(self, segments: Sequence[Segment], starts: Sequence[int]) -> dict:
-        """Fused: padded gather indices of the decode rows' keys (pads repeat the first slot).
+        """Fused: the decode rows' padded groups and gather indices (pads repeat slot 0).
 
-        A pad points at a slot the row has written, so masked-out values are finite.
+        Rows arrive sorted by length, so each group pads only to its own longest row. A pad
+        points at a slot its row has written, so masked-out values are finite.
         """
         if len(segments) < 2:
             return {}
@@ -196,12 +199,16 @@ class OrcaKVCache(KVCache):
         if variant != "fused":
             return {}
         dev = self.device
+        groups = plan_groups([s.past + 1 for s in segments])
         lengths = torch.tensor([s.past + 1 for s in segments], device=dev)
-        width = int(max(s.past + 1 for s in segments))
         first = torch.tensor(starts, device=dev)
-        cols = torch.arange(width, device=dev)
-        index = first[:, None] + torch.where(cols[None, :] < lengths[:, None], cols[None, :], 0)
-        return {"decode_lengths": lengths, "decode_width": width, "gather_index": index.reshape(-1)}
+        index = []
+        for g in groups:
+            rows = slice(g.first, g.first + g.rows)
+            cols = torch.arange(g.width, device=dev)[None, :]
+            index.append(first[rows, None] + torch.where(cols < lengths[rows, None], cols, 0))
+        index = torch.cat([i.reshape(-1) for i in index])
+        return {"decode_lengths": lengths, "decode_groups": groups, "gather_index": index}
 
     def attention(self, batch: ForwardBatch) -> LoopAttention | FusedAttention:
         self.last_times = AttentionTimes(enabled=self.time_attention)
@@ -219,7 +226,7 @@ class OrcaKVCache(KVCache):
     def build_mask(self, batch: ForwardBatch) -> OrcaMask:
         lay: OrcaLayout = batch.layout
         return build_orca_mask(
-            lay.segments, lay.decode_lengths, lay.decode_width, self.dtype, self.device
+            lay.segments, lay.decode_lengths, lay.decode_groups, self.dtype, self.device
         )
 
     def memory_stats(self) -> MemoryStats:
@@ -242,7 +249,6 @@ class OrcaKVCache(KVCache):
                 computed += s.length * (s.past + s.length)
             elif not (lay.gather_index is not None and i < lay.num_decode):
                 computed += pairs
-        if lay.gather_index is not None:
-            computed += lay.num_decode * lay.decode_width
+        computed += sum(g.num_keys for g in lay.decode_groups)
         tokens = int(batch.input_ids.numel())
         return PassStats(batch.phase, len(batch.requests), tokens, tokens, useful, computed)

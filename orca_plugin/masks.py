@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from orca_plugin.groups import DecodeGroup
 from runtime.default_cache import Segment
 from runtime.masks import additive_mask
 
@@ -59,12 +60,15 @@ def decode_padding_mask(lengths: torch.Tensor, width: int, dtype: torch.dtype) -
 def build_orca_mask(
     segments: Sequence[Segment],
     decode_lengths: torch.Tensor | None,
-    decode_width: int,
+    groups: Sequence[DecodeGroup],
     dtype: torch.dtype,
     device: torch.device,
 ) -> OrcaMask:
-    """The iteration's mask from its segments and (fused only) the decode group's key lengths."""
-    decode = None
+    """The iteration's mask from its segments and (fused only) the decode groups' key lengths."""
+    decode = ()
     if decode_lengths is not None:
-        decode = decode_padding_mask(decode_lengths, decode_width, dtype)
+        decode = tuple(
+            decode_padding_mask(decode_lengths[g.first : g.first + g.rows], g.width, dtype)
+            for g in groups
+        )
     return OrcaMask(tuple(segment_mask(s, device) for s in segments), decode)

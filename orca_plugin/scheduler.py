@@ -117,7 +117,7 @@ class OrcaScheduler:
             return None
         lay = batch.layout
         return build_orca_mask(
-            lay.segments, lay.decode_lengths, lay.decode_width, kv_cache.dtype, kv_cache.device
+            lay.segments, lay.decode_lengths, lay.decode_groups, kv_cache.dtype, kv_cache.device
         )
 
     @hookimpl(tryfirst=True)

@@ -7,6 +7,7 @@ import torch
 
 from orca_plugin import OrcaScheduler
 from orca_plugin.attention import VariantChooser
+from orca_plugin.groups import DecodeGroup, plan_groups
 from orca_plugin.masks import CAUSAL, build_orca_mask, decode_padding_mask
 from orca_plugin.scheduler import select_batch
 from orca_plugin.slots import SlotAllocator
@@ -76,6 +77,40 @@ def test_tokens_equal_solo_under_mixed_iterations_and_aborts(model, mode: str, s
     assert mixed.num_mixed_iterations > 0, "no iteration mixed initiation and increment"
 
 
+def test_fused_groups_of_several_widths_keep_tokens(model, monkeypatch) -> None:
+    """With a tiny per-group overhead the decode rows split into many padded groups."""
+    sizes: list[int] = []
+
+    def many_groups(lengths):
+        groups = plan_groups(lengths, overhead=2)
+        sizes.append(len(groups))
+        return groups
+
+    monkeypatch.setattr("orca_plugin.cache.plan_groups", many_groups)
+    arrivals = random_arrivals(
+        4,
+        num_requests=8,
+        vocab_size=128,
+        prompt_len=(1, 30),
+        max_tokens=(2, 8),
+        max_arrival_step=3,
+        abort_fraction=0.2,
+    )
+    check_scheduling_invariance(
+        model, lambda: OrcaScheduler(attention="fused"), arrivals, max_num_seqs=6
+    )
+    assert max(sizes) >= 3
+
+
+def test_plan_groups_trades_padding_for_calls() -> None:
+    lengths = [3, 4, 5, 40, 41, 42]
+    assert plan_groups(lengths, overhead=1000) == (DecodeGroup(0, 6, 42),)
+    assert plan_groups(lengths, overhead=10) == (DecodeGroup(0, 3, 5), DecodeGroup(3, 3, 42))
+    assert sum(g.num_keys for g in plan_groups(lengths, overhead=0)) == sum(lengths)
+    with pytest.raises(ValueError, match="sorted"):
+        plan_groups([5, 3])
+
+
 def test_solo_tokens_equal_the_runtime_default_layout(model) -> None:
     arrival = Arrival(0, tuple(range(3, 20)), greedy(8))
     reference = run_alone(model, lambda: None, arrival)
@@ -89,9 +124,7 @@ class _UnmaskedFused(OrcaScheduler):
     @hookimpl
     def build_attention_mask(self, batch, kv_cache):
         mask = super().build_attention_mask(batch, kv_cache)
-        if mask.decode is None:
-            return mask
-        return type(mask)(mask.segments, torch.zeros_like(mask.decode))
+        return type(mask)(mask.segments, tuple(torch.zeros_like(m) for m in mask.decode))
 
 
 def test_invariance_check_catches_unmasked_decode_padding(model) -> None:
@@ -299,7 +332,7 @@ def test_worked_example_of_the_docs(model) -> None:
         ("decode", [(1, 7), (1, 13)], 30, ["C", "D"]),
         ("decode", [(1, 8), (1, 14)], 20, ["C", "D"]),
         ("mixed", [(1, 15), (3, 0), (2, 0)], 30, []),
-        ("decode", [(1, 16), (1, 3), (1, 2)], 26, []),
-        ("decode", [(1, 17), (1, 4)], 20, []),
+        ("decode", [(1, 2), (1, 3), (1, 16)], 26, []),
+        ("decode", [(1, 4), (1, 17)], 20, []),
         ("decode", [(1, 18)], 0, []),
     ]
