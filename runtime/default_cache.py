@@ -152,12 +152,12 @@ class _PerRequestAttention:
             sl = slice(seg.start, seg.start + seg.length)
             slab[layer_idx, 0, :, seg.past:end] = k[sl].transpose(0, 1)  # (H_kv, n, D)
             slab[layer_idx, 1, :, seg.past:end] = v[sl].transpose(0, 1)
-            out = F.scaled_dot_product_attention(
-                q[sl].transpose(0, 1),  # (H, n, D)
-                slab[layer_idx, 0, :, :end],
-                slab[layer_idx, 1, :, :end],
+            out = F.scaled_dot_product_attention(  # 4-D: CPU's flash kernel rejects 3-D
+                q[sl].transpose(0, 1)[None],  # (1, H, n, D)
+                slab[layer_idx, 0, :, :end][None],
+                slab[layer_idx, 1, :, :end][None],
                 attn_mask=seg_mask,
                 enable_gqa=True,
             )
-            outputs.append(out.transpose(0, 1))  # (n, H, D)
+            outputs.append(out[0].transpose(0, 1))  # (n, H, D)
         return torch.cat(outputs, dim=0)
