@@ -4,7 +4,7 @@ A request starting its initiation reserves `prompt_len + max_tokens` slots (the 
 rule charges exactly that); its keys and values live in `pool[:, :, start:start + size]`, so
 every cache write is in place and each request's keys are one slice (the per-request split of
 selective batching reads them without copying). Every iteration is one packed pass over all
-running requests: decode (increment) requests first, then initiations.
+running requests: decode (increment) requests first, by context length, then initiations.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ MIN_POOL_TOKENS = 256  # first allocation; the pool then doubles up to `kv_slots
 class OrcaLayout:
     """Where each request of one iteration sits: packed tokens, pool slots, attention group.
 
-    Requests `[0, num_decode)` feed one token each (increments); the rest are initiations.
-    The fused fields are set only when the decode group is attended in one padded call.
+    Requests `[0, num_decode)` feed one token each (increments, shortest context first); the
+    rest are initiations. The fused fields are set only when the decode rows are attended in
+    padded groups (`FusedAttention`); otherwise every request is attended on its own.
     """
 
     segments: tuple[Segment, ...]
