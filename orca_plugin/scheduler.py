@@ -65,9 +65,10 @@ class OrcaScheduler:
     - `max_batch_size`: requests per iteration (default and cap: the engine's `max_num_seqs`).
     - `kv_slots`: Orca's slot budget `n_slots`, in tokens (default: the engine's KV capacity).
       A request reserving more than all of it runs alone rather than blocking the queue.
-    - `attention`: `fused` (the decode rows in one padded call per layer), `loop` (one call
-      per request, the paper's literal split) or `auto` (the default: whichever of the two
-      is measured faster on this machine, re-checked as the run goes; `fused` on CUDA).
+    - `attention`: `fused` (the decode rows gathered into a few padded calls per layer, by
+      length), `loop` (one call per request, the paper's literal split) or `auto` (the
+      default: whichever of the two is measured faster here, re-checked as the run goes;
+      `fused` on CUDA).
     """
 
     def __init__(
@@ -112,7 +113,7 @@ class OrcaScheduler:
 
     @hookimpl
     def build_attention_mask(self, batch: ForwardBatch, kv_cache: KVCache) -> OrcaMask | None:
-        """Causal within each initiation; padding only in the fused decode group."""
+        """Causal within each initiation; padding only in the fused decode groups."""
         if not isinstance(kv_cache, OrcaKVCache):
             return None
         lay = batch.layout
