@@ -42,7 +42,8 @@ def forced_params(output_len: int) -> SamplingParams:
     return SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
 
 
-def _progress(label: str, total: int, enabled: bool) -> tqdm:
+def progress_bar(label: str, total: int, enabled: bool) -> tqdm:
+    """A per-run tqdm bar that disappears when done (the summary line stays)."""
     return tqdm(total=total, desc=f"{label:>18}", unit="req", disable=not enabled, leave=False)
 
 
@@ -103,7 +104,7 @@ class EngineContender:
         pending = collections.deque(sorted(requests, key=lambda r: r.arrival))
         submitted = []
         start = engine.clock()
-        with _progress(self.label, len(requests), progress) as bar:
+        with progress_bar(self.label, len(requests), progress) as bar:
             while pending or engine.has_unfinished():
                 now = engine.clock() - start
                 while pending and pending[0].arrival <= now:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from runtime.bench.metrics import RequestTrace, RunTrace
-from runtime.bench.offline import _progress, wait_until
+from runtime.bench.offline import progress_bar, wait_until
 from runtime.bench.workload import BenchRequest
 
 PEERS = ("transformers", "transformers-cb")
@@ -91,7 +91,7 @@ class TransformersStatic:
         pending = collections.deque(sorted(requests, key=lambda r: r.arrival))
         traces = []
         start = time.perf_counter()
-        with _progress(self.label, len(requests), progress) as bar:
+        with progress_bar(self.label, len(requests), progress) as bar:
             while pending:
                 wait_until(time.perf_counter, start + pending[0].arrival)
                 now = time.perf_counter() - start
@@ -169,7 +169,7 @@ class TransformersContinuous:
             self.model.continuous_batching_context_manager(
                 generation_config=gen, continuous_batching_config=cb, warmup=False
             ) as mgr,
-            _progress(self.label, len(requests), progress) as bar,
+            progress_bar(self.label, len(requests), progress) as bar,
         ):
             start = time.perf_counter()
             while len(results) < len(requests):
