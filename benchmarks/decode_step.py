@@ -11,6 +11,7 @@ float32, a preallocated KV cache filled to `--context` tokens (contents random: 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -101,7 +102,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"SmolLM2-135M shape, {n_params / 1e6:.1f}M params, float32, {args.threads} threads, "
-        f"context {args.context}, median of {args.iters}"
+        f"context {args.context}, median of {args.iters}, "
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
     )
     print(
         f"{'batch':>5} {'step ms':>8} {'matmul ms':>9} {'ratio':>6} {'attn ms':>8} "
