@@ -16,16 +16,21 @@ from runtime.bench.metrics import RunTrace, latency_samples  # noqa: E402
 
 
 def plot_throughput(results: Mapping[str, Mapping[str, Any]], path: Path, title: str = "") -> Path:
-    """Bars of output token throughput and request throughput per contender."""
+    """Bars per contender: output tokens/s, requests/s, and tokens per CPU-second if measured."""
     names = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(names) + 3), 3.8))
-    for ax, key, label in (
-        (axes[0], "output_throughput", "output tokens/s"),
-        (axes[1], "request_throughput", "requests/s"),
-    ):
+    panels = [
+        ("output_throughput", "output tokens/s", "%.1f"),
+        ("request_throughput", "requests/s", "%.2f"),
+    ]
+    if all("output_tokens_per_cpu_s" in results[n] for n in names):
+        panels.append(("output_tokens_per_cpu_s", "output tokens per CPU-second", "%.1f"))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(max(6, 1.2 * len(names) + 2) * len(panels) / 2, 3.8)
+    )
+    for ax, (key, label, fmt) in zip(axes, panels, strict=True):
         values = [float(results[n][key]) for n in names]
         bars = ax.bar(names, values, color=[f"C{i}" for i in range(len(names))])
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.bar_label(bars, fmt=fmt, fontsize=8)
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle(title or "Throughput per scheduler / engine")
