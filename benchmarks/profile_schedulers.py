@@ -95,7 +95,9 @@ def profile_one(contender: EngineContender, requests) -> dict[str, float]:
     torch_total = sum(out.values())
     out["python outside torch ops (+ sleep)"] = max(0.0, wall - torch_total)
     out["wall"] = wall
-    out["output tokens"] = sum(r.output_len for r in trace.requests)
+    out["forward passes"] = len(trace.passes)
+    out["token slots computed"] = sum(p.computed_tokens for p in trace.passes)
+    out["attention pairs computed (M)"] = sum(p.computed_pairs for p in trace.passes) / 1e6
     return dict(out)
 
 
@@ -122,7 +124,15 @@ def main() -> None:
         contender = EngineContender(name, name, model, None, EngineLimits(32, max_len))
         contender.warmup()
         results[name] = profile_one(contender, requests)
-    keys = [*GROUPS, "other torch ops", "python outside torch ops (+ sleep)", "wall"]
+    keys = [
+        *GROUPS,
+        "other torch ops",
+        "python outside torch ops (+ sleep)",
+        "wall",
+        "forward passes",
+        "token slots computed",
+        "attention pairs computed (M)",
+    ]
     print(f"{'seconds':<38}" + "".join(f"{n:>12}" for n in results))
     for key in keys:
         print(f"{key:<38}" + "".join(f"{results[n].get(key, 0.0):>12.2f}" for n in results))
