@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 # Heavy modules (torch, numpy, matplotlib) are imported inside the commands, so that
 # registering the parser keeps `runtime --help` instant.
 logger = logging.getLogger(__name__)
-PREFERRED_ORDER = ("baton", "orca", "static")
 MODEL_SPECS = ("demo", "demo-shape", "smollm2-135m-shape", "tiny")  # model_spec.SPECS + demo
 
 
@@ -56,7 +55,9 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--model", help="a Hugging Face model folder instead of --model-spec")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats (default 1)")
-    p.add_argument("--baseline", help="contender the ratio table divides by")
+    p.add_argument(
+        "--baseline", help="contender the ratio table divides by (default: the first one)"
+    )
     p.add_argument("--out", default="bench-results", help="folder for JSON and PNG results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -128,14 +129,7 @@ def _scheduler_options(entries: list[str]) -> dict[str, dict]:
 def _default_schedulers() -> list[str]:
     from runtime.plugins import installed_schedulers
 
-    names = [s.name for s in installed_schedulers()]
-    return sorted(
-        names,
-        key=lambda n: (
-            PREFERRED_ORDER.index(n) if n in PREFERRED_ORDER else len(PREFERRED_ORDER),
-            n,
-        ),
-    ) or ["default"]
+    return sorted(s.name for s in installed_schedulers()) or ["default"]
 
 
 def _workload(
@@ -167,7 +161,7 @@ def _summarise(
         print(format_report(metrics, title=label))
     if results:
         print(format_summary(results))
-    baseline = args.baseline or ("orca" if "orca" in results else next(iter(results), None))
+    baseline = args.baseline or next(iter(results), None)  # default: the first contender
     ratios = {}
     if baseline in results:
         ratios = ratio_table(results, baseline)

@@ -82,7 +82,8 @@ def test_replay_streams_and_times_every_chunk(stub_url):
     assert body["stream_options"] == {"include_usage": True} and body["model"] == "stub-model"
     ok, late, failed = trace.requests
     assert ok.success and ok.output_len == 4 and len(ok.token_times) == 4
-    assert ok.ttft >= TOKEN_DELAY and late.arrival - trace.start == pytest.approx(0.2, abs=0.05)
+    # sent no earlier than its arrival time; the upper bound only guards against a hang
+    assert ok.ttft >= TOKEN_DELAY and 0.19 <= late.arrival - trace.start < 5.0
     assert not failed.success and "HTTP 400" in failed.error
     m = compute_metrics(trace)
     assert (m["completed"], m["failed"], m["total_output_tokens"]) == (2, 1, 7)
