@@ -21,21 +21,10 @@ import torch.nn.functional as F
 
 from runtime.architectures import build_model
 from runtime.architectures.attention_ref import StaticCacheAttention
-from runtime.model_config import ModelConfig, RopeConfig
+from runtime.bench.model_spec import SPECS
 
-SMOLLM2_135M = ModelConfig(
-    architecture="LlamaForCausalLM",
-    vocab_size=49152,
-    hidden_size=576,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    intermediate_size=1536,
-    max_position_embeddings=8192,
-    norm_eps=1e-5,
-    rope=RopeConfig(theta=100000.0),
-    tie_word_embeddings=True,
-)
+# The bench's SmolLM2-135M-shaped spec; a longer context so large --context values fit.
+SMOLLM2_135M = SPECS["smollm2-135m-shape"].replace(max_position_embeddings=8192)
 
 
 def interleaved_median_ms(fns: list[Callable[[], object]], iters: int) -> list[float]:

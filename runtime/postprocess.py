@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from runtime.outputs import stop_reason_for_token
 from runtime.request import FinishReason, Request
+from runtime.sampler import check_stop_token
 from runtime.stop import StopChecker
 
 
@@ -36,7 +36,7 @@ class TokenProcessor:
             req.first_token_time = now
         req.last_token_time = now
         req.token_times.append(now)
-        reason = stop_reason_for_token(req, token, self.eos_token_ids, self.max_model_len)
+        reason = check_stop_token(req, token, self.eos_token_ids, self.max_model_len)
         if req.detokenizer is None:
             return reason, ""
         if reason is FinishReason.STOP:
