@@ -1,9 +1,17 @@
-"""Time one decode step of a SmolLM2-135M-shaped model against its matmuls timed alone.
+"""Time the engine's forward step of a SmolLM2-135M-shaped model against its GEMMs alone.
 
-The ratio step / matmuls says how much of a decode step is overhead beyond the GEMMs the
-machine must do anyway; "attn" is the step's attention (30 SDPA calls over the cache) alone and
-"other" what is left: norms, RoPE, residuals, cache writes, Python. Random seeded weights,
-float32, a preallocated KV cache filled to `--context` tokens (contents random: timing only).
+For each dtype this machine runs natively (float32 always; bfloat16 on a CPU with AMX or
+AVX-512 BF16, or on CUDA), with the engine's fast path applied (`--linear-backend`):
+
+- decode: one engine step of B running rows (`--scheduler`, default baton) at each batch
+  size, against the same linears run alone on B rows with the same kernels; "attn" is one
+  folded-GQA SDPA per layer over the rows' cache alone, "other" what is left (norms, RoPE,
+  residuals, cache writes, sampling, Python);
+- prefill: one request's prompt of 256 and 1,024 tokens, with minor page faults per pass;
+- GEMM rate: GFLOP/s of the linears at each row count, as a fraction of their rate at 256 rows.
+
+Random seeded weights; each figure is the median of interleaved repeats, so background load
+hits the step and its GEMMs alike.
 
     .venv/bin/python benchmarks/decode_step.py --threads 2
 """
@@ -12,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -20,17 +29,19 @@ import torch
 import torch.nn.functional as F
 
 from runtime.architectures import build_model
-from runtime.architectures.attention_ref import StaticCacheAttention
 from runtime.bench.model_spec import SPECS
+from runtime.engine import Engine, EngineLimits
+from runtime.hardware import cpu_info, keep_freed_memory
+from runtime.linear_kernels import model_linears
+from runtime.plugins import instantiate_scheduler
+from runtime.sampling_params import SamplingParams
 
-# The bench's SmolLM2-135M-shaped spec; a longer context so large --context values fit.
-SMOLLM2_135M = SPECS["smollm2-135m-shape"].replace(max_position_embeddings=8192)
+SMOLLM2_135M = SPECS["smollm2-135m-shape"].replace(max_position_embeddings=4096)
 
 
 def interleaved_median_ms(fns: list[Callable[[], object]], iters: int) -> list[float]:
     """Median ms of each function, run in turn each round so background load hits all alike."""
     for fn in fns:
-        fn()
         fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(iters):
@@ -41,69 +52,128 @@ def interleaved_median_ms(fns: list[Callable[[], object]], iters: int) -> list[f
     return [1000 * statistics.median(t) for t in times]
 
 
-@torch.inference_mode()
-def measure(model: torch.nn.Module, B: int, context: int, iters: int) -> tuple[float, ...]:
-    """Median ms of: one decode step, its matmuls alone, its attention alone."""
+def make_engine(model: torch.nn.Module, scheduler: str, rows: int, backend: str) -> Engine:
+    limits = EngineLimits(max_num_seqs=max(rows, 1), max_model_len=4096)
+    return Engine(model, None, instantiate_scheduler(scheduler, {}), scheduler, limits,
+                  linear_backend=backend)
+
+
+def linears_alone(model: torch.nn.Module, rows: int) -> Callable[[], None]:
+    """Every linear of one step (head included) on `rows` rows, with the step's kernels."""
+    dtype = next(model.parameters()).dtype
+    linears = model_linears(model)
+    xs = [torch.randn(rows, m.in_features, dtype=dtype) for m in linears]
+
+    def run() -> None:
+        with torch.inference_mode():
+            for x, m in zip(xs, linears, strict=True):
+                m(x)
+
+    return run
+
+
+def gemm_flops(model: torch.nn.Module, rows: int) -> int:
+    return sum(2 * rows * m.in_features * m.out_features for m in model_linears(model))
+
+
+def attention_alone(model: torch.nn.Module, rows: int, context: int) -> Callable[[], None]:
     cfg = model.config
-    cache = StaticCacheAttention(
-        cfg.num_hidden_layers, B, context + 1, cfg.num_key_value_heads, cfg.head_dim
+    dtype = next(model.parameters()).dtype
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    q = torch.randn(rows, cfg.num_key_value_heads, group, cfg.head_dim, dtype=dtype)
+    kv = torch.randn(rows, cfg.num_key_value_heads, context + 1, cfg.head_dim, dtype=dtype)
+
+    def run() -> None:
+        for _ in range(cfg.num_hidden_layers):
+            F.scaled_dot_product_attention(q, kv, kv)
+
+    return run
+
+
+def decode_rows(model, scheduler: str, rows: int, context: int, iters: int, backend: str):
+    """(step ms, GEMMs ms, attention ms) for `rows` rows decoding at about `context`."""
+    vocab = model.config.vocab_size
+    engine = make_engine(model, scheduler, rows, backend)
+    params = SamplingParams(max_tokens=iters + 8, temperature=0.0, ignore_eos=True)
+    for i in range(rows):
+        engine.add_request([(13 * i + j) % vocab for j in range(context)], params)
+    engine.step()  # prefill every row and their first decode
+    engine.step()
+    return interleaved_median_ms(
+        [engine.step, linears_alone(model, rows), attention_alone(model, rows, context)], iters
     )
-    cache.k.normal_()
-    cache.v.normal_()
-    ids = torch.randint(0, cfg.vocab_size, (B, 1))
-    pos = torch.full((B, 1), context)
 
-    def step() -> torch.Tensor:
-        cache.length = context  # every step decodes position `context` again
-        hidden = model(ids, pos, cache, None)  # (B, 1, hidden)
-        return model.compute_logits(hidden[:, -1])  # (B, vocab)
 
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = {w.shape[1]: torch.randn(B, w.shape[1]) for w in weights}
+def prefill(model, scheduler: str, tokens: int, iters: int, backend: str):
+    """(pass ms, GEMMs ms, minor faults per pass) of one prompt of `tokens` tokens."""
+    engine = make_engine(model, scheduler, 1, backend)
+    prompt = [(7 * j) % model.config.vocab_size for j in range(tokens)]
+    faults: list[int] = []
 
-    def matmuls() -> None:
-        for w in weights:  # qkv, o, gate_up, down per layer, then the (tied) LM head
-            F.linear(xs[w.shape[1]], w)
+    def one_prompt() -> None:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0,
+                                                 ignore_eos=True))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
-    q = torch.randn(B, cfg.num_attention_heads, 1, cfg.head_dim)  # (B, H, 1, D)
+    step_ms, gemm_ms = interleaved_median_ms([one_prompt, linears_alone(model, tokens)], iters)
+    return step_ms, gemm_ms, int(statistics.median(faults))
 
-    def attention() -> None:
-        for layer in range(cfg.num_hidden_layers):  # each layer's own cache, as in the step
-            keys, values = cache.k[layer, :, :, : context + 1], cache.v[layer, :, :, : context + 1]
-            F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
 
-    return tuple(interleaved_median_ms([step, matmuls, attention], iters))
+def native_dtypes(device: str) -> list[torch.dtype]:
+    if device == "cuda" or cpu_info().native_bf16:
+        return [torch.float32, torch.bfloat16]
+    return [torch.float32]
+
+
+def report(model, args) -> None:
+    dtype = next(model.parameters()).dtype
+    peak_rows = 256
+    gemm_256 = interleaved_median_ms([linears_alone(model, peak_rows)], args.iters)[0]
+    rate_256 = gemm_flops(model, peak_rows) / gemm_256 / 1e6
+    print(f"\n{str(dtype).removeprefix('torch.')}: GEMMs at 256 rows {rate_256:.0f} GFLOP/s")
+    print(f"{'batch':>6} {'step ms':>8} {'GEMM ms':>8} {'ratio':>6} {'attn ms':>8} "
+          f"{'other ms':>8} {'tok/s':>7} {'GFLOP/s':>8} {'of 256':>7}")
+    for rows in args.batch_sizes:
+        step, gemm, attn = decode_rows(model, args.scheduler, rows, args.context, args.iters,
+                                       args.linear_backend)
+        rate = gemm_flops(model, rows) / gemm / 1e6
+        print(f"{rows:>6} {step:>8.1f} {gemm:>8.1f} {step / gemm:>6.2f} {attn:>8.1f} "
+              f"{step - gemm - attn:>8.1f} {1000 * rows / step:>7.0f} {rate:>8.0f} "
+              f"{rate / rate_256:>7.2f}")
+    print(f"{'prompt':>6} {'pass ms':>8} {'GEMM ms':>8} {'ratio':>6} {'faults':>8} {'tok/s':>7}")
+    for tokens in args.prefill:
+        step, gemm, faults = prefill(model, args.scheduler, tokens, max(3, args.iters // 3),
+                                     args.linear_backend)
+        print(f"{tokens:>6} {step:>8.1f} {gemm:>8.1f} {step / gemm:>6.2f} {faults:>8} "
+              f"{1000 * tokens / step:>7.0f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="batches")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--prefill", type=int, nargs="*", default=[256, 1024],
+                        help="prompt lengths of the prefill rows")
     parser.add_argument("--context", type=int, default=128, help="cached tokens per row")
-    parser.add_argument("--iters", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--iters", type=int, default=10, help="timed repeats per figure")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--scheduler", default="baton", help="whose step to time")
+    parser.add_argument("--linear-backend", default="auto", help="auto, torch or onednn")
+    parser.add_argument("--dtypes", nargs="*", help="default: those this machine runs natively")
     parser.add_argument("--seed", type=int, default=0, help="weight seed")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's mmap/trim thresholds alone (to count the faults)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-
-    cfg = SMOLLM2_135M
-    model = build_model(cfg).init_weights(args.seed).eval().requires_grad_(False)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"SmolLM2-135M shape, {n_params / 1e6:.1f}M params, float32, {args.threads} threads, "
-        f"context {args.context}, median of {args.iters}, "
-        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
-    )
-    print(
-        f"{'batch':>5} {'step ms':>8} {'matmul ms':>9} {'ratio':>6} {'attn ms':>8} "
-        f"{'other ms':>8} {'tok/s':>7}"
-    )
-    for B in args.batch_sizes:
-        step_ms, mm_ms, attn_ms = measure(model, B, args.context, args.iters)
-        print(
-            f"{B:>5} {step_ms:>8.1f} {mm_ms:>9.1f} {step_ms / mm_ms:>6.2f} {attn_ms:>8.1f} "
-            f"{step_ms - mm_ms - attn_ms:>8.1f} {1000 * B / step_ms:>7.0f}"
-        )
+    if not args.default_allocator:
+        keep_freed_memory()
+    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else native_dtypes("cpu")
+    print(f"SmolLM2-135M shape, {args.threads} threads, {args.scheduler} step, context "
+          f"{args.context}, linears {args.linear_backend}, median of {args.iters}, load average "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {cpu_info().model_name}")
+    for dtype in dtypes:
+        model = build_model(SMOLLM2_135M).init_weights(args.seed).to(dtype).eval()
+        report(model.requires_grad_(False), args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 
 from runtime.config import RuntimeConfig
 from runtime.engine import Engine, EngineLimits
+from runtime.hardware import choose_num_threads, cpu_info, keep_freed_memory
 from runtime.plugins import instantiate_scheduler
 
 logger = logging.getLogger(__name__)
@@ -28,13 +29,23 @@ def create_engine(config: RuntimeConfig, observers: tuple[object, ...] = ()) -> 
     from runtime.loader import load_model
     from runtime.tokenizer import Tokenizer
 
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    configure_host(config.num_threads)
     torch.manual_seed(config.seed)
     scheduler = instantiate_scheduler(config.scheduler, config.scheduler_options)
     path = config.resolved_model()
     device = resolve_device(config.device)
     model = load_model(path, dtype=config.dtype, device=device)
     tokenizer = Tokenizer.from_dir(path)
-    limits = EngineLimits(config.max_num_seqs, config.max_model_len, config.kv_cache_tokens)
-    return Engine(model, tokenizer, scheduler, config.scheduler, limits, observers)
+    limits = EngineLimits(config.max_num_seqs, config.max_model_len, config.kv_cache_tokens,
+                          config.kv_cache_memory)
+    return Engine(model, tokenizer, scheduler, config.scheduler, limits, observers,
+                  linear_backend=config.linear_backend)
+
+
+def configure_host(num_threads: int | None) -> None:
+    """Threads (one per physical core unless set) and the allocator, logged with reasons."""
+    threads = choose_num_threads(num_threads)
+    torch.set_num_threads(threads.num_threads)
+    kept = keep_freed_memory()
+    logger.info("torch threads: %d (%s); allocator keeps freed buffers: %s; CPU: %s",
+                threads.num_threads, threads.reason, kept, cpu_info().model_name)

@@ -8,7 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from runtime.config import DTYPES, ConfigError, RuntimeConfig, build_config
+from runtime.config import DTYPES, LINEAR_BACKENDS, ConfigError, RuntimeConfig, build_config
+from runtime.hardware import set_openmp_defaults
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -20,15 +21,21 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, help=f"max running requests (default {d.max_num_seqs})")
+    p.add_argument("--kv-cache-memory",
+                   help="KV cache budget: auto, a fraction of available memory (0.4) or a size "
+                        "(4GiB) (default auto = 0.4)")
     p.add_argument("--kv-cache-tokens", type=int,
-                   help="KV capacity in tokens (default max-num-seqs x max-model-len)")
+                   help="KV capacity in tokens; overrides --kv-cache-memory")
+    p.add_argument("--linear-backend", choices=LINEAR_BACKENDS,
+                   help="GEMM kernels: auto (measured at startup), torch or onednn (prepacked)")
     p.add_argument("--seed", type=int, help="global seed for unseeded sampling (default 0)")
-    p.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--num-threads", type=int,
+                   help="torch CPU threads (default: one per physical core)")
 
 
 def engine_overrides(args: argparse.Namespace) -> dict:
     keys = ("scheduler", "dtype", "device", "max_model_len", "max_num_seqs", "kv_cache_tokens",
-            "seed", "num_threads")
+            "kv_cache_memory", "linear_backend", "seed", "num_threads")
     out = {k: getattr(args, k, None) for k in keys}
     if getattr(args, "model", None):
         out["model"] = args.model
@@ -156,6 +163,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    openmp = set_openmp_defaults()  # before anything imports torch (libgomp reads it on load)
+    logging.getLogger("runtime").info("OpenMP: %s", openmp)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

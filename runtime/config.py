@@ -12,7 +12,10 @@ from typing import Any
 
 import yaml
 
+from runtime.kv_sizing import parse_kv_memory
+
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
+LINEAR_BACKENDS = ("auto", "torch", "onednn")  # runtime.linear_kernels
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "kjv-llama-tiny"
 
 
@@ -30,8 +33,10 @@ class RuntimeConfig:
     dtype: str = "auto"
     device: str = "cpu"
     max_model_len: int | None = None
-    max_num_seqs: int = 32
+    max_num_seqs: int = 64
     kv_cache_tokens: int | None = None
+    kv_cache_memory: str | float = "auto"
+    linear_backend: str = "auto"
     seed: int = 0
     num_threads: int | None = None
     host: str = "127.0.0.1"
@@ -45,6 +50,11 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("linear_backend", self.linear_backend, LINEAR_BACKENDS)
+        try:
+            parse_kv_memory(self.kv_cache_memory)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {self.device!r}")
         for key in ("max_num_seqs", "port", "max_queued_requests"):

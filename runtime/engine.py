@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from runtime.contracts import check_batch, check_decision, check_kv_cache
-from runtime.kv_cache import CacheLimits, KVCache, ModelShape, PassStats
+from runtime.kv_cache import CacheLimits, KVCache, ModelShape, PassStats, kv_elements_per_token
+from runtime.kv_sizing import kv_capacity
+from runtime.linear_kernels import apply_linear_backend
 from runtime.outputs import RequestOutput
 from runtime.plugins import make_plugin_manager
 from runtime.postprocess import TokenProcessor
@@ -30,11 +32,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
-    """Engine-wide limits; `None` context/capacity are derived from the model."""
+    """Engine-wide limits; `None` context/capacity are derived from the model and memory.
 
-    max_num_seqs: int = 32
+    KV capacity: `kv_cache_tokens` when given, else `kv_cache_memory` (`runtime.kv_sizing`:
+    `auto`, a fraction of available memory, or a size such as `4GiB`).
+    """
+
+    max_num_seqs: int = 64
     max_model_len: int | None = None
     kv_cache_tokens: int | None = None
+    kv_cache_memory: str | float | None = None
 
 
 class Engine:
@@ -46,8 +53,10 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer=None, scheduler: object | None = None,
                  scheduler_name: str = "default", limits: EngineLimits = EngineLimits(),
                  observers: tuple[object, ...] = (),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 linear_backend: str = "auto") -> None:
         self.model = model
+        self.linear_kernels = apply_linear_backend(model, linear_backend)
         self.tokenizer = tokenizer
         self.scheduler_name = scheduler_name
         self.clock = clock
@@ -56,13 +65,17 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.max_model_len = min(limits.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings)
-        self.limits = CacheLimits(
-            limits.max_num_seqs, self.max_model_len,
-            limits.kv_cache_tokens or limits.max_num_seqs * self.max_model_len,
-        )
         self.shape = ModelShape(cfg.num_hidden_layers, cfg.num_attention_heads,
                                 cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size,
                                 self.max_model_len)
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        self.kv_capacity = kv_capacity(
+            kv_elements_per_token(self.shape) * element_size, limits.max_num_seqs,
+            self.max_model_len, limits.kv_cache_tokens, limits.kv_cache_memory, self.device)
+        logger.info("KV cache capacity: %d tokens, %.2f GiB (%s)", self.kv_capacity.tokens,
+                    self.kv_capacity.gib, self.kv_capacity.reason)
+        self.limits = CacheLimits(limits.max_num_seqs, self.max_model_len,
+                                  self.kv_capacity.tokens)
         self.pm = make_plugin_manager(scheduler, scheduler_name, observers)
         try:
             cache = self.pm.hook.make_kv_cache(

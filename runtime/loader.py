@@ -8,6 +8,7 @@ copies of the weights. Every failure is a `ModelLoadError` naming the file, key 
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,10 +22,12 @@ from torch import nn
 
 from runtime.architectures import ARCHITECTURES, CausalLM
 from runtime.architectures.weights import Target, checkpoint_targets, checkpoint_tensors
+from runtime.hardware import choose_auto_dtype, cpu_info, warn_if_slow_dtype
 from runtime.model_config import ModelConfig, ModelLoadError
 
 __all__ = ["ModelLoadError", "load_model", "load_model_config", "resolve_dtype", "save_model"]
 
+logger = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _DTYPES = {
@@ -60,18 +63,22 @@ def load_model_config(path: str | Path) -> ModelConfig:
 def resolve_dtype(
     dtype: str | torch.dtype, config: ModelConfig, device: str | torch.device = "cpu"
 ) -> torch.dtype:
-    """Resolve a dtype name; "auto" is the config's, but half types become float32 on CPU."""
+    """Resolve a dtype name; "auto" follows `hardware.choose_auto_dtype` (logged)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ModelLoadError(
                 f"unsupported dtype {dtype}; use float32, float64, bfloat16, float16"
             )
         return dtype
+    device_type = torch.device(device).type
     if dtype == "auto":
-        resolved = _DTYPES[config.torch_dtype]
-        if torch.device(device).type == "cpu" and resolved in (torch.bfloat16, torch.float16):
-            return torch.float32
-        return resolved
+        checkpoint = str(_DTYPES[config.torch_dtype]).removeprefix("torch.")
+        choice = choose_auto_dtype(checkpoint, device_type, cpu_info())
+        logger.info("dtype auto: %s (%s)", choice.dtype, choice.reason)
+        return _DTYPES[choice.dtype]
+    if warning := warn_if_slow_dtype(str(_DTYPES.get(dtype, dtype)).removeprefix("torch."),
+                                     device_type, cpu_info()):
+        logger.warning("%s", warning)
     if dtype not in _DTYPES:
         raise ModelLoadError(f"unsupported dtype {dtype!r}; use auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]

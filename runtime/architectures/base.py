@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.architectures.layers import init_weights_
+from runtime.architectures.layers import Linear, init_weights_
 from runtime.model_config import ModelConfig
 
 
@@ -25,10 +25,10 @@ class CausalLM(nn.Module):
     transposed_weights: re.Pattern[str] = re.compile(r"(?!)")
 
     config: ModelConfig
-    lm_head: nn.Linear
+    lm_head: Linear
 
     def _init_head(self) -> None:
-        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+        self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
         self.tie_weights()
 
     @property

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from runtime.architectures.base import CausalLM
-from runtime.architectures.layers import ACTIVATIONS, FusedLinear
+from runtime.architectures.layers import ACTIVATIONS, FusedLinear, Linear
 from runtime.model_config import ModelConfig
 
 
@@ -27,7 +27,7 @@ class GPT2Attention(nn.Module):
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         hidden = config.hidden_size
         self.c_attn = FusedLinear(hidden, (hidden, hidden, hidden), bias=True)
-        self.c_proj = nn.Linear(hidden, hidden, bias=True)
+        self.c_proj = Linear(hidden, hidden, bias=True)
 
     def forward(self, x: torch.Tensor, attn: Any, mask: Any) -> torch.Tensor:
         tok = x.shape[:-1]
@@ -42,8 +42,8 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
-        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
+        self.c_fc = Linear(config.hidden_size, config.intermediate_size, bias=True)
+        self.c_proj = Linear(config.intermediate_size, config.hidden_size, bias=True)
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,22 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-class FusedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """`nn.Linear` that can run on a prepacked weight (`runtime.linear_kernels.pack_linears`).
+
+    `packed` is None for the plain `F.linear` path; when set, it is the weight in oneDNN's
+    blocked layout and the GEMM skips re-laying the weight out on every call.
+    """
+
+    packed: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class FusedLinear(Linear):
     """Several projections of the same input stacked into one GEMM; `output_sizes` splits it."""
 
     def __init__(self, in_features: int, output_sizes: tuple[int, ...], bias: bool) -> None:

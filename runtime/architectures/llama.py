@@ -16,6 +16,7 @@ from runtime.architectures.base import CausalLM
 from runtime.architectures.layers import (
     ACTIVATIONS,
     FusedLinear,
+    Linear,
     RMSNorm,
     RotaryEmbedding,
     apply_rope,
@@ -36,7 +37,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = FusedLinear(
             config.hidden_size, (q_size, kv_size, kv_size), bias=config.qkv_bias
         )
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (*tok, H, D), k and v (*tok, H_kv, D) before RoPE; Qwen3 adds its qk-norm here."""
@@ -63,7 +64,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = config.intermediate_size
         self.gate_up_proj = FusedLinear(config.hidden_size, (inter, inter), bias=config.mlp_bias)
-        self.down_proj = nn.Linear(inter, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = Linear(inter, config.hidden_size, bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

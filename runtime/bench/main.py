@@ -91,13 +91,17 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         type=_floats,
         help="comma list of Poisson rates: run the workload at each one",
     )
-    bench.add_argument("--max-num-seqs", type=int, default=32, help="batch size limit (default 32)")
+    bench.add_argument("--max-num-seqs", type=int, default=64, help="batch size limit (default 64)")
     bench.add_argument(
         "--max-model-len", type=int, help="context length (default: the workload's longest request)"
     )
     bench.add_argument("--kv-cache-tokens", type=int, help="KV capacity in tokens")
+    bench.add_argument("--kv-cache-memory", help="KV budget: auto, a fraction or a size (4GiB)")
+    bench.add_argument("--linear-backend", default="auto", help="auto, torch or onednn")
     bench.add_argument("--dtype", default="float32", help="model dtype (default float32)")
-    bench.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's)")
+    bench.add_argument(
+        "--num-threads", type=int, help="torch CPU threads (default: one per physical core)"
+    )
     modes = bench.add_subparsers(dest="bench_mode")
     serve = modes.add_parser("serve", help="replay over HTTP against OpenAI-compatible servers")
     add_workload_arguments(serve)
@@ -223,21 +227,21 @@ def run_offline_cli(args: argparse.Namespace) -> int:
     from runtime.bench.model_spec import resolve_model
     from runtime.bench.offline import EngineContender, run_comparison
     from runtime.bench.peers import PeerUnavailable, make_peer
+    from runtime.bootstrap import configure_host
     from runtime.engine import EngineLimits
     from runtime.loader import load_model, load_model_config
 
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    configure_host(args.num_threads)
     model_dir = resolve_model(args.model_spec, args.model)
     config = load_model_config(model_dir)
     names = _csv(args.workload)
     longest = max(load_workload(n).max_total_len() for n in names)
     max_len = args.max_model_len or min(config.max_position_embeddings, longest)
     model = load_model(model_dir, dtype=args.dtype)
-    limits = EngineLimits(args.max_num_seqs, max_len, args.kv_cache_tokens)
+    limits = EngineLimits(args.max_num_seqs, max_len, args.kv_cache_tokens, args.kv_cache_memory)
     options = _scheduler_options(args.scheduler_option)
     contenders: list[Any] = [
-        EngineContender(n, n, model, None, limits, options.get(n))
+        EngineContender(n, n, model, None, limits, options.get(n), args.linear_backend)
         for n in args.schedulers or _default_schedulers()
     ]
     unavailable = {}

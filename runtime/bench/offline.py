@@ -65,8 +65,10 @@ class EngineContender:
         tokenizer: object | None = None,
         limits: EngineLimits | None = None,
         options: dict | None = None,
+        linear_backend: str = "auto",
     ) -> None:
         self.label = label
+        self.linear_backend = linear_backend
         self.scheduler_name = scheduler_name
         self.model = model
         self.tokenizer = tokenizer
@@ -88,6 +90,7 @@ class EngineContender:
             self.limits,
             observers,
             clock=time.perf_counter,
+            linear_backend=self.linear_backend,
         )
 
     def warmup(self) -> None:

@@ -1,0 +1,160 @@
+"""What this machine can do fast, decided at startup: dtype, threads, OpenMP and allocator.
+
+The project's machines change from day to day (one had AVX2 only, where a bfloat16 matmul ran
+100x slower than float32; another had AMX, where bfloat16 GEMMs ran 2-5x faster), so nothing
+here assumes one: each choice reads the CPU or the environment and is logged with its reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True, slots=True)
+class CpuInfo:
+    """The CPU facts the startup choices depend on."""
+
+    model_name: str
+    flags: frozenset[str]
+    physical_cores: int
+
+    @property
+    def native_bf16(self) -> bool:
+        """True when bfloat16 matmul runs in hardware (AMX or AVX-512 BF16)."""
+        return any(flag in self.flags for flag in NATIVE_BF16_FLAGS)
+
+
+def _parse_cpuinfo(text: str, allowed: set[int]) -> CpuInfo:
+    """Model name, flags and physical cores (distinct package/core ids) of the allowed CPUs."""
+    name, flags, cores = "unknown", frozenset(), set()
+    for block in text.strip().split("\n\n"):
+        fields = {}
+        for line in block.splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        if "processor" not in fields or int(fields["processor"]) not in allowed:
+            continue
+        name = fields.get("model name", name)
+        flags = frozenset(fields.get("flags", "").split()) or flags
+        cores.add((fields.get("physical id", "0"), fields.get("core id", fields["processor"])))
+    return CpuInfo(name, flags, max(len(cores), 1))
+
+
+@cache
+def cpu_info() -> CpuInfo:
+    """This machine's CPU as the process may use it (its affinity mask), read once."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    try:
+        info = _parse_cpuinfo(Path("/proc/cpuinfo").read_text(), allowed)
+    except OSError:  # not Linux: trust torch's own probe for bf16, one core per CPU
+        info = CpuInfo("unknown", frozenset(), len(allowed) or os.cpu_count() or 1)
+    try:  # torch's cpuinfo-based probe also sees flags a hypervisor hides from /proc
+        import torch
+
+        extra = {f for f, ok in (("amx_bf16", torch.cpu._is_amx_tile_supported()),
+                                 ("avx512_bf16", torch.cpu._is_avx512_bf16_supported())) if ok}
+    except (ImportError, AttributeError, RuntimeError):
+        extra = set()
+    return CpuInfo(info.model_name, info.flags | extra, info.physical_cores)
+
+
+@dataclass(frozen=True, slots=True)
+class DtypeChoice:
+    dtype: str
+    reason: str
+
+
+HALF_TYPES = ("bfloat16", "float16")
+
+
+def choose_auto_dtype(checkpoint_dtype: str, device_type: str, cpu: CpuInfo) -> DtypeChoice:
+    """`--dtype auto`: the fastest dtype that keeps the checkpoint's precision class.
+
+    Full-precision checkpoints (float32, float64) keep their dtype. Half-precision ones run in
+    their own dtype on CUDA, in bfloat16 on a CPU with native bfloat16 matmul, and upcast to
+    float32 on a CPU without it (where bfloat16 GEMMs are emulated and far slower).
+    """
+    if checkpoint_dtype not in HALF_TYPES:
+        return DtypeChoice(checkpoint_dtype, f"checkpoint is {checkpoint_dtype}")
+    if device_type == "cuda":
+        return DtypeChoice(checkpoint_dtype, f"{checkpoint_dtype} checkpoint on CUDA")
+    if cpu.native_bf16:
+        have = sorted(f for f in NATIVE_BF16_FLAGS if f in cpu.flags)
+        return DtypeChoice("bfloat16", f"{checkpoint_dtype} checkpoint; CPU has {', '.join(have)}")
+    return DtypeChoice("float32", f"{checkpoint_dtype} checkpoint upcast: this CPU has no "
+                                  "native bfloat16 matmul (no AMX or AVX-512 BF16)")
+
+
+def warn_if_slow_dtype(dtype: str, device_type: str, cpu: CpuInfo) -> str | None:
+    """The warning for an explicit half dtype this CPU can only emulate, or None."""
+    if device_type != "cpu" or dtype not in HALF_TYPES or cpu.native_bf16:
+        return None
+    return (f"--dtype {dtype} on a CPU without native bfloat16 matmul (no AMX or AVX-512 BF16): "
+            "GEMMs are emulated and can run 10-100x slower than float32; --dtype auto picks "
+            "float32 here")
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadChoice:
+    num_threads: int
+    reason: str
+
+
+def choose_num_threads(requested: int | None, cpu: CpuInfo | None = None) -> ThreadChoice:
+    """Torch intra-op threads: as asked, else one per physical core this process may use.
+
+    Hyperthreads share a core's FMA units, so a thread per logical CPU makes GEMMs no faster
+    and makes OpenMP barriers wait on the slowest sibling.
+    """
+    if requested:
+        return ThreadChoice(requested, "requested")
+    cpu = cpu or cpu_info()
+    return ThreadChoice(cpu.physical_cores, "one per physical core")
+
+
+def set_openmp_defaults(environ: dict[str, str] | None = None) -> str:
+    """Make idle OpenMP threads sleep instead of spinning, unless the user chose a policy.
+
+    Must run before torch is imported (libgomp reads its environment when it loads). On a
+    shared machine, threads that spin while waiting at a barrier take the cores the other
+    threads need: two threads ran a decode step 4-5x slower than one. Passive waiting cost
+    nothing measurable on a quiet machine (docs/benchmarks.md). Returns what was decided.
+    """
+    env = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
+        return f"OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', '')!s} GOMP_SPINCOUNT=" \
+               f"{env.get('GOMP_SPINCOUNT', '')!s} (set by the user)"
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return "OMP_WAIT_POLICY=PASSIVE (idle threads sleep; set it to override)"
+
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory(max_chunk_bytes: int = 32 * 2**20) -> bool:
+    """Stop glibc returning freed activation buffers to the OS after every forward pass.
+
+    By default, buffers over 128 KiB are mmap'ed and unmapped when freed, so the next pass
+    page-faults them back in (a 1,024-token prefill took 187k minor faults, 17% of its time).
+    Raising the mmap and trim thresholds keeps them in the heap for reuse. True if applied.
+    """
+    path = ctypes.util.find_library("c")
+    if path is None:
+        return False
+    try:
+        libc = ctypes.CDLL(path)
+        ok = libc.mallopt(M_MMAP_THRESHOLD, max_chunk_bytes) == 1
+        return libc.mallopt(M_TRIM_THRESHOLD, 4 * max_chunk_bytes) == 1 and ok
+    except (OSError, AttributeError):  # not glibc
+        return False

@@ -1,0 +1,131 @@
+"""Startup choices read off the machine: dtype, threads, OpenMP policy (capability mocked)."""
+
+import logging
+
+import pytest
+import torch
+
+from runtime import hardware
+from runtime.hardware import (
+    CpuInfo,
+    choose_auto_dtype,
+    choose_num_threads,
+    set_openmp_defaults,
+    warn_if_slow_dtype,
+)
+from runtime.loader import resolve_dtype
+from runtime.model_config import ModelConfig
+
+AVX2_ONLY = CpuInfo("AMD EPYC", frozenset({"avx2", "fma"}), 2)
+AMX = CpuInfo("Intel Xeon", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}), 2)
+AVX512_BF16 = CpuInfo("AMD Zen 4", frozenset({"avx512f", "avx512_bf16"}), 8)
+
+
+@pytest.mark.parametrize("checkpoint", ["bfloat16", "float16"])
+def test_half_checkpoint_upcasts_without_native_bf16(checkpoint: str) -> None:
+    choice = choose_auto_dtype(checkpoint, "cpu", AVX2_ONLY)
+    assert choice.dtype == "float32"
+    assert "no native bfloat16" in choice.reason
+
+
+@pytest.mark.parametrize("cpu", [AMX, AVX512_BF16])
+@pytest.mark.parametrize("checkpoint", ["bfloat16", "float16"])
+def test_half_checkpoint_runs_bf16_with_native_support(cpu: CpuInfo, checkpoint: str) -> None:
+    choice = choose_auto_dtype(checkpoint, "cpu", cpu)
+    assert choice.dtype == "bfloat16"
+    assert "avx512_bf16" in choice.reason
+
+
+@pytest.mark.parametrize("checkpoint", ["float32", "float64"])
+@pytest.mark.parametrize("cpu", [AVX2_ONLY, AMX])
+def test_full_precision_checkpoint_keeps_its_dtype(checkpoint: str, cpu: CpuInfo) -> None:
+    assert choose_auto_dtype(checkpoint, "cpu", cpu).dtype == checkpoint
+    assert choose_auto_dtype(checkpoint, "cuda", cpu).dtype == checkpoint
+
+
+def test_half_checkpoint_keeps_its_dtype_on_cuda() -> None:
+    assert choose_auto_dtype("float16", "cuda", AVX2_ONLY).dtype == "float16"
+    assert choose_auto_dtype("bfloat16", "cuda", AVX2_ONLY).dtype == "bfloat16"
+
+
+def test_explicit_bf16_without_native_support_warns() -> None:
+    assert "slower" in warn_if_slow_dtype("bfloat16", "cpu", AVX2_ONLY)
+    assert warn_if_slow_dtype("bfloat16", "cpu", AMX) is None
+    assert warn_if_slow_dtype("bfloat16", "cuda", AVX2_ONLY) is None
+    assert warn_if_slow_dtype("float32", "cpu", AVX2_ONLY) is None
+
+
+@pytest.mark.parametrize(("cpu", "expected"), [(AVX2_ONLY, torch.float32), (AMX, torch.bfloat16)])
+def test_loader_auto_dtype_follows_the_cpu(monkeypatch, caplog, cpu, expected) -> None:
+    monkeypatch.setattr("runtime.loader.cpu_info", lambda: cpu)
+    config = ModelConfig("LlamaForCausalLM", vocab_size=8, hidden_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=8, torch_dtype="bfloat16")
+    with caplog.at_level(logging.INFO, logger="runtime.loader"):
+        assert resolve_dtype("auto", config, "cpu") == expected
+    assert "dtype auto" in caplog.text
+
+
+def test_loader_warns_for_explicit_bf16_on_avx2(monkeypatch, caplog) -> None:
+    monkeypatch.setattr("runtime.loader.cpu_info", lambda: AVX2_ONLY)
+    config = ModelConfig("LlamaForCausalLM", vocab_size=8, hidden_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=8)
+    with caplog.at_level(logging.WARNING, logger="runtime.loader"):
+        assert resolve_dtype("bfloat16", config, "cpu") == torch.bfloat16
+    assert "without native bfloat16" in caplog.text
+
+
+CPUINFO_HT = """processor\t: 0
+model name\t: Test CPU
+physical id\t: 0
+core id\t: 0
+flags\t\t: fpu avx2 avx512_bf16
+
+processor\t: 1
+model name\t: Test CPU
+physical id\t: 0
+core id\t: 0
+flags\t\t: fpu avx2 avx512_bf16
+
+processor\t: 2
+model name\t: Test CPU
+physical id\t: 0
+core id\t: 1
+flags\t\t: fpu avx2 avx512_bf16
+"""
+
+
+def test_cpuinfo_counts_physical_cores_of_allowed_cpus() -> None:
+    info = hardware._parse_cpuinfo(CPUINFO_HT, {0, 1, 2})
+    assert info.physical_cores == 2  # two hyperthreads of core 0, one of core 1
+    assert info.native_bf16 and info.model_name == "Test CPU"
+    assert hardware._parse_cpuinfo(CPUINFO_HT, {0, 1}).physical_cores == 1
+
+
+def test_threads_default_to_physical_cores() -> None:
+    assert choose_num_threads(None, CpuInfo("x", frozenset(), 6)).num_threads == 6
+    assert choose_num_threads(3, CpuInfo("x", frozenset(), 6)).num_threads == 3
+
+
+def test_openmp_policy_is_passive_unless_the_user_chose() -> None:
+    env: dict[str, str] = {}
+    assert "PASSIVE" in set_openmp_defaults(env) and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert "set by the user" in set_openmp_defaults(env) and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    env = {"GOMP_SPINCOUNT": "1000"}
+    set_openmp_defaults(env)
+    assert "OMP_WAIT_POLICY" not in env
+
+
+def test_cli_sets_openmp_policy_before_torch_loads() -> None:
+    import subprocess
+    import sys
+
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); import runtime.cli as c; "
+            "assert 'torch' not in sys.modules; c.main(['schedulers']); "
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("PASSIVE")
+
+
+def test_keep_freed_memory_applies_on_glibc() -> None:
+    assert isinstance(hardware.keep_freed_memory(), bool)
