@@ -1,107 +1,159 @@
-"""The attention handles of BATON's two kinds of pass, and a standalone prefill worker.
+"""BATON's attention handle for one pass, and a standalone prefill worker.
 
-Both make exactly one `scaled_dot_product_attention` call per layer for the whole pass
-(GQA through `enable_gqa=True`, K/V never repeated), never a per-request loop.
+A pass's tokens are packed `(N,)`: first the decode rows (one token each, bucket by bucket in
+row order), then the newcomers' prompts. Attention is split the way the layout is:
+
+- each bucket's decode rows in ONE `scaled_dot_product_attention` call per layer over the
+  bucket's dense window (its rows are one strided view of the cache: no gather, no copy),
+  with the bucket's padding mask;
+- each prompt causally on its own (`is_causal`, no explicit mask, so the kernel skips the
+  upper triangle), over its keys in the packed staging area `commit` embeds them from.
+
+GQA through `enable_gqa=True`: K/V are never repeated.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from baton_plugin.embed import PrefilledKV, left_pad
-from baton_plugin.masks import prefill_mask
+from baton_plugin.embed import PrefilledKV
 
 if TYPE_CHECKING:
-    from baton_plugin.cache import BatonCache
+    pass
 
 
-class StagingAttention:
-    """Prefill pass: keep this pass's K/V in a staging `PrefilledKV`, attend within it."""
+@dataclass(frozen=True, slots=True)
+class DecodeSegment:
+    """A bucket's decode rows: pass offset, count, first buffer row, window `[start, end]`."""
 
-    def __init__(self, staged: PrefilledKV) -> None:
-        self.staged = staged
+    offset: int
+    rows: int
+    first_row: int
+    start: int
+    end: int  # the column this pass appends; the window read is [start, end]
 
-    def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any
-    ) -> torch.Tensor:
-        keys, values = self.staged.k[layer_idx], self.staged.v[layer_idx]  # (n, H_kv, T, D)
-        keys.copy_(k.transpose(1, 2))
-        values.copy_(v.transpose(1, 2))
+
+@dataclass(frozen=True, slots=True)
+class PromptSegment:
+    """A newcomer's prompt: pass offset and length (its staging rows are `offset - B_dec`)."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Staging:
+    """Packed per-token K/V of a pass's prompts, `(L, N_cap, H_kv, D)` each; reused across passes."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class BatonMask:
+    """One additive mask per decode segment (None when the bucket has no padding)."""
+
+    decode: tuple[torch.Tensor | None, ...]
+
+
+class BatonAttention:
+    """Writes a pass's K/V (decode rows at their bucket's column, prompts into staging) and
+    attends as the module docstring says."""
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, staging: Staging | None,
+                 decode: Sequence[DecodeSegment], prompts: Sequence[PromptSegment]) -> None:
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.staging = staging
+        self.decode = decode
+        self.prompts = prompts
+        self.num_decode = sum(s.rows for s in decode)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: BatonMask | None) -> torch.Tensor:
+        """q `(N, H, D)`, k and v `(N, H_kv, D)` -> `(N, H, D)`."""
+        outputs = []
+        masks = mask.decode if mask is not None else (None,) * len(self.decode)
+        for seg, seg_mask in zip(self.decode, masks, strict=True):
+            outputs.append(self._decode(layer_idx, seg, seg_mask, q, k, v))
+        if self.prompts:
+            outputs += self._prompts(layer_idx, q, k, v)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+    def _decode(self, layer: int, seg: DecodeSegment, mask: torch.Tensor | None,
+                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rows = slice(seg.first_row, seg.first_row + seg.rows)
+        tokens = slice(seg.offset, seg.offset + seg.rows)
+        k_rows, v_rows = self.k_cache[layer, rows], self.v_cache[layer, rows]  # (n, H_kv, C, D)
+        k_rows[:, :, seg.end] = k[tokens]
+        v_rows[:, :, seg.end] = v[tokens]
+        cols = slice(seg.start, seg.end + 1)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
-        )  # (n, H, T, D)
-        return out.transpose(1, 2)  # (n, T, H, D)
-
-
-class WindowAttention:
-    """Decode pass: append every row's new K/V at column `end`, attend over `[start, end]`."""
-
-    def __init__(self, cache: BatonCache, start: int, end: int) -> None:
-        self.cache = cache
-        self.start = start
-        self.end = end
-
-    def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any
-    ) -> torch.Tensor:
-        rows = q.shape[0]
-        k_layer = self.cache.k[layer_idx, :rows]  # (B, H_kv, S_cap, D)
-        v_layer = self.cache.v[layer_idx, :rows]
-        k_layer[:, :, self.end] = k[:, 0]  # (B, H_kv, D)
-        v_layer[:, :, self.end] = v[:, 0]
-        cols = slice(self.start, self.end + 1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k_layer[:, :, cols],
-            v_layer[:, :, cols],
+            q[tokens].unsqueeze(2),  # (n, H, 1, D)
+            k_rows[:, :, cols],  # (n, H_kv, W + 1, D)
+            v_rows[:, :, cols],
             attn_mask=mask,
             enable_gqa=True,
-        )  # (B, H, 1, D)
-        return out.transpose(1, 2)  # (B, 1, H, D)
+        )
+        return out.squeeze(2)  # (n, H, D)
 
-
-def empty_staging(
-    num_layers: int,
-    num_kv_heads: int,
-    head_dim: int,
-    lengths: Sequence[int],
-    device: torch.device,
-    dtype: torch.dtype,
-) -> PrefilledKV:
-    """Uninitialised staging for a prefill pass; the pass writes every column, pads included."""
-    dims = (num_layers, len(lengths), num_kv_heads, max(lengths), head_dim)
-    return PrefilledKV(
-        torch.empty(dims, dtype=dtype, device=device),
-        torch.empty(dims, dtype=dtype, device=device),
-        tuple(lengths),
-    )
+    def _prompts(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> list[torch.Tensor]:
+        first = self.num_decode
+        count = q.shape[0] - first
+        k_stage = self.staging.k[layer, :count]  # (N_p, H_kv, D)
+        v_stage = self.staging.v[layer, :count]
+        k_stage.copy_(k[first:])
+        v_stage.copy_(v[first:])
+        outputs = []
+        for seg in self.prompts:
+            tokens = slice(seg.offset, seg.offset + seg.length)
+            staged = slice(seg.offset - first, seg.offset - first + seg.length)
+            out = F.scaled_dot_product_attention(  # 4-D: CPU's flash kernel rejects 3-D
+                q[tokens].transpose(0, 1)[None],  # (1, H, P, D)
+                k_stage[staged].transpose(0, 1)[None],  # (1, H_kv, P, D)
+                v_stage[staged].transpose(0, 1)[None],
+                is_causal=True,
+                enable_gqa=True,
+            )
+            outputs.append(out[0].transpose(0, 1))  # (P, H, D)
+        return outputs
 
 
 @torch.inference_mode()
-def prefill_kv(
-    model: torch.nn.Module, token_lists: Sequence[Sequence[int]]
-) -> tuple[PrefilledKV, torch.Tensor]:
+def prefill_kv(model: torch.nn.Module,
+               token_lists: Sequence[Sequence[int]]) -> tuple[PrefilledKV, torch.Tensor]:
     """A prefill worker: the K/V of `token_lists` and the logits `(n, V)` of their last tokens.
 
-    What `BatonCache.insert_prefilled` takes, computed with nothing but the model, so another
-    process or device can do it while the batch keeps decoding.
+    What `BatonCache.insert_prefilled` takes, computed with nothing but the model (one packed
+    pass, each prompt causal on its own), so another process or device can do it while the
+    batch keeps decoding.
     """
     cfg = model.config
     param = next(model.parameters())
-    ids, pos = left_pad(token_lists, param.device)  # (n, T)
+    device, dtype = param.device, param.dtype
     lengths = [len(t) for t in token_lists]
-    staged = empty_staging(
-        cfg.num_hidden_layers,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-        lengths,
-        param.device,
-        param.dtype,
-    )
-    mask = prefill_mask(torch.tensor(lengths, device=param.device), staged.width, param.dtype)
-    hidden = model(ids, pos, StagingAttention(staged), mask)  # (n, T, hidden)
-    return staged, model.compute_logits(hidden[:, -1])
+    total, width = sum(lengths), max(lengths)
+    dims = (cfg.num_hidden_layers, total, cfg.num_key_value_heads, cfg.head_dim)
+    staging = Staging(torch.empty(dims, dtype=dtype, device=device),
+                      torch.empty(dims, dtype=dtype, device=device))
+    offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+    prompts = [PromptSegment(o, n) for o, n in zip(offsets, lengths, strict=True)]
+    ids = torch.tensor([t for tokens in token_lists for t in tokens], device=device)
+    pos = torch.tensor([p for n in lengths for p in range(n)], device=device)
+    attn = BatonAttention(staging.k, staging.v, staging, (), prompts)
+    hidden = model(ids, pos, attn, None)  # (N, hidden)
+    last = torch.tensor([o + n - 1 for o, n in zip(offsets, lengths, strict=True)],
+                        device=device)
+    logits = model.compute_logits(hidden.index_select(0, last))
+    shape = (cfg.num_hidden_layers, len(lengths), cfg.num_key_value_heads, width, cfg.head_dim)
+    k = torch.zeros(shape, dtype=dtype, device=device)
+    v = torch.zeros(shape, dtype=dtype, device=device)
+    for i, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
+        k[:, i, :, width - n :] = staging.k[:, o : o + n].transpose(1, 2)
+        v[:, i, :, width - n :] = staging.v[:, o : o + n].transpose(1, 2)
+    return PrefilledKV(k, v, tuple(lengths)), logits

@@ -1,28 +1,41 @@
-"""BATON's KV-cache layout: one dense, left-padded, preallocated batch cache.
+"""BATON's KV-cache layout: dense, left-padded length buckets in one buffer allocated once.
 
-Storage is `(L, B_cap, H_kv, S_cap, D)` for keys and for values. The batch occupies rows
-`[0, B)` and the column window `[start, end)`; every row is right-aligned at `end`, so row b's
-real keys are its last `lengths[b]` columns and the padding mask `[B, S]` follows from the
-lengths. Padding the whole batch on the left is moving `start` left, trimming all-padding
-columns is moving `start` right: neither copies. A finished row's hole is filled by the last
-row (one row copied), with `rows` as the row-to-request map.
+Storage is `(L, R, H_kv, C, D)` for keys and for values, `R` rows (the batch bound) by `C`
+columns (the context length plus slack), allocated once, uninitialised (see `embed`). Rows are
+grouped in length buckets (`buckets.Bucket`): each is a dense batch over a row range with its
+own column window `[start, end)`, every row right-aligned at `end`, so its padding mask follows
+from the lengths. Widening a window on the left and trimming it are moves of `start`; a
+finished row's hole is filled by its bucket's last row (one row copied).
 
-One step (the engine's generator protocol): newly admitted requests are prefilled in their own
-left-padded pass(es) into a staging `PrefilledKV`; `commit` embeds them (vector shaping); then
-one dense `[B, 1]` decode pass runs every row, including the rows embedded this step.
+One step (the engine's generator protocol), for the newcomers admitted since the last one:
+
+- `newcomer_pass="fused"` (default): ONE pass whose GEMMs run the decode rows' tokens and the
+  newcomers' prompt tokens together; attention split as `attention.BatonAttention` says; then
+  `commit` embeds the newcomers (vector shaping) and they decode from the next step.
+- `newcomer_pass="separate"`: a packed prefill pass of the newcomers, `commit` embeds them,
+  then one decode pass over every row, newcomers included. This is the form a remote prefill
+  worker feeds (`insert_prefilled`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from baton_plugin import embed
-from baton_plugin.attention import StagingAttention, WindowAttention, empty_staging
-from baton_plugin.masks import decode_mask, padding_mask, prefill_mask
-from baton_plugin.policy import plan_placement, plan_prefill_groups
+from baton_plugin.attention import (
+    BatonAttention,
+    BatonMask,
+    DecodeSegment,
+    PromptSegment,
+    Staging,
+)
+from baton_plugin.buckets import NEW_BUCKET, Bucket, choose_bucket
+from baton_plugin.masks import decode_mask, padding_mask
+from baton_plugin.rows import RowSpace
 from runtime.kv_cache import (
     CacheLimits,
     ForwardBatch,
@@ -35,22 +48,18 @@ from runtime.kv_cache import (
 )
 from runtime.request import Request
 
-
-@dataclass(frozen=True, slots=True)
-class PrefillLayout:
-    """A prefill pass: its staging K/V (written by the pass, embedded by `commit`)."""
-
-    staged: embed.PrefilledKV
+NewcomerPass = Literal["fused", "separate"]
+NEWCOMER_PASSES = ("fused", "separate")
 
 
 @dataclass(frozen=True, slots=True)
-class DecodeLayout:
-    """A decode pass over the window `[start, end]`; `lengths` count the key it appends."""
+class BatonLayout:
+    """One pass: decode segments (a bucket each) then prompt segments (a newcomer each)."""
 
-    start: int
-    end: int
-    lengths: torch.Tensor  # (B,) real keys per row after this pass
-    useful_pairs: int  # sum of lengths, kept on the host (no device sync for accounting)
+    decode: tuple[DecodeSegment, ...]
+    prompts: tuple[PromptSegment, ...]
+    buckets: tuple[Bucket, ...]  # the bucket of each decode segment
+    lengths: tuple[tuple[int, ...], ...]  # keys per row after this pass, per decode segment
 
 
 @dataclass(slots=True)
@@ -58,218 +67,259 @@ class CopyStats:
     """Copies the layout did beyond the model's own K/V writes (kept small by design)."""
 
     row_moves: int = 0
-    shifts: int = 0  # window moved inside the same buffer
-    reallocations: int = 0  # buffer grown (the window copied over when rows exist)
-    copied_token_slots: int = 0  # rows x columns copied by moves and relayouts
+    shifts: int = 0  # a bucket's window moved inside the buffer
+    zeroed_slots: int = 0  # pad columns zeroed as a window widened over them
+    copied_token_slots: int = 0  # rows x columns copied by moves and shifts
+    reallocations: int = 0  # the buffer grew (only for a lone request over the budget)
 
 
 class BatonCache(KVCache):
-    """Dense batch cache with a sliding column window; see the module docstring."""
+    """Dense length buckets over one preallocated buffer; see the module docstring."""
 
-    def __init__(
-        self,
-        shape: ModelShape,
-        limits: CacheLimits,
-        device: torch.device,
-        dtype: torch.dtype,
-        max_rows: int | None = None,
-        prefill_pad_tolerance: float = 0.25,
-    ) -> None:
+    def __init__(self, shape: ModelShape, limits: CacheLimits, device: torch.device,
+                 dtype: torch.dtype, max_rows: int | None = None,
+                 newcomer_pass: NewcomerPass = "fused", max_buckets: int = 4,
+                 bucket_pad_tolerance: float = 0.15, max_prefill_tokens: int = 8192) -> None:
         super().__init__(shape, limits, device, dtype)
-        self.max_rows = min(max_rows or limits.max_num_seqs, limits.max_num_seqs)
-        self.prefill_pad_tolerance = prefill_pad_tolerance
-        dims = (shape.num_layers, 0, shape.num_kv_heads, 0, shape.head_dim)
-        self.k = torch.zeros(dims, dtype=dtype, device=self.device)
-        self.v = torch.zeros(dims, dtype=dtype, device=self.device)
-        self.start = self.end = 0
-        self.rows: list[Request] = []  # row b holds rows[b]
-        self.lengths: list[int] = []  # real keys of row b (its last lengths[b] columns)
-        self.row_of: dict[Request, int] = {}
+        self.newcomer_pass = newcomer_pass
+        self.max_buckets = max_buckets
+        self.bucket_pad_tolerance = bucket_pad_tolerance
+        self.max_prefill_tokens = max_prefill_tokens
+        self.columns = limits.max_model_len + max(32, limits.max_model_len // 4)
+        rows_wanted = min(max_rows or limits.max_num_seqs, limits.max_num_seqs)
+        # Rows the KV budget holds at full context; the slack columns only let windows slide.
+        self.max_rows = max(1, min(rows_wanted, limits.kv_capacity_tokens // limits.max_model_len))
+        dims = (shape.num_layers, self.max_rows, shape.num_kv_heads, self.columns, shape.head_dim)
+        self.k = torch.empty(dims, dtype=dtype, device=self.device)
+        self.v = torch.empty(dims, dtype=dtype, device=self.device)
+        self.scratch = torch.empty(dims[1:], dtype=dtype, device=self.device)  # one layer
+        self.staging: Staging | None = None
+        self.space = RowSpace(self.max_rows)
+        self.buckets: list[Bucket] = []
+        self.bucket_of: dict[Request, Bucket] = {}
         self.pending: list[Request] = []  # admitted, not yet embedded
         self.copies = CopyStats()
 
+    # --- what the engine and the scheduler ask -------------------------------------------
+
     @property
     def num_rows(self) -> int:
-        return len(self.rows)
+        return len(self.bucket_of)
 
     @property
     def width(self) -> int:
-        """Columns of the window: the longest row, since all-padding columns are trimmed."""
-        return self.end - self.start
-
-    def padding_mask(self) -> torch.Tensor:
-        """Bool `(B, S)`, True on real keys (the paper's padding mask)."""
-        return padding_mask(torch.tensor(self.lengths, device=self.device), self.width)
+        """Columns of the widest bucket window (0 when empty)."""
+        return max((b.width for b in self.buckets), default=0)
 
     def add(self, request: Request) -> None:
         self.pending.append(request)
 
     def free(self, request: Request) -> None:
-        """Remove a row at once: the last row fills its hole, then all-padding columns go."""
+        """Remove a row at once: its bucket's last row fills the hole, then trim the window."""
         if request in self.pending:
             self.pending.remove(request)
-        row = self.row_of.pop(request, None)
-        if row is None:
+        bucket = self.bucket_of.pop(request, None)
+        if bucket is None:
             return
-        last = len(self.rows) - 1
-        if row != last:
-            moved, length = self.rows[last], self.lengths[last]
-            embed.move_row(self.k, self.v, last, row, self.end - length, self.end)
-            self.rows[row], self.lengths[row] = moved, length
-            self.row_of[moved] = row
+        i = bucket.rows.index(request)
+        last = bucket.num_rows - 1
+        if i != last:
+            length = bucket.lengths[last]
+            embed.move_row(self.k, self.v, bucket.first + last, bucket.first + i,
+                           bucket.end - length, bucket.end)
+            bucket.rows[i], bucket.lengths[i] = bucket.rows[last], length
             self.copies.row_moves += 1
             self.copies.copied_token_slots += length
-        self.rows.pop()
-        self.lengths.pop()
-        self.start = self.end - max(self.lengths, default=0)  # trim: no copy
+        bucket.rows.pop()
+        bucket.lengths.pop()
+        self.space.release(bucket.first + last)
+        if not bucket.rows:
+            self.buckets.remove(bucket)
+            return
+        bucket.start = bucket.end - max(bucket.lengths)  # trim: no copy
 
     def forward_batches(self, running: Sequence[Request]) -> Iterator[ForwardBatch]:
-        """Prefill pass(es) for newcomers, then one `[B, 1]` decode pass over every row.
+        """Fused: one pass of decode rows and newcomers. Separate: prefill pass, then decode.
 
         `running` is the engine's live list; the cache's own row map is authoritative, and
         each pass is built only when the engine asks for it, after the previous one's frees.
         """
-        pending = list(self.pending)
-        lengths = [len(r.pending_token_ids()) for r in pending]
-        for group in plan_prefill_groups(lengths, self.prefill_pad_tolerance):
-            requests = [pending[i] for i in group if pending[i] in self.pending]
-            if requests:
-                yield self._prefill_batch(requests)
-        if self.rows:
-            self._ensure_room(len(self.rows), self.width, 1)
-            yield self._decode_batch()
+        newcomers = self._newcomers_this_step()
+        if self.newcomer_pass == "separate" and newcomers:
+            yield self._pass(decode=False, newcomers=newcomers)
+            newcomers = []
+        if self.bucket_of or newcomers:
+            yield self._pass(decode=True, newcomers=newcomers)
 
-    def _prefill_batch(self, requests: list[Request]) -> ForwardBatch:
-        tokens = [r.pending_token_ids() for r in requests]
-        ids, pos = embed.left_pad(tokens, self.device)  # (n, T)
-        s = self.shape
-        staged = empty_staging(
-            s.num_layers,
-            s.num_kv_heads,
-            s.head_dim,
-            [len(t) for t in tokens],
-            self.device,
-            self.dtype,
-        )
-        last = torch.arange(1, len(tokens) + 1, device=self.device) * staged.width - 1
-        return ForwardBatch(
-            tuple(requests),
-            ids,
-            pos,
-            staged.lengths,
-            last,
-            tuple(requests),
-            Phase.PREFILL,
-            PrefillLayout(staged),
-        )
-
-    def _decode_batch(self) -> ForwardBatch:
-        rows = tuple(self.rows)
-        last = [r.pending_token_ids() for r in rows]
-        if any(len(t) != 1 for t in last):
-            raise RuntimeError("baton: a decode row must have exactly one pending token")
-        ids = torch.tensor(last, dtype=torch.long, device=self.device)  # (B, 1)
-        past = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
-        index = torch.arange(len(rows), device=self.device)
-        layout = DecodeLayout(self.start, self.end, past + 1, sum(self.lengths) + len(rows))
-        return ForwardBatch(
-            rows, ids, past[:, None], (1,) * len(rows), index, rows, Phase.DECODE, layout
-        )
-
-    def attention(self, batch: ForwardBatch) -> StagingAttention | WindowAttention:
-        lay = batch.layout
-        if isinstance(lay, PrefillLayout):
-            return StagingAttention(lay.staged)
-        return WindowAttention(self, lay.start, lay.end)
+    def attention(self, batch: ForwardBatch) -> BatonAttention:
+        lay: BatonLayout = batch.layout
+        return BatonAttention(self.k, self.v, self.staging, lay.decode, lay.prompts)
 
     def commit(self, batch: ForwardBatch) -> None:
-        """After a prefill, embed its K/V into the batch; after a decode, extend the window."""
-        if isinstance(batch.layout, PrefillLayout):
-            self.insert_prefilled(batch.requests, batch.layout.staged)
-            return
-        self.end += 1
-        self.lengths = [n + 1 for n in self.lengths]
+        """After a pass: decode rows gained a key; newcomers are embedded from staging."""
+        lay: BatonLayout = batch.layout
+        for bucket in lay.buckets:
+            bucket.end += 1
+            bucket.lengths = [n + 1 for n in bucket.lengths]
+        first_newcomer = len(batch.requests) - len(lay.prompts)
+        newcomers = batch.requests[first_newcomer:]
+        base = lay.prompts[0].offset if lay.prompts else 0
+        for req, seg in zip(newcomers, lay.prompts, strict=True):
+            row, end = self._place(req, seg.length)
+            embed.embed_packed(self.k, self.v, self.staging.k, self.staging.v,
+                               seg.offset - base, seg.length, row, end)
 
     def insert_prefilled(self, requests: Sequence[Request], kv: embed.PrefilledKV) -> None:
-        """Embed prefilled K/V (from this device's pass or any prefill worker) as new rows.
-
-        Vector shaping: the window widens to `max(S, T)` by moving `start` left (the batch is
-        left-padded), and the newcomers land right-aligned at `end` (they are left-padded).
-        """
-        for req in requests:
-            if req in self.pending:
-                self.pending.remove(req)
-        first = len(self.rows)
-        width = self.end - embed.shaped_start(self.start, self.end, first, kv.width)
-        self._ensure_room(first + kv.num_rows, width, 0)
-        self.start = embed.shaped_start(self.start, self.end, first, kv.width)
-        embed.embed_rows(self.k, self.v, kv, first, self.end)
+        """Embed K/V prefilled elsewhere (a prefill worker, another device) as new rows."""
         for i, req in enumerate(requests):
-            self.row_of[req] = first + i
-        self.rows.extend(requests)
-        self.lengths.extend(kv.lengths)
+            row, end = self._place(req, kv.lengths[i])
+            embed.embed_prefilled(self.k, self.v, kv, i, row, end)
 
-    def _ensure_room(self, rows: int, width: int, right: int) -> None:
-        """Make rows `[0, rows)` and columns `[end - width, end + right)` fit the buffer."""
-        cap_rows, cap_cols = self.k.shape[1], self.k.shape[3]
-        fits = rows <= cap_rows and self.end - width >= 0 and self.end + right <= cap_cols
-        if fits and self.rows:
-            return  # an empty batch is re-placed for free instead
-        plan = plan_placement(rows, width, right, cap_rows, cap_cols, self.max_rows)
-        src_k, src_v = self.k, self.v
-        if plan.reallocate:
-            dims = (
-                self.shape.num_layers,
-                plan.rows,
-                self.shape.num_kv_heads,
-                plan.columns,
-                self.shape.head_dim,
-            )
-            self.k = torch.zeros(dims, dtype=self.dtype, device=self.device)
-            self.v = torch.zeros(dims, dtype=self.dtype, device=self.device)
-            self.copies.reallocations += 1
-        elif self.rows:
-            self.copies.shifts += 1
-        new_start = plan.end - self.width
-        if self.rows:
-            embed.relocate(src_k, self.k, len(self.rows), self.start, self.end, new_start)
-            embed.relocate(src_v, self.v, len(self.rows), self.start, self.end, new_start)
-            self.copies.copied_token_slots += len(self.rows) * self.width
-        self.start, self.end = new_start, plan.end
-
-    def build_mask(self, batch: ForwardBatch) -> torch.Tensor:
-        lay = batch.layout
-        if isinstance(lay, PrefillLayout):
-            lengths = torch.tensor(lay.staged.lengths, device=self.device)
-            return prefill_mask(lengths, lay.staged.width, self.dtype)  # (n, 1, T, T)
-        return decode_mask(lay.lengths, lay.end + 1 - lay.start, self.dtype)  # (B, 1, 1, W+1)
+    def build_mask(self, batch: ForwardBatch) -> BatonMask:
+        lay: BatonLayout = batch.layout
+        return BatonMask(tuple(
+            decode_mask(list(lengths), seg.end + 1 - seg.start, self.dtype, self.device)
+            for seg, lengths in zip(lay.decode, lay.lengths, strict=True)))
 
     def memory_stats(self) -> MemoryStats:
         per_token = kv_elements_per_token(self.shape)
-        allocated = self.k.shape[1] * self.k.shape[3]
-        used = sum(self.lengths)
-        reserved = len(self.rows) * self.width + sum(r.num_tokens for r in self.pending)
-        return MemoryStats(
-            allocated * per_token,
-            used * per_token,
-            reserved,
-            used,
-            len(self.rows) + len(self.pending),
-        )
+        used = sum(sum(b.lengths) for b in self.buckets)
+        reserved = sum(b.num_rows * b.width for b in self.buckets)
+        reserved += sum(r.num_tokens for r in self.pending)
+        return MemoryStats(self.max_rows * self.columns * per_token, used * per_token, reserved,
+                           used, self.num_rows + len(self.pending))
 
     def pass_stats(self, batch: ForwardBatch) -> PassStats:
-        """Pad columns are computed but not useful; causal-masked pairs likewise."""
-        lay = batch.layout
-        if isinstance(lay, PrefillLayout):
-            n, width = lay.staged.num_rows, lay.staged.width
-            real = lay.staged.lengths
-            return PassStats(
-                Phase.PREFILL,
-                n,
-                sum(real),
-                n * width,
-                sum(p * (p + 1) // 2 for p in real),
-                n * width * width,
-            )
-        rows, keys = len(batch.requests), lay.end + 1 - lay.start
-        return PassStats(Phase.DECODE, rows, rows, rows, lay.useful_pairs, rows * keys)
+        """Decode pad columns are computed, not useful; causal prompts compute only their
+        lower triangle (the kernel skips the rest), so their pairs are all useful."""
+        lay: BatonLayout = batch.layout
+        useful = computed = 0
+        for seg, lengths in zip(lay.decode, lay.lengths, strict=True):
+            useful += sum(lengths)
+            computed += seg.rows * (seg.end + 1 - seg.start)
+        prompt_pairs = sum(p.length * (p.length + 1) // 2 for p in lay.prompts)
+        tokens = int(batch.input_ids.numel())
+        return PassStats(batch.phase, len(batch.requests), tokens, tokens, useful + prompt_pairs,
+                         computed + prompt_pairs)
+
+    def padding_mask(self, bucket: Bucket) -> torch.Tensor:
+        """Bool `(B, S)` of one bucket, True on real keys (the paper's padding mask)."""
+        return padding_mask(torch.tensor(bucket.lengths, device=self.device), bucket.width)
+
+    # --- building passes -------------------------------------------------------------------
+
+    def _newcomers_this_step(self) -> list[Request]:
+        """Pending requests, in admission order, up to `max_prefill_tokens` prompt tokens."""
+        chosen, total = [], 0
+        for req in self.pending:
+            n = len(req.pending_token_ids())
+            if chosen and total + n > self.max_prefill_tokens:
+                break
+            chosen.append(req)
+            total += n
+        return chosen
+
+    def _pass(self, decode: bool, newcomers: list[Request]) -> ForwardBatch:
+        """A packed `(N,)` pass: every bucket's decode rows (if `decode`), then the prompts."""
+        requests: list[Request] = []
+        ids: list[int] = []
+        positions: list[int] = []
+        segments, buckets, lengths = [], [], []
+        for bucket in self.buckets if decode else ():
+            self._ensure_room(bucket, bucket.width, 1)
+            segments.append(DecodeSegment(len(ids), bucket.num_rows, bucket.first, bucket.start,
+                                          bucket.end))
+            for req, n in zip(bucket.rows, bucket.lengths, strict=True):
+                pending = req.pending_token_ids()
+                if len(pending) != 1:
+                    raise RuntimeError("baton: a decode row must have exactly one pending token")
+                requests.append(req)
+                ids.append(pending[0])
+                positions.append(n)
+            buckets.append(bucket)
+            lengths.append(tuple(n + 1 for n in bucket.lengths))
+        prompts = []
+        for req in newcomers:
+            tokens = req.pending_token_ids()
+            prompts.append(PromptSegment(len(ids), len(tokens)))
+            requests.append(req)
+            ids.extend(tokens)
+            positions.extend(range(len(tokens)))
+        self._ensure_staging(sum(p.length for p in prompts))
+        num_decode = len(ids) - sum(p.length for p in prompts)
+        dev = self.device
+        sample = list(range(num_decode)) + [p.offset + p.length - 1 for p in prompts]
+        phase = Phase.MIXED if prompts and num_decode else Phase.PREFILL if prompts \
+            else Phase.DECODE
+        layout = BatonLayout(tuple(segments), tuple(prompts), tuple(buckets), tuple(lengths))
+        return ForwardBatch(
+            tuple(requests), torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
+            tuple([1] * num_decode + [p.length for p in prompts]),
+            torch.tensor(sample, device=dev), tuple(requests), phase, layout)
+
+    def _ensure_staging(self, tokens: int) -> None:
+        """Staging for `tokens` prompt tokens, grown (rarely) and otherwise reused."""
+        if not tokens or (self.staging is not None and self.staging.k.shape[1] >= tokens):
+            return
+        s = self.shape
+        size = max(tokens, min(self.max_prefill_tokens, 2 * tokens))
+        dims = (s.num_layers, size, s.num_kv_heads, s.head_dim)
+        self.staging = Staging(torch.empty(dims, dtype=self.dtype, device=self.device),
+                               torch.empty(dims, dtype=self.dtype, device=self.device))
+
+    # --- placement: vector shaping into a bucket --------------------------------------------
+
+    def _place(self, request: Request, length: int) -> tuple[int, int]:
+        """Choose the request's bucket and row, widen the window; returns (row, end)."""
+        if request in self.pending:
+            self.pending.remove(request)
+        choice = choose_bucket(self.buckets, length, self.max_buckets, self.bucket_pad_tolerance)
+        if choice.index == NEW_BUCKET:
+            bucket = Bucket()
+            first = self.space.open(bucket)
+            end = self._initial_end(length)
+            bucket.first, bucket.start, bucket.end = first, end - length, end
+            self.buckets.append(bucket)
+            row = first
+        else:
+            bucket = self.buckets[choice.index]
+            self._ensure_room(bucket, max(bucket.width, length), 0)
+            if length > bucket.width:  # the bucket is padded on the left (vector shaping)
+                new_start = bucket.end - length
+                self._zero(slice(bucket.first, bucket.stop), new_start, bucket.start)
+                bucket.start = new_start
+            row = self.space.grow(bucket, self._move_row)
+            self._zero(slice(row, row + 1), bucket.start, bucket.end - length)
+        at = 0 if row == bucket.first and bucket.rows else len(bucket.rows)
+        bucket.rows.insert(at, request)
+        bucket.lengths.insert(at, length)
+        self.bucket_of[request] = bucket
+        return row, bucket.end
+
+    def _initial_end(self, length: int) -> int:
+        """A new window's end: an eighth of the spare columns on the left, the rest right."""
+        return length + (self.columns - length) // 8
+
+    def _ensure_room(self, bucket: Bucket, width: int, right: int) -> None:
+        """Make columns `[end - width, end + right)` fit the buffer, shifting the window."""
+        if bucket.end - width >= 0 and bucket.end + right <= self.columns:
+            return
+        new_end = width + (self.columns - width - right) // 8
+        rows = slice(bucket.first, bucket.stop)
+        embed.shift_window(self.k, self.scratch, rows, bucket.start, bucket.end,
+                           new_end - bucket.width)
+        embed.shift_window(self.v, self.scratch, rows, bucket.start, bucket.end,
+                           new_end - bucket.width)
+        self.copies.shifts += 1
+        self.copies.copied_token_slots += bucket.num_rows * bucket.width
+        bucket.start, bucket.end = new_end - bucket.width, new_end
+
+    def _move_row(self, bucket: Bucket, src: int, dst: int) -> None:
+        """RowSpace's callback: a bucket's row moves (its window's columns come along)."""
+        embed.move_row(self.k, self.v, src, dst, bucket.start, bucket.end)
+        self.copies.row_moves += 1
+        self.copies.copied_token_slots += bucket.width
+
+    def _zero(self, rows: slice, lo: int, hi: int) -> None:
+        embed.zero_columns(self.k, self.v, rows, lo, hi)
+        self.copies.zeroed_slots += max(hi - lo, 0) * (rows.stop - rows.start)

@@ -1,14 +1,18 @@
 """Vector shaping and KV-cache embedding as pure tensor functions.
 
-The insert path takes prefilled keys and values as data (`PrefilledKV`), so they can come
-from this device's own prefill pass (the default) or from a separate prefill worker; nothing
-here runs the model. Cache tensors are `(L, B_cap, H_kv, S_cap, D)`; a batch occupies rows
-`[0, B)` and the column window `[start, end)`, every row right-aligned at `end`.
+The insert path takes prefilled keys and values as data (`PrefilledKV`, or the cache's own
+packed staging), so they can come from this device's prefill pass or from a separate prefill
+worker; nothing here runs the model. Cache tensors are `(L, R, H_kv, C, D)`; a bucket occupies
+a row range and a column window `[start, end)`, every row right-aligned at `end`.
+
+Every column a bucket's attention reads is finite: real keys, zeros written when a window
+widens over columns its rows never wrote, or stale keys of rows that left. The mask gives pad
+columns the dtype minimum, whose softmax weight is exactly 0, and 0 x finite is 0 (0 x NaN
+from uninitialised memory would not be), so the buffer itself can start uninitialised.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,60 +40,53 @@ class PrefilledKV:
         return self.k.shape[1]
 
 
-def left_pad(
-    token_lists: Sequence[Sequence[int]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input ids and true positions `(n, T)` of sequences right-aligned at column T."""
-    width = max(len(t) for t in token_lists)
-    ids = [[0] * (width - len(t)) + list(t) for t in token_lists]
-    pos = [[0] * (width - len(t)) + list(range(len(t))) for t in token_lists]
-    return (
-        torch.tensor(ids, dtype=torch.long, device=device),
-        torch.tensor(pos, dtype=torch.long, device=device),
-    )
+def embed_prefilled(k_cache: torch.Tensor, v_cache: torch.Tensor, kv: PrefilledKV,
+                    index: int, row: int, end: int) -> None:
+    """Copy sequence `index` of `kv` (its real keys) into cache `row`, ending at column `end`."""
+    length = kv.lengths[index]
+    src = slice(kv.width - length, kv.width)
+    cols = slice(end - length, end)
+    k_cache[:, row, :, cols] = kv.k[:, index, :, src].to(k_cache.device, k_cache.dtype)
+    v_cache[:, row, :, cols] = kv.v[:, index, :, src].to(v_cache.device, v_cache.dtype)
 
 
-def shaped_start(start: int, end: int, num_rows: int, new_width: int) -> int:
-    """Window start after inserting sequences of up to `new_width` keys (vector shaping).
-
-    A longer newcomer pads the whole batch on the left: `start` moves left, nothing is copied.
-    A shorter one is padded itself (it is right-aligned inside the existing window).
-    """
-    return min(start, end - new_width) if num_rows else end - new_width
-
-
-def embed_rows(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, kv: PrefilledKV, first_row: int, end: int
-) -> None:
-    """Copy `kv`'s rows into rows `[first_row, first_row + n)`, columns `[end - T, end)`.
-
-    One copy for all n rows: their own left padding comes along and stays masked.
-    """
-    rows = slice(first_row, first_row + kv.num_rows)
-    cols = slice(end - kv.width, end)
-    k_cache[:, rows, :, cols] = kv.k.to(k_cache.device, k_cache.dtype)
-    v_cache[:, rows, :, cols] = kv.v.to(v_cache.device, v_cache.dtype)
+def embed_packed(k_cache: torch.Tensor, v_cache: torch.Tensor, k_stage: torch.Tensor,
+                 v_stage: torch.Tensor, offset: int, length: int, row: int, end: int) -> None:
+    """Copy one prompt's staged keys `(L, N, H_kv, D)[:, offset:offset+length]` into `row`."""
+    cols = slice(end - length, end)
+    tokens = slice(offset, offset + length)
+    k_cache[:, row, :, cols] = k_stage[:, tokens].transpose(1, 2)  # (L, H_kv, P, D)
+    v_cache[:, row, :, cols] = v_stage[:, tokens].transpose(1, 2)
 
 
-def move_row(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, src: int, dst: int, lo: int, hi: int
-) -> None:
-    """Fill the hole at row `dst` with row `src`'s columns `[lo, hi)` (all layers at once)."""
+def zero_columns(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: slice, lo: int,
+                 hi: int) -> None:
+    """Zero columns `[lo, hi)` of `rows` (pad a window is about to expose)."""
+    if hi > lo and rows.stop > rows.start:
+        k_cache[:, rows, :, lo:hi] = 0
+        v_cache[:, rows, :, lo:hi] = 0
+
+
+def move_row(k_cache: torch.Tensor, v_cache: torch.Tensor, src: int, dst: int, lo: int,
+             hi: int) -> None:
+    """Put row `src`'s columns `[lo, hi)` in row `dst` (all layers at once)."""
     k_cache[:, dst, :, lo:hi] = k_cache[:, src, :, lo:hi]
     v_cache[:, dst, :, lo:hi] = v_cache[:, src, :, lo:hi]
 
 
-def relocate(
-    src: torch.Tensor, dst: torch.Tensor, num_rows: int, lo: int, hi: int, new_lo: int
-) -> None:
-    """Copy the window `[lo, hi)` of rows `[0, num_rows)` to `[new_lo, ...)` of `dst`.
+def shift_window(cache: torch.Tensor, scratch: torch.Tensor, rows: slice, lo: int, hi: int,
+                 new_lo: int) -> None:
+    """Move the window `[lo, hi)` of `rows` to start at `new_lo`, within the same buffer.
 
-    Layer by layer, cloning when `src is dst` so overlapping windows copy correctly while the
-    transient memory stays one layer's window.
+    Disjoint source and target copy directly; overlapping ones go layer by layer through
+    `scratch` (one layer's rows, allocated once by the cache), so no temporary is allocated.
     """
     width = hi - lo
-    for layer in range(src.shape[0]):
-        window = src[layer, :num_rows, :, lo:hi]  # (B, H_kv, W, D)
-        if src is dst:
-            window = window.clone()
-        dst[layer, :num_rows, :, new_lo : new_lo + width] = window
+    if new_lo + width <= lo or new_lo >= hi:
+        cache[:, rows, :, new_lo : new_lo + width] = cache[:, rows, :, lo:hi]
+        return
+    n = rows.stop - rows.start
+    staged = scratch[:n, :, :width]
+    for layer in range(cache.shape[0]):
+        staged.copy_(cache[layer, rows, :, lo:hi])
+        cache[layer, rows, :, new_lo : new_lo + width] = staged

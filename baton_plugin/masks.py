@@ -1,6 +1,6 @@
 """BATON's attention masks, derived from each row's real length.
 
-Every row of the batch cache is right-aligned at the window's end (left-padded), so a row's
+Every row of a bucket is right-aligned at the bucket window's end (left-padded), so a row's
 real keys are always the last `lengths[b]` columns of the window: the padding mask `[B, S]` is
 a function of the lengths alone and never needs to be stored or copied.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.masks import additive_mask, padded_prefill_mask
+from runtime.masks import additive_mask
 
 
 def padding_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -18,15 +18,14 @@ def padding_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
     return cols[None, :] >= (width - lengths)[:, None]  # (B, width)
 
 
-def decode_mask(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive `(B, 1, 1, width)` mask of a `[B, 1]` decode step; dtype minimum on padding.
+def decode_mask(lengths: list[int], width: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor | None:
+    """Additive `(B, 1, 1, width)` mask of a bucket's decode; None when it has no padding.
 
     `lengths` already count the key this step appends, so every row has at least one real key
-    and no softmax row is all-masked.
+    and no softmax row is all-masked. Without padding, no mask lets SDPA take its fast path.
     """
-    return additive_mask(padding_mask(lengths, width)[:, None, None, :], dtype)
-
-
-def prefill_mask(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive `(n, 1, T, T)` mask of a left-padded prefill: causal and padding together."""
-    return padded_prefill_mask(padding_mask(lengths, width), width, dtype)
+    if min(lengths) == width:
+        return None
+    lengths_t = torch.tensor(lengths, device=device)
+    return additive_mask(padding_mask(lengths_t, width)[:, None, None, :], dtype)

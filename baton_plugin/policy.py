@@ -1,4 +1,4 @@
-"""BATON's policies as pure functions: admission footprint, prefill grouping, buffer growth.
+"""BATON's admission policy as pure functions: each row's extent and the padded footprint.
 
 Kept apart from the tensors so each rule can be read, documented and tested on its own.
 """
@@ -6,7 +6,6 @@ Kept apart from the tensors so each rule can be read, documented and tested on i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from runtime.request import Request
 
@@ -36,61 +35,3 @@ def peak_padded_footprint(rows: Sequence[tuple[int, int]]) -> int:
         longest = max(longest, length)
         peak = max(peak, count * (longest + remaining))
     return peak
-
-
-def plan_prefill_groups(lengths: Sequence[int], tolerance: float) -> list[list[int]]:
-    """Indices of newly admitted prompts grouped into left-padded prefill passes.
-
-    Sorted by length; a prompt joins the current group while the group's padded slots stay
-    within `(1 + tolerance)` times its real tokens. `tolerance=0` groups equal lengths only;
-    a large tolerance prefills everything admitted in one step together.
-    """
-    groups: list[list[int]] = []
-    current: list[int] = []
-    total = 0
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        n = lengths[i]
-        if current and (len(current) + 1) * n > (1 + tolerance) * (total + n):
-            groups.append(current)
-            current, total = [], 0
-        current.append(i)
-        total += n
-    if current:
-        groups.append(current)
-    return groups
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where the batch window goes after a relayout: buffer shape and the window's new end."""
-
-    rows: int
-    columns: int
-    end: int
-    reallocate: bool
-
-
-MIN_SPARE_COLUMNS = 32
-
-
-def plan_placement(
-    rows: int, width: int, right: int, cap_rows: int, cap_cols: int, max_rows: int
-) -> Placement:
-    """Buffer size and window position when the window does not fit where it is.
-
-    The window needs `width` columns ending at `end` plus `right` free columns after it. A
-    shift copies the window (`B x W` slots) and buys one decode step per spare column on the
-    right, so shift in place only while at least a third of the buffer and `MIN_SPARE_COLUMNS`
-    are spare: the copies then stay within a few percent of what attention reads. Otherwise
-    grow to `1.5 x need + MIN_SPARE_COLUMNS` columns, rows doubling (from 4) up to `max_rows`.
-    An eighth of the spare goes to the left (for longer newcomers), the rest to the right
-    (every decode step appends one column).
-    """
-    need = width + right
-    spare = cap_cols - need
-    grow = rows > cap_rows or 3 * spare < cap_cols or spare < MIN_SPARE_COLUMNS
-    if grow:
-        cap_rows = max(rows, min(max_rows, max(2 * cap_rows, 4)))
-        cap_cols = max(cap_cols, need + need // 2 + MIN_SPARE_COLUMNS)
-        spare = cap_cols - need
-    return Placement(cap_rows, cap_cols, spare // 8 + width, grow)

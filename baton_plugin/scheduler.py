@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from baton_plugin.cache import BatonCache
+from baton_plugin.attention import BatonMask
+from baton_plugin.cache import NEWCOMER_PASSES, BatonCache
 from baton_plugin.policy import peak_padded_footprint, row_extent
 from runtime import hookimpl
 from runtime.kv_cache import CacheLimits, ForwardBatch, KVCache, ModelShape, Phase
@@ -42,32 +43,47 @@ class IdleTotals:
 
 
 class BatonScheduler:
-    """Options (YAML `scheduler_options`):
+    """Options (YAML `scheduler_options`; docs/baton.md measures each):
 
     - `max_batch_size`: rows in the batch (default: the engine's `max_num_seqs`).
-    - `kv_budget_tokens`: padded `B x S` KV footprint the batch may reach, in tokens
-      (default: the engine's KV capacity). Admission checks the worst-case peak.
-    - `prefill_pad_tolerance`: how much left padding several newcomers admitted in the same
-      step may add to share one prefill pass (0 = equal lengths only).
+    - `kv_budget_tokens`: padded KV footprint the batch may reach, in tokens (default: the
+      engine's KV capacity). Admission checks the worst-case peak.
+    - `newcomer_pass`: `fused` (default) runs newcomers' prompts in the same pass as the
+      decode rows' tokens; `separate` prefills them in a pass of their own first.
+    - `max_buckets`: dense length buckets the batch may split into (1 = one dense batch).
+    - `bucket_pad_tolerance`: a newcomer joins the bucket it pads least when the pad it adds
+      is at most this share of its own keys; else it opens a bucket (while under the max).
+    - `max_prefill_tokens`: prompt tokens prefilled per step; later newcomers wait a step.
     """
 
     def __init__(
         self,
         max_batch_size: int | None = None,
         kv_budget_tokens: int | None = None,
-        prefill_pad_tolerance: float = 0.25,
+        newcomer_pass: str = "fused",
+        max_buckets: int = 4,
+        bucket_pad_tolerance: float = 0.15,
+        max_prefill_tokens: int = 8192,
     ) -> None:
         for name, value in (
             ("max_batch_size", max_batch_size),
             ("kv_budget_tokens", kv_budget_tokens),
+            ("max_buckets", max_buckets),
+            ("max_prefill_tokens", max_prefill_tokens),
         ):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not prefill_pad_tolerance >= 0:
-            raise ValueError(f"prefill_pad_tolerance must be >= 0, got {prefill_pad_tolerance!r}")
+        if newcomer_pass not in NEWCOMER_PASSES:
+            raise ValueError(f"newcomer_pass must be one of {', '.join(NEWCOMER_PASSES)}, "
+                             f"got {newcomer_pass!r}")
+        if not (isinstance(bucket_pad_tolerance, (int, float)) and bucket_pad_tolerance >= 0):
+            raise ValueError(f"bucket_pad_tolerance must be >= 0, got {bucket_pad_tolerance!r}")
         self.max_batch_size = max_batch_size
         self.kv_budget_tokens = kv_budget_tokens
-        self.prefill_pad_tolerance = float(prefill_pad_tolerance)
+        self.newcomer_pass = newcomer_pass
+        self.max_buckets = max_buckets
+        self.bucket_pad_tolerance = float(bucket_pad_tolerance)
+        self.max_prefill_tokens = max_prefill_tokens
         self.cache: BatonCache | None = None
         self.totals = IdleTotals()
 
@@ -86,6 +102,8 @@ class BatonScheduler:
         a request alone is always admitted, or it could never run.
         """
         limit = min(self.max_batch_size or budget.max_num_seqs, budget.max_num_seqs)
+        if isinstance(kv_cache, BatonCache):
+            limit = min(limit, kv_cache.max_rows)
         capacity = min(
             self.kv_budget_tokens or budget.kv_capacity_tokens, budget.kv_capacity_tokens
         )
@@ -106,13 +124,14 @@ class BatonScheduler:
         self, shape: ModelShape, limits: CacheLimits, device: torch.device, dtype: torch.dtype
     ) -> KVCache:
         self.cache = BatonCache(
-            shape, limits, device, dtype, self.max_batch_size, self.prefill_pad_tolerance
+            shape, limits, device, dtype, self.max_batch_size, self.newcomer_pass,
+            self.max_buckets, self.bucket_pad_tolerance, self.max_prefill_tokens,
         )
         return self.cache
 
     @hookimpl
-    def build_attention_mask(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor | None:
-        """Additive mask with the dtype minimum on padded (and, in prefill, future) keys."""
+    def build_attention_mask(self, batch: ForwardBatch, kv_cache: KVCache) -> BatonMask | None:
+        """Per bucket, an additive mask with the dtype minimum on padded keys."""
         if not isinstance(kv_cache, BatonCache):
             return None
         return kv_cache.build_mask(batch)

@@ -61,20 +61,28 @@ def assert_empty(engine: Engine) -> None:
     assert cache.num_rows == 0 and cache.width == 0 and not cache.pending
 
 
-@pytest.mark.parametrize(
-    ("seed", "max_num_seqs", "tolerance"), [(0, 4, 0.25), (1, 3, 0.0), (2, 5, 10.0), (3, 2, 0.25)]
-)
-def test_random_mixes_match_solo(model, seed: int, max_num_seqs: int, tolerance: float) -> None:
+OPTION_SETS = {
+    "fused-buckets": {},
+    "separate-buckets": {"newcomer_pass": "separate"},
+    "fused-one-bucket": {"max_buckets": 1},
+    "separate-one-bucket": {"newcomer_pass": "separate", "max_buckets": 1},
+    "strict-buckets-small-prefill": {"max_buckets": 3, "bucket_pad_tolerance": 0.0,
+                                     "max_prefill_tokens": 10},
+}
+
+
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+@pytest.mark.parametrize(("seed", "max_num_seqs"), [(0, 4), (1, 3), (2, 5), (3, 2), (4, 8)])
+def test_random_mixes_match_solo(model, options: dict, seed: int, max_num_seqs: int) -> None:
     arrivals = random_arrivals(
         seed,
-        num_requests=10,
+        num_requests=12,
         vocab_size=128,
         prompt_len=(1, 20),
         max_tokens=(1, 9),
         max_arrival_step=10,
         abort_fraction=0.25,
     )
-    options = {"prefill_pad_tolerance": tolerance}
     mixed, engine = run_mix(
         model, lambda: BatonScheduler(**options), arrivals, max_num_seqs=max_num_seqs
     )
@@ -88,27 +96,42 @@ def test_random_mixes_match_solo(model, seed: int, max_num_seqs: int, tolerance:
             assert got == ref, f"request {i}: {got} != solo {ref}"
 
 
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_pad_columns_never_read_uninitialised_memory(model, options: dict) -> None:
+    """The buffer starts as NaN: a pad column the layout forgot to zero poisons the output."""
+
+    class Poisoned(BatonScheduler):
+        @hookimpl
+        def make_kv_cache(self, shape, limits, device, dtype):
+            cache = super().make_kv_cache(shape, limits, device, dtype)
+            cache.k.fill_(float("nan"))
+            cache.v.fill_(float("nan"))
+            return cache
+
+    arrivals = random_arrivals(11, num_requests=14, vocab_size=128, prompt_len=(1, 24),
+                               max_tokens=(2, 10), max_arrival_step=12, abort_fraction=0.2)
+    mixed, engine = run_mix(model, lambda: Poisoned(**options), arrivals, max_num_seqs=5)
+    assert_empty(engine)
+    for i, arr in enumerate(arrivals):
+        ref = solo(model, arr.prompt_token_ids, arr.params)
+        assert mixed.tokens[i] == ref[: len(mixed.tokens[i])], f"request {i}"
+
+
 def test_insert_shorter_equal_and_longer_than_batch(model) -> None:
-    engine = baton_engine(model, prefill_pad_tolerance=0.0)
+    engine = baton_engine(model, max_num_seqs=5, max_buckets=1)
     cache: BatonCache = engine.kv_cache
-    inserts = []
-    original = cache.insert_prefilled
-
-    def record(requests, kv):
-        inserts.append((cache.width if cache.num_rows else None, kv.width))
-        original(requests, kv)
-
-    cache.insert_prefilled = record
     first = engine.add_request(list(range(3, 9)), greedy(12))
     engine.step()
     engine.step()
-    width = cache.width  # 6 prompt keys + 2 decoded
-    assert width == 8
-    prompts = [list(range(10, 10 + n)) for n in (width - 3, width, width + 4)]
+    width = cache.width  # 6 prompt keys + 1 decoded (the fused pass decodes from step 2)
+    assert width == 7
+    prompts = [list(range(10, 10 + n)) for n in (width - 3, width + 1, width + 5)]
     reqs = [engine.add_request(p, greedy(5)) for p in prompts]
-    engine.step()
-    assert inserts[1:] == [(8, 5), (8, 8), (8, 12)]  # shorter, equal, longer
-    assert cache.width == 13  # the longer one padded the batch on the left, then one decode
+    engine.step()  # one fused pass: the first row decodes, the three newcomers prefill
+    (bucket,) = cache.buckets
+    assert sorted(bucket.lengths) == [4, 8, 8, 12]  # shorter, equal, longer than the batch
+    assert cache.width == 12  # the longer one padded the batch on the left
+    assert [p.phase for p in engine.last_step.passes] == [Phase.MIXED]
     drain(engine)
     assert_empty(engine)
     assert first.output_token_ids == solo(model, range(3, 9), greedy(12))
@@ -116,8 +139,8 @@ def test_insert_shorter_equal_and_longer_than_batch(model) -> None:
         assert req.output_token_ids == solo(model, prompt, greedy(5))
 
 
-def test_rows_embedded_this_step_decode_this_step(model) -> None:
-    engine = baton_engine(model)
+def test_separate_pass_newcomers_decode_in_their_own_step(model) -> None:
+    engine = baton_engine(model, newcomer_pass="separate")
     a = engine.add_request([5, 6, 7], greedy(6))
     engine.step()
     assert [p.phase for p in engine.last_step.passes] == [Phase.PREFILL, Phase.DECODE]
@@ -129,13 +152,29 @@ def test_rows_embedded_this_step_decode_this_step(model) -> None:
     assert len(b.output_token_ids) == 2 and len(a.output_token_ids) == 3
 
 
-def test_finishing_in_prefill_and_batch_emptying_and_refilling(model) -> None:
+def test_fused_pass_is_one_pass_per_step(model) -> None:
     engine = baton_engine(model)
+    a = engine.add_request([5, 6, 7], greedy(6))
+    engine.step()
+    assert [p.phase for p in engine.last_step.passes] == [Phase.PREFILL]
+    b = engine.add_request([9] * 7, greedy(6))
+    engine.step()
+    (mixed,) = engine.last_step.passes
+    assert mixed.phase is Phase.MIXED and mixed.num_requests == 2
+    assert mixed.useful_tokens == mixed.computed_tokens == 1 + 7  # packed: no pad token
+    assert len(b.output_token_ids) == 1 and len(a.output_token_ids) == 2
+    engine.step()
+    assert [p.phase for p in engine.last_step.passes] == [Phase.DECODE]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_finishing_in_prefill_and_batch_emptying_and_refilling(model, options) -> None:
+    engine = baton_engine(model, **options)
     a = engine.add_request([1, 2, 3, 4], greedy(4))
     engine.step()
-    one = engine.add_request([7] * 9, greedy(1))  # finishes in its own prefill pass
+    one = engine.add_request([7] * 9, greedy(1))  # finishes in its own prefill
     engine.step()
-    assert one.finish_reason is FinishReason.LENGTH and engine.last_step.passes[1].num_requests == 1
+    assert one.finish_reason is FinishReason.LENGTH and engine.kv_cache.num_rows == 1
     drain(engine)
     assert_empty(engine)
     c = engine.add_request([3, 1, 4, 1, 5], greedy(3))  # refill the emptied batch
@@ -149,7 +188,7 @@ def test_finishing_in_prefill_and_batch_emptying_and_refilling(model) -> None:
 def test_everything_finishing_in_the_same_step(model) -> None:
     engine = baton_engine(model)
     reqs = [engine.add_request(list(range(1, n)), greedy(4)) for n in (3, 9, 5)]
-    for _ in range(3):
+    for _ in range(4):
         engine.step()
     assert engine.last_step.num_finished == 3 and not engine.running
     assert_empty(engine)
@@ -158,20 +197,44 @@ def test_everything_finishing_in_the_same_step(model) -> None:
 
 
 def test_abort_of_the_longest_row_trims_its_padding(model) -> None:
-    engine = baton_engine(model)
+    engine = baton_engine(model, max_buckets=1)
     long = engine.add_request(list(range(1, 21)), greedy(10))
     short = engine.add_request([4, 5, 6], greedy(8))
     engine.step()
     engine.step()
-    assert engine.kv_cache.width == 22
+    assert engine.kv_cache.width == 21
     engine.abort(long.request_id)
     engine.step()
     assert long.finish_reason is FinishReason.ABORT
-    assert engine.kv_cache.width == 6  # 3 prompt keys + 3 decoded: the long padding is gone
-    assert engine.kv_cache.padding_mask().all()
+    cache: BatonCache = engine.kv_cache
+    assert cache.width == 5  # 3 prompt keys + 2 decoded: the long padding is gone
+    assert cache.padding_mask(cache.buckets[0]).all()
     drain(engine)
     assert_empty(engine)
     assert short.output_token_ids == solo(model, [4, 5, 6], greedy(8))
+
+
+def test_buckets_bound_the_padding_of_mixed_lengths(model) -> None:
+    """Short and long prompts land in separate dense buckets; one bucket pads the short ones."""
+    prompts = [list(range(1, n + 1)) for n in (3, 40, 4, 42, 3, 41)]
+
+    def idle_decode_pairs(**options) -> tuple[float, int]:
+        engine = baton_engine(model, max_num_seqs=6, **options)
+        for p in prompts:
+            engine.add_request(p, greedy(4))
+        engine.step()
+        engine.step()
+        (decode,) = engine.last_step.passes
+        buckets = len(engine.kv_cache.buckets)
+        drain(engine)
+        assert_empty(engine)
+        idle = decode.computed_attention_pairs - decode.useful_attention_pairs
+        return idle / decode.computed_attention_pairs, buckets
+
+    one_idle, one_buckets = idle_decode_pairs(max_buckets=1)
+    many_idle, many_buckets = idle_decode_pairs(max_buckets=4)
+    assert one_buckets == 1 and one_idle > 0.4
+    assert many_buckets == 2 and many_idle < 0.05
 
 
 def test_seeded_sampling_is_independent_of_the_batch(model) -> None:
@@ -206,40 +269,43 @@ def test_idle_counters_match_a_hand_computed_case(model) -> None:
     mem = engine.last_step.memory
     engine.step()
     passes += engine.last_step.passes
-    P, D = Phase.PREFILL, Phase.DECODE
+    engine.step()
+    passes += engine.last_step.passes
+    P, M, D = Phase.PREFILL, Phase.MIXED, Phase.DECODE
     assert passes == [
-        PassStats(P, 1, 3, 3, 6, 9),  # prompt of 3: causal 3*4/2 of the 3x3 rectangle
-        PassStats(D, 1, 1, 1, 4, 4),  # 4 keys
-        PassStats(P, 1, 5, 5, 15, 25),
-        PassStats(D, 2, 2, 2, 5 + 6, 2 * 6),  # window 5+1: the first row has one pad column
-        PassStats(D, 1, 1, 1, 7, 7),  # the first row left and its pad column was trimmed
+        PassStats(P, 1, 3, 3, 6, 6),  # prompt of 3, causal: the kernel skips the upper triangle
+        PassStats(M, 2, 6, 6, 4 + 15, 4 + 15),  # A decodes over its 4 keys; B's prompt of 5
+        PassStats(D, 2, 2, 2, 5 + 6, 2 * 6),  # B joined A's bucket: A has one pad column
+        PassStats(D, 1, 1, 1, 7, 7),  # A left and its pad column was trimmed
     ]
     per_token = 2 * 2 * 2 * 8  # k+v, 2 layers, 2 KV heads, head_dim 8
-    assert (mem.used_tokens, mem.reserved_tokens, mem.num_rows) == (6, 6, 1)
-    assert mem.used_elements == 6 * per_token and mem.allocated_elements >= mem.used_elements
+    assert (mem.used_tokens, mem.reserved_tokens, mem.num_rows) == (9, 10, 2)
+    assert mem.used_elements == 9 * per_token and mem.allocated_elements >= mem.used_elements
     t = scheduler.totals
     assert (t.useful_tokens, t.computed_tokens) == (12, 12)
-    assert (t.useful_attention_pairs, t.computed_attention_pairs) == (43, 57)
+    assert (t.useful_attention_pairs, t.computed_attention_pairs) == (43, 44)
     assert_empty(engine)
 
 
-def test_idle_counters_of_a_padded_group_prefill(model) -> None:
-    engine = baton_engine(model, prefill_pad_tolerance=10.0)
+def test_newcomers_are_prefilled_packed_without_padding(model) -> None:
+    engine = baton_engine(model)
     engine.add_request([1, 2], greedy(2))
     engine.add_request([3, 4, 5, 6], greedy(2))
     engine.step()
-    assert engine.last_step.passes == (
-        PassStats(Phase.PREFILL, 2, 6, 8, 3 + 10, 2 * 4 * 4),
-        PassStats(Phase.DECODE, 2, 2, 2, 3 + 5, 2 * 5),
-    )
+    engine.step()
+    assert [p for s in (engine.last_step,) for p in s.passes] == [
+        PassStats(Phase.DECODE, 2, 2, 2, 3 + 5, 3 + 5),  # two buckets: no pad column at all
+    ]
     assert_empty(engine)
 
 
-def test_decode_is_one_batched_attention_call_per_layer(model, monkeypatch) -> None:
-    engine = baton_engine(model)
+@pytest.mark.parametrize("max_buckets", [1, 4])
+def test_decode_is_one_batched_attention_call_per_bucket_and_layer(model, monkeypatch,
+                                                                   max_buckets) -> None:
+    engine = baton_engine(model, max_buckets=max_buckets)
     for n in (2, 6, 11):
         engine.add_request(list(range(1, n + 1)), greedy(5))
-    engine.step()  # prefill(s) and the first decode
+    engine.step()  # the prefill pass
     calls = []
     sdpa = F.scaled_dot_product_attention
 
@@ -251,8 +317,12 @@ def test_decode_is_one_batched_attention_call_per_layer(model, monkeypatch) -> N
     engine.step()
     assert [p.phase for p in engine.last_step.passes] == [Phase.DECODE]
     layers = model.config.num_hidden_layers
-    assert len(calls) == layers  # one call per layer for the whole batch, no per-request loop
-    assert all(q == (3, 4, 1, 8) and k == (3, 2, 13, 8) for q, k in calls)
+    buckets = len(engine.kv_cache.buckets)
+    assert len(calls) == layers * buckets  # no per-request loop
+    if max_buckets == 1:
+        assert all(q == (3, 4, 1, 8) and k == (3, 2, 12, 8) for q, k in calls)
+    else:
+        assert buckets == 3 and sum(q[0] for q, _ in calls) == 3 * layers
 
 
 def test_admission_joins_a_running_batch_without_draining(model) -> None:
@@ -260,6 +330,7 @@ def test_admission_joins_a_running_batch_without_draining(model) -> None:
     reqs = [engine.add_request([i + 1] * 4, greedy(3 if i == 0 else 8)) for i in range(4)]
     engine.step()
     assert len(engine.running) == 3 and len(engine.waiting) == 1
+    engine.step()
     engine.step()  # the first request finishes (3 tokens)
     assert reqs[0].finish_reason is FinishReason.LENGTH and reqs[3] in engine.waiting
     engine.step()  # the fourth joins as soon as a row is free, while the others still decode
@@ -306,14 +377,15 @@ def test_padded_footprint_never_exceeds_the_budget(model) -> None:
 
 
 def test_a_failing_prefill_pass_fails_only_its_requests(model, monkeypatch) -> None:
-    engine = baton_engine(model)
+    """Separate passes: a failing prefill fails the newcomers; the batch keeps decoding."""
+    engine = baton_engine(model, newcomer_pass="separate")
     ok = engine.add_request([1, 2, 3], greedy(5))
     engine.step()
     bad = engine.add_request([4, 5, 6, 7], greedy(5))
     forward = model.forward
 
     def failing(input_ids, *args):
-        if input_ids.shape[-1] > 1:
+        if input_ids.numel() > 1:
             raise RuntimeError("boom")
         return forward(input_ids, *args)
 
@@ -324,3 +396,23 @@ def test_a_failing_prefill_pass_fails_only_its_requests(model, monkeypatch) -> N
     drain(engine)
     assert_empty(engine)
     assert ok.output_token_ids == solo(model, [1, 2, 3], greedy(5))
+
+
+def test_a_failing_fused_pass_fails_its_requests_and_the_engine_goes_on(model,
+                                                                         monkeypatch) -> None:
+    """Fused passes: the requests of a failing pass fail (as in Orca's packed iteration),
+    nothing leaks, and the next requests run normally."""
+    engine = baton_engine(model)
+    first = engine.add_request([1, 2, 3], greedy(5))
+    engine.step()
+    newcomer = engine.add_request([4, 5, 6, 7], greedy(5))
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    engine.step()
+    monkeypatch.setattr(model, "forward", forward)
+    assert first.finish_reason is newcomer.finish_reason is FinishReason.ERROR
+    assert "boom" in first.error
+    assert_empty(engine)
+    after = engine.add_request([8, 9], greedy(4))
+    drain(engine)
+    assert after.output_token_ids == solo(model, [8, 9], greedy(4))

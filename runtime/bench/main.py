@@ -71,7 +71,9 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         "--schedulers",
         type=_csv,
         help="comma list of scheduler entry points, or 'default' for the "
-        "engine's built-in FCFS (default: every installed scheduler)",
+        "engine's built-in FCFS (default: every installed scheduler); LABEL=NAME adds a "
+        "contender LABEL running scheduler NAME, so one scheduler can run with several "
+        "--scheduler-option sets (baton,baton-1b=baton --scheduler-option baton-1b.max_buckets=1)",
     )
     bench.add_argument(
         "--scheduler-option",
@@ -240,10 +242,14 @@ def run_offline_cli(args: argparse.Namespace) -> int:
     model = load_model(model_dir, dtype=args.dtype)
     limits = EngineLimits(args.max_num_seqs, max_len, args.kv_cache_tokens, args.kv_cache_memory)
     options = _scheduler_options(args.scheduler_option)
-    contenders: list[Any] = [
-        EngineContender(n, n, model, None, limits, options.get(n), args.linear_backend)
-        for n in args.schedulers or _default_schedulers()
-    ]
+    contenders: list[Any] = []
+    for entry in args.schedulers or _default_schedulers():
+        label, _, name = entry.rpartition("=")  # LABEL=SCHEDULER runs one scheduler twice
+        label = label or name
+        contenders.append(
+            EngineContender(label, name, model, None, limits, options.get(label),
+                            args.linear_backend)
+        )
     unavailable = {}
     for name in args.peers:
         try:
