@@ -18,6 +18,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from runtime.bench.main import _scheduler_options
 from runtime.bench.model_spec import resolve_model
 from runtime.bench.offline import EngineContender
 from runtime.bench.workload import generate_requests, load_workload
@@ -25,7 +26,9 @@ from runtime.engine import EngineLimits
 from runtime.loader import load_model, load_model_config
 
 GROUPS = {
-    "gemm (linear/matmul)": ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul"),
+    "gemm (linear/matmul)": (
+        "aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "mkldnn::_linear_pointwise"
+    ),
     "attention (sdpa/bmm/softmax)": ("scaled_dot_product", "aten::bmm", "softmax", "aten::baddbmm"),
     "kv data movement (copy/cat/index)": (
         "aten::copy_",
@@ -108,8 +111,10 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=16)
     p.add_argument("--all-at-once", action="store_true")
     p.add_argument("--schedulers", default="baton,orca")
+    p.add_argument("--scheduler-option", action="append", default=[], metavar="LABEL.KEY=VAL")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    options = _scheduler_options(args.scheduler_option)
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model_spec)
     config = load_model_config(path)
@@ -120,10 +125,13 @@ def main() -> None:
     requests = generate_requests(spec, config.vocab_size, max_len)
     model = load_model(path, dtype="float32")
     results = {}
-    for name in args.schedulers.split(","):
-        contender = EngineContender(name, name, model, None, EngineLimits(32, max_len))
+    for entry in args.schedulers.split(","):
+        label, _, name = entry.rpartition("=")  # LABEL=SCHEDULER, as in `runtime bench`
+        label = label or name
+        contender = EngineContender(label, name, model, None, EngineLimits(64, max_len),
+                                    options.get(label))
         contender.warmup()
-        results[name] = profile_one(contender, requests)
+        results[label] = profile_one(contender, requests)
     keys = [
         *GROUPS,
         "other torch ops",
