@@ -110,9 +110,20 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     serve.add_argument(
         "--base-url",
         action="append",
-        required=True,
+        default=[],
         metavar="[NAME=]URL",
         help="server to replay against (repeatable: NAME=URL compares servers)",
+    )
+    serve.add_argument(
+        "--max-concurrency",
+        type=int,
+        help="most requests in flight (as vLLM's bench); 1 sends them one at a time",
+    )
+    serve.add_argument(
+        "--servers",
+        metavar="FILE",
+        help="YAML of servers the bench starts itself, one at a time (name: {url, command, "
+        "env}); see runtime/bench/launch.py",
     )
     serve.add_argument(
         "--served-model-name",

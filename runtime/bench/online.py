@@ -9,6 +9,7 @@ token count comes from the final usage chunk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from runtime.bench.launch import ServerSpec, load_servers, running
 from runtime.bench.metrics import RequestTrace, RunTrace
 from runtime.bench.workload import BenchRequest, load_workload
 
@@ -47,10 +49,18 @@ async def discover_model(client: httpx.AsyncClient, base_url: str) -> str:
 
 
 async def _stream_one(
-    client: httpx.AsyncClient, base_url: str, model: str, req: BenchRequest, start: float
+    client: httpx.AsyncClient, base_url: str, model: str, req: BenchRequest, start: float,
+    gate: asyncio.Semaphore,
 ) -> RequestTrace:
-    """Send one request at its arrival time and timestamp every streamed chunk."""
+    """Send one request at its arrival time (and a free concurrency slot); time every chunk."""
     await asyncio.sleep(max(0.0, start + req.arrival - time.perf_counter()))
+    async with gate:
+        return await _send(client, base_url, model, req)
+
+
+async def _send(
+    client: httpx.AsyncClient, base_url: str, model: str, req: BenchRequest
+) -> RequestTrace:
     sent = time.perf_counter()
     times: list[float] = []
     usage_tokens: int | None = None
@@ -92,8 +102,13 @@ async def run_online_async(
     model: str | None = None,
     progress: bool = True,
     timeout: float | None = None,
+    max_concurrency: int | None = None,
 ) -> tuple[RunTrace, str]:
-    """Replay `requests` against `base_url`; returns the trace and the model id used."""
+    """Replay `requests` against `base_url`; returns the trace and the model id used.
+
+    `max_concurrency` caps requests in flight (vLLM's `--max-concurrency`): 1 replays them
+    one at a time, each sent when the previous one has finished.
+    """
     base_url = base_url.rstrip("/")
     limits = httpx.Limits(max_connections=max(100, len(requests)), max_keepalive_connections=100)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
@@ -101,10 +116,11 @@ async def run_online_async(
         bar = tqdm(
             total=len(requests), desc="requests", unit="req", disable=not progress, leave=False
         )
+        gate = asyncio.Semaphore(max_concurrency or len(requests) or 1)
         start = time.perf_counter()
 
         async def one(req: BenchRequest) -> RequestTrace:
-            trace = await _stream_one(client, base_url, model, req, start)
+            trace = await _stream_one(client, base_url, model, req, start, gate)
             bar.update(1)
             return trace
 
@@ -115,10 +131,13 @@ async def run_online_async(
 
 
 def run_online(
-    base_url: str, requests: Sequence[BenchRequest], model: str | None = None, progress: bool = True
+    base_url: str, requests: Sequence[BenchRequest], model: str | None = None,
+    progress: bool = True, max_concurrency: int | None = None,
 ) -> tuple[RunTrace, str]:
     """Synchronous wrapper of `run_online_async` (the CLI entry point)."""
-    return asyncio.run(run_online_async(base_url, requests, model, progress))
+    return asyncio.run(
+        run_online_async(base_url, requests, model, progress, max_concurrency=max_concurrency)
+    )
 
 
 def parse_targets(values: list[str]) -> list[tuple[str, str]]:
@@ -146,18 +165,35 @@ def run_online_cli(args: Any) -> int:
     spec0 = load_workload(args.workload)
     max_len = min(config.max_position_embeddings, spec0.max_total_len())
     spec, requests = _workload(args, args.workload, config.vocab_size, max_len)
-    targets = parse_targets(args.base_url)
+    servers = {s.name: s for s in load_servers(args.servers)} if args.servers else {}
+    targets = parse_targets(args.base_url) + [(s.name, s.url) for s in servers.values()]
+    if not targets:
+        raise ValueError("bench serve: give --base-url URL or --servers FILE")
     result = ComparisonResult()
     for rep in range(args.repeats):
         for label, url in targets[rep % len(targets) :] + targets[: rep % len(targets)]:
             print(f"{label}: replaying {len(requests)} requests of {spec.name} against {url}")
-            trace, _ = run_online(url, requests, args.served_model_name, not args.no_progress)
+            with _maybe_started(servers.get(label), Path(args.out)):
+                trace, _ = run_online(url, requests, args.served_model_name,
+                                      not args.no_progress, args.max_concurrency)
             result.runs.setdefault(label, []).append(compute_metrics(trace))
             result.traces.setdefault(label, []).append(trace)
             failed = [r.error for r in trace.requests if not r.success]
             if failed:
                 print(f"{label}: {len(failed)} failed, first: {failed[0]}", file=sys.stderr)
     header = _header(args, spec, model_dir, "online") | {"base_urls": dict(targets)}
+    if servers:
+        header["servers"] = {n: {"command": s.command, "env": s.env} for n, s in servers.items()}
     _summarise(result, args, header, Path(args.out))
     print(f"results written to {args.out}/")
     return 0
+
+
+@contextlib.contextmanager
+def _maybe_started(server: ServerSpec | None, out: Path):
+    """Start `server` for the duration of one replay when the bench launches it."""
+    if server is None:
+        yield
+        return
+    with running(server, out / "server-logs"):
+        yield

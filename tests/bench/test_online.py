@@ -25,6 +25,10 @@ seen: list[dict] = []
 def make_app() -> FastAPI:
     app = FastAPI()
 
+    @app.get("/health")
+    async def health():
+        return {}
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": "stub-model", "object": "model"}]}
@@ -121,3 +125,65 @@ def test_bench_serve_cli_compares_two_servers(stub_url, tmp_path, monkeypatch, c
     data = json.loads((out / "results.json").read_text())
     assert data["mode"] == "online" and data["results"]["a"]["completed"] == 4
     assert data["ratios"]["a"]["request_throughput"] == 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bench_serve_starts_each_server_in_turn(tmp_path, monkeypatch, capsys):
+    """`--servers FILE`: the bench launches one server at a time and stops it afterwards."""
+    import shlex
+    import sys
+
+    import yaml
+
+    monkeypatch.setenv("BATON_RUNTIME_CACHE", str(tmp_path / "cache"))
+    ports = {"first": free_port(), "second": free_port()}
+    marker = tmp_path / "alive"
+    servers = tmp_path / "servers.yaml"
+    spec = {}
+    for name, port in ports.items():
+        # the stub notes, as it starts, whether the other server is up: the bench must have
+        # stopped it by then
+        others = [q for n, q in ports.items() if n != name]
+        code = (f"import pathlib, socket, uvicorn; from tests.bench.test_online import make_app; "
+                f"up = any(socket.socket().connect_ex(('127.0.0.1', q)) == 0 for q in {others}); "
+                f"pathlib.Path({str(marker)!r}).open('a').write(f'{name} starts; other up: "
+                f"{{up}}' + chr(10)); "
+                f"uvicorn.run(make_app(), host='127.0.0.1', port={port}, log_level='warning')")
+        spec[name] = {"url": f"http://127.0.0.1:{port}", "startup_timeout": 60,
+                      "command": f"{sys.executable} -c {shlex.quote(code)}"}
+    servers.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "online"
+    rc = main(["bench", "serve", "--servers", str(servers), "--model-spec", "tiny",
+               "--workload", "smoke", "--num-requests", "3", "--repeats", "2",
+               "--out", str(out), "--no-progress", "--no-plots"])
+    assert rc == 0
+    starts = marker.read_text().splitlines()
+    assert starts == ["first starts; other up: False", "second starts; other up: False",
+                      "second starts; other up: False", "first starts; other up: False"]
+    data = json.loads((out / "results.json").read_text())
+    assert data["results"]["first"]["completed"] == 3 and "servers" in data
+    assert (out / "server-logs" / "first.log").exists()
+    for port in ports.values():  # both stopped at the end
+        assert socket.socket().connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_bench_servers_file_errors_name_the_entry(tmp_path):
+    from runtime.bench.launch import load_servers
+
+    bad = tmp_path / "s.yaml"
+    bad.write_text("vllm: {url: http://x}\n")
+    with pytest.raises(ValueError, match="'vllm' needs 'url' and 'command'"):
+        load_servers(bad)
+
+
+def test_max_concurrency_one_sends_each_request_after_the_previous(stub_url):
+    reqs = [BenchRequest(i, 0.0, (20 + i,), 3) for i in range(3)]
+    trace, _ = run_online(stub_url, reqs, progress=False, max_concurrency=1)
+    spans = sorted((r.arrival, r.token_times[-1]) for r in trace.requests)
+    assert all(r.success for r in trace.requests)
+    assert all(spans[i + 1][0] >= spans[i][1] for i in range(2))  # no overlap
