@@ -40,7 +40,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (*tok, H, D), k and v (*tok, H_kv, D) before RoPE; Qwen3 adds its qk-norm here."""
+        """q (*tok, H, D), k and v (*tok, H_kv, D) before RoPE (views of one GEMM output)."""
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
         tok = x.shape[:-1]
         q = q.view(*tok, self.num_heads, self.head_dim)  # (*tok, H, D)
@@ -48,11 +48,21 @@ class LlamaAttention(nn.Module):
         v = v.view(*tok, self.num_kv_heads, self.head_dim)  # (*tok, H_kv, D)
         return q, k, v
 
+    def rotated_qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k after RoPE and v; q and k rotated in one pass over their adjacent heads."""
+        tok = x.shape[:-1]
+        heads = self.num_heads + self.num_kv_heads
+        qk, v = self.qkv_proj(x).split((heads * self.head_dim, self.qkv_proj.output_sizes[2]), -1)
+        qk = apply_rope(qk.view(*tok, heads, self.head_dim), cos, sin)  # (*tok, H + H_kv, D)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=-2)
+        return q, k, v.view(*tok, self.num_kv_heads, self.head_dim)
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Any, mask: Any
     ) -> torch.Tensor:
-        q, k, v = self.project_qkv(x)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.rotated_qkv(x, cos, sin)
         out = attn.attend(self.layer_idx, q, k, v, mask)  # (*tok, H, D)
         return self.o_proj(out.flatten(-2))  # (*tok, H * D) -> (*tok, hidden)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.architectures.layers import RMSNorm
+from runtime.architectures.layers import RMSNorm, apply_rope
 from runtime.architectures.llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -22,9 +22,13 @@ class Qwen3Attention(LlamaAttention):
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = super().project_qkv(x)  # (*tok, H, D), (*tok, H_kv, D), (*tok, H_kv, D)
-        return self.q_norm(q), self.k_norm(k), v
+    def rotated_qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q and k normalised per head (each with its own weights) before RoPE, then rotated."""
+        q, k, v = self.project_qkv(x)  # (*tok, H, D), (*tok, H_kv, D), (*tok, H_kv, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):
