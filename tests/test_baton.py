@@ -287,6 +287,40 @@ def test_idle_counters_match_a_hand_computed_case(model) -> None:
     assert_empty(engine)
 
 
+P_, M_, D_ = Phase.PREFILL, Phase.MIXED, Phase.DECODE
+HAND_TRACES = {
+    # fused, shared bucket: as the test above
+    "fused": ({}, [(P_, 1, 3, 3, 6, 6), (M_, 2, 6, 6, 19, 19), (D_, 2, 2, 2, 11, 12),
+                   (D_, 1, 1, 1, 7, 7)]),
+    # separate: a prefill pass, then a decode pass that already includes the newcomer
+    "separate": ({"newcomer_pass": "separate"},
+                 [(P_, 1, 3, 3, 6, 6), (D_, 1, 1, 1, 4, 4), (P_, 1, 5, 5, 15, 15),
+                  (D_, 2, 2, 2, 11, 12), (D_, 1, 1, 1, 7, 7)]),
+    # no pad tolerated: B opens its own bucket, two SDPA calls, no pad column at all
+    "strict buckets": ({"bucket_pad_tolerance": 0.0},
+                       [(P_, 1, 3, 3, 6, 6), (M_, 2, 6, 6, 19, 19), (D_, 2, 2, 2, 11, 11),
+                        (D_, 1, 1, 1, 7, 7)]),
+}
+
+
+@pytest.mark.parametrize("case", HAND_TRACES.values(), ids=HAND_TRACES.keys())
+def test_passes_and_pad_columns_of_each_option_on_a_hand_built_trace(model, case) -> None:
+    options, expected = case
+    engine = make_engine(model, BatonScheduler(**options), "baton")
+    a = engine.add_request([1, 2, 3], greedy(3))
+    passes: list[PassStats] = []
+    step = 0
+    while engine.has_unfinished():
+        step += 1
+        if step == 2:
+            engine.add_request([4, 5, 6, 7, 8], greedy(3))
+        engine.step()
+        passes += engine.last_step.passes
+    assert passes == [PassStats(*p) for p in expected]
+    assert a.output_token_ids == solo(model, [1, 2, 3], greedy(3))
+    assert_empty(engine)
+
+
 def test_newcomers_are_prefilled_packed_without_padding(model) -> None:
     engine = baton_engine(model)
     engine.add_request([1, 2], greedy(2))
@@ -416,3 +450,25 @@ def test_a_failing_fused_pass_fails_its_requests_and_the_engine_goes_on(model,
     after = engine.add_request([8, 9], greedy(4))
     drain(engine)
     assert after.output_token_ids == solo(model, [8, 9], greedy(4))
+
+
+def test_aborts_in_the_middle_of_a_bucketed_batch_leak_nothing(model) -> None:
+    engine = baton_engine(model, max_num_seqs=8, bucket_pad_tolerance=0.0)
+    prompts = [[1] * 3, [2] * 3, [3] * 3, [4] * 12, [5] * 12, [6] * 12, [7] * 25, [8] * 25]
+    reqs = [engine.add_request(p, greedy(8)) for p in prompts]
+    engine.step()
+    engine.step()
+    cache: BatonCache = engine.kv_cache
+    assert len(cache.buckets) == 3
+    for victim in (reqs[1], reqs[4], reqs[6]):  # one row inside each bucket
+        engine.abort(victim.request_id)
+    engine.step()
+    assert cache.num_rows == 5 and sum(b.num_rows for b in cache.buckets) == 5
+    owned = [r for r, o in enumerate(cache.space.owner) if o is not None]
+    assert len(owned) == 5
+    drain(engine)
+    assert_empty(engine)
+    assert cache.space.num_free == cache.max_rows
+    for req in reqs:
+        ref = solo(model, req.prompt_token_ids, greedy(8))
+        assert req.output_token_ids == ref[: len(req.output_token_ids)]
