@@ -18,29 +18,25 @@ from runtime.server.errors import APIError, internal_error
 from runtime.server.state import ServerState
 
 logger = logging.getLogger("runtime.server")
-CLOSE = {"Connection": "close"}  # the rest of an unread body must not be taken for a request
 
 
-def has_body(scope: Scope) -> bool:
-    """Whether the request announced a body (so an early answer leaves bytes unread)."""
-    for name, value in scope["headers"]:
-        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-            return True
-    return False
-
-
-async def reject(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
-    """Answer `error` before the body is read; close the connection if one was announced."""
-    if has_body(scope):
-        error.headers = {**(error.headers or {}), **CLOSE}
+async def reject(
+    scope: Scope, receive: Receive, send: Send, error: APIError, close: bool = False
+) -> None:
+    """Answer `error` before the body is read. The connection stays open unless `close`:
+    uvicorn reads and drops the rest of the body (closing at once would reset a client still
+    sending it, before it reads our answer), and `header_timeout` bounds how long."""
+    if close:
+        error.headers = {**(error.headers or {}), "Connection": "close"}
     await error.response()(scope, receive, send)
 
 
 class BodyGuard:
     """Read the whole body before the app does: over `max_request_body_bytes` is a 413 (from
     Content-Length, before reading a byte), a body slower than `body_timeout` a 408, and one
-    still arriving when shutdown begins a 503, so no client can hold the server's exit. The
-    app then reads the buffered body; later messages (the disconnect) pass through."""
+    still arriving when shutdown begins a 503, so no client can hold the server's exit (both
+    close the connection). The app then reads the buffered body; later messages (the
+    disconnect) pass through."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
@@ -69,7 +65,7 @@ class BodyGuard:
         while more:
             message = await first_of(receive, self.state.stopping, deadline - loop.time())
             if message is None:
-                await reject(scope, receive, send, self._late())
+                await reject(scope, receive, send, self._late(), close=True)
                 return None
             if message["type"] == "http.disconnect":
                 return None
