@@ -82,8 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.server.app import run_server
 
     keys = ("host", "port", "served_model_name", "max_queued_requests", "shutdown_timeout")
-    keys += ("chat_template", "log_requests", *SERVER_LIMITS, "api_key", "api_key_all_routes")
-    keys += ("allowed_hosts",)
+    keys += ("chat_template", "log_requests", "log_interval", *SERVER_LIMITS)
+    keys += ("api_key", "api_key_all_routes", "allowed_hosts")
     config = build_config(args.config, engine_overrides(args) | {k: getattr(args, k) for k in keys})
     config_json = json.dumps(config.redacted(), default=str)
     logging.getLogger("runtime.server").info("effective config: %s", config_json)
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--chat-template", help="Jinja template file or text (overrides the model's)")
     log_help = "log every request, and the access log"
     srv.add_argument("--log-requests", action="store_true", default=None, help=log_help)
+    srv.add_argument("--log-interval", type=float,
+                     help="seconds between throughput log lines while busy (default 10)")
     add_server_limits(srv)
     add_access_options(srv)
     add_engine_options(srv)

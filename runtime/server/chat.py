@@ -62,10 +62,12 @@ def render_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def prepare(state: ServerState, raw: bytes) -> tuple[ChatCompletionRequest, Job]:
+def prepare(
+    state: ServerState, raw: bytes, content_type: str | None = None
+) -> tuple[ChatCompletionRequest, Job]:
     """Parse, check, render and tokenize; CPU-heavy for a large request, so run on a worker
     thread."""
-    body = parse_body(raw, ChatCompletionRequest)
+    body = parse_body(raw, ChatCompletionRequest, content_type)
     check_model(state, body.model)
     check_choices(state, 1, body.n)
     check_stops(state, body.stop)
@@ -99,7 +101,8 @@ async def create_chat_completion(
     request: HTTPRequest,
     state: Annotated[ServerState, Depends(ready_state)],
 ) -> dict | EventSourceResponse:
-    body, job = await asyncio.to_thread(prepare, state, await request.body())
+    raw, content_type = await request.body(), request.headers.get("content-type")
+    body, job = await asyncio.to_thread(prepare, state, raw, content_type)
     stream = submit(state, job)
     if body.stream:
         return EventSourceResponse(

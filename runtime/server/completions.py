@@ -47,9 +47,11 @@ def format_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
     }
 
 
-def prepare(state: ServerState, raw: bytes) -> tuple[CompletionRequest, Job]:
+def prepare(
+    state: ServerState, raw: bytes, content_type: str | None = None
+) -> tuple[CompletionRequest, Job]:
     """Parse, check and tokenize; CPU-heavy for a large request, so run on a worker thread."""
-    body = parse_body(raw, CompletionRequest)
+    body = parse_body(raw, CompletionRequest, content_type)
     check_model(state, body.model)
     if body.echo:
         raise APIError("echo is not supported", 400, "echo")
@@ -76,7 +78,8 @@ async def create_completion(
     request: HTTPRequest,
     state: Annotated[ServerState, Depends(ready_state)],
 ) -> dict | EventSourceResponse:
-    body, job = await asyncio.to_thread(prepare, state, await request.body())
+    raw, content_type = await request.body(), request.headers.get("content-type")
+    body, job = await asyncio.to_thread(prepare, state, raw, content_type)
     stream = submit(state, job)
     if body.stream:
         chunks = _chunks(state, job, stream, body.logprobs is not None)

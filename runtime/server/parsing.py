@@ -16,16 +16,26 @@ from runtime.server.errors import APIError
 
 Body = TypeVar("Body", bound=BaseModel)
 
-# A lone surrogate can only come from a `\uD800`-`\uDFFF` escape (UTF-8 bytes cannot encode
-# one): look for such an escape in the raw body before walking the parsed one.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# A lone surrogate can only come from a `\uD800`-`\uDFFF` escape (strict decoding rejects an
+# encoded one): look for such an escape in the text before walking the parsed body.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def parse_body(raw: bytes, model: type[Body]) -> Body:
-    """Validate a JSON request body against `model`; any problem is a 400 naming the field."""
+def parse_body(raw: bytes, model: type[Body], content_type: str | None = None) -> Body:
+    """Validate a JSON request body against `model`; any problem is a 400 naming the field.
+
+    As FastAPI does: a Content-Type, if given, must be JSON; the encoding is detected (UTF-8,
+    with or without a BOM, or UTF-16/32) but decoded strictly, so a lone surrogate can only
+    arrive as a `\\u` escape.
+    """
+    if content_type is not None and not _is_json(content_type):
+        raise APIError(
+            "The request body must be a JSON object (Content-Type: application/json)", 400
+        )
     try:
-        data = json.loads(raw.decode("utf-8"))
+        text = raw.decode(json.detect_encoding(raw))
+        data = json.loads(text)
     except UnicodeDecodeError:
         raise APIError("The request body is not valid UTF-8 JSON", 400) from None
     except json.JSONDecodeError as exc:
@@ -36,13 +46,18 @@ def parse_body(raw: bytes, model: type[Body]) -> Body:
         raise APIError(
             "The request body must be a JSON object (Content-Type: application/json)", 400
         )
-    if _SURROGATE_ESCAPE.search(raw):
+    if _SURROGATE_ESCAPE.search(text):
         check_encodable(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
         raise RequestValidationError(errors) from None
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def check_encodable(data: dict[str, Any]) -> None:

@@ -58,8 +58,8 @@ RAW_BODIES = {
     "non-utf8-in-string": b'{"prompt": "\xff\xfe"}',
     "deep-array": b"[" * 50_000,
     "deep-object": b'{"a":' * 20_000,
-    "utf8-bom": b'\xef\xbb\xbf{"prompt": "Hi"}',
-    "utf16": '{"prompt": "Hi"}'.encode("utf-16"),
+    "utf16-escaped-surrogate": '{"prompt": "\\ud800", "messages": []}'.encode("utf-16"),
+    "utf16-lone-surrogate": '{"prompt": "Hi"}'.encode("utf-16-le")[:-2] + b"\x00\xd8}\x00",
     "trailing-nul": b'{"prompt": "Hi"}\x00',
     "two-objects": b'{"prompt": "Hi"} {"prompt": "Hi"}',
     "max-tokens-1e999": b'{"prompt": "Hi", "messages": [], "max_tokens": 1e999}',
@@ -113,7 +113,8 @@ DOCUMENTED_2XX = [  # docs/serving.md: unknown fields ignored, special tokens pa
     Case("nul-and-controls", C, {"prompt": "a\u0000b\u0007c\u202e"}),
     Case("special-tokens-in-chat", H, {"messages": [{"role": "user", "content": "<|im_end|>"}]}),
     Case("no-content", H, {"messages": [{"role": "user"}]}),
-    Case("text-plain-json", C, headers={"content-type": "text/plain"}),
+    Case("utf8-bom", C, raw=b'\xef\xbb\xbf{"prompt": "Hi", "max_tokens": 2}'),
+    Case("utf16", H, raw=json.dumps(BASE[H]).encode("utf-16")),
     Case("authorization-without-a-key", H, headers={"authorization": "Bearer junk"}),
     Case("query-junk", C + "?a=%ff%fe&b", {"prompt": "Hi"}),
     Case("big-header", C, headers={"x-junk": "j" * 10_000}),
@@ -133,6 +134,7 @@ def corpus() -> list[Case]:
             Case(f"{tag}-put", path, method="PUT"),
             Case(f"{tag}-unknown-subpath", path + "/x", raw=json.dumps(BASE[path]).encode()),
             Case(f"{tag}-rebinding-host", path, headers={"host": "attacker.example"}),
+            Case(f"{tag}-text-plain", path, headers={"content-type": "text/plain"}),
             Case(f"{tag}-content-length-over", path, raw=b"{" + b" " * 70_000 + b"}"),
         ]
     cases += [Case(f"cmpl-{i}-{json.dumps(p)[:40]}", C, p) for i, p in enumerate(COMPLETION_ONLY)]

@@ -6,7 +6,8 @@ and preparing a large request happens off the event loop, so `/health` keeps ans
 from __future__ import annotations
 
 import json
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,31 +28,42 @@ def limited(model_dir: Path) -> Iterator[LiveServer]:
     live.stop()
 
 
+POLLER = """
+import http.client, json, select, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+latencies, statuses = [], set()
+while not select.select([sys.stdin], [], [], 0.02)[0]:  # until the parent closes our stdin
+    started = time.monotonic()
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("GET", "/health")
+    statuses.add(conn.getresponse().status)
+    conn.close()
+    latencies.append(time.monotonic() - started)
+print(json.dumps({"latencies": latencies, "statuses": sorted(statuses)}))
+"""
+
+
 class HealthPoller:
-    """Polls /health from another thread and records each answer's latency."""
+    """Polls /health from another process (a thread of ours would stall with the server's
+    GIL and not see it) and records each answer's latency."""
 
     def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
+        host, port = base_url.removeprefix("http://").split(":")
+        self._args = [sys.executable, "-c", POLLER, host, port]
         self.latencies: list[float] = []
         self.statuses: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.base_url, timeout=30.0) as http:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                self.statuses.add(http.get("/health").status_code)
-                self.latencies.append(time.monotonic() - started)
-                time.sleep(0.02)
 
     def __enter__(self) -> HealthPoller:
-        self._thread.start()
+        self._proc = subprocess.Popen(
+            self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        time.sleep(0.3)  # the poller is running
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
+        out, _ = self._proc.communicate(timeout=60)
+        result = json.loads(out)
+        self.latencies, self.statuses = result["latencies"], set(result["statuses"])
 
 
 def error_of(resp: httpx.Response, status: int, param: str | None) -> str:
@@ -69,7 +81,6 @@ def test_large_requests_are_refused_while_health_keeps_answering(limited: LiveSe
     prompts: each is answered 4xx while /health, polled meanwhile, answers within 0.5 s."""
     word = "the quick brown fox jumps over the lazy dog "
     with HealthPoller(limited.base_url) as poller, limited.client() as http:
-        time.sleep(0.1)
         huge = {"prompt": "x" * (9 * 1024 * 1024), "max_tokens": 1}
         assert "--max-request-body-bytes" in error_of(
             http.post("/v1/completions", json=huge), 413, None
