@@ -34,9 +34,9 @@ async def reject(
 class BodyGuard:
     """Read the whole body before the app does: over `max_request_body_bytes` is a 413 (from
     Content-Length, before reading a byte), a body slower than `body_timeout` a 408, and one
-    still arriving when shutdown begins a 503, so no client can hold the server's exit (both
-    close the connection). The app then reads the buffered body; later messages (the
-    disconnect) pass through."""
+    still arriving when shutdown begins a 503, so no client can hold the server's exit (the
+    408 and the 503 close the connection). The app then reads the buffered body; later
+    messages (the disconnect) pass through."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
@@ -78,7 +78,6 @@ class BodyGuard:
             more = message.get("more_body", False)
         return b"".join(chunks)
 
-
     def _late(self) -> APIError:
         if self.state.stopping.is_set():
             return APIError("the server is shutting down", 503)
@@ -99,7 +98,8 @@ async def first_of(receive: Receive, stop: asyncio.Event, timeout: float) -> Mes
     message = asyncio.ensure_future(receive())
     stopped = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait({message, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        waiting = {message, stopped}
+        await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopped.cancel()
         if not message.done():
