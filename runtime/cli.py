@@ -82,9 +82,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.server.app import run_server
 
     keys = ("host", "port", "served_model_name", "max_queued_requests", "shutdown_timeout")
-    keys += ("chat_template", "log_requests")
+    keys += ("chat_template", "log_requests", "log_interval", *SERVER_LIMITS)
+    keys += ("api_key", "api_key_all_routes", "allowed_hosts")
     config = build_config(args.config, engine_overrides(args) | {k: getattr(args, k) for k in keys})
-    config_json = json.dumps(config.as_dict(), default=str)
+    config_json = json.dumps(config.redacted(), default=str)
     logging.getLogger("runtime.server").info("effective config: %s", config_json)
     return run_server(config)
 
@@ -107,6 +108,35 @@ def cmd_schedulers(args: argparse.Namespace) -> int:
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4])
     return 0
+
+
+SERVER_LIMITS = {  # key: (type, help); defaults are RuntimeConfig's (docs/serving.md)
+    "max_request_body_bytes": (int, "larger request bodies get 413"),
+    "max_prompt_chars": (int, "prompt characters per request, checked before tokenizing"),
+    "max_choices_per_request": (int, "prompts x n per request (also bounded by the queue)"),
+    "max_stop_strings": (int, "stop strings per request"),
+    "max_stop_string_chars": (int, "characters per stop string"),
+    "limit_concurrency": (int, "open connections; at the limit new requests get 503"),
+    "keep_alive_timeout": (float, "seconds an idle connection stays open"),
+    "header_timeout": (float, "seconds for a request's line and headers to arrive"),
+    "body_timeout": (float, "seconds for a request's whole body to arrive (else 408)"),
+}
+
+
+def add_server_limits(p: argparse.ArgumentParser) -> None:
+    d = RuntimeConfig()
+    for key, (typ, text) in SERVER_LIMITS.items():
+        option = "--" + key.replace("_", "-")
+        p.add_argument(option, type=typ, help=f"{text} (default {getattr(d, key):g})")
+
+
+def add_access_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: "
+                                     "$RUNTIME_API_KEY, else no key)")
+    p.add_argument("--api-key-all-routes", action="store_true", default=None,
+                   help="also require the key on /metrics and the docs pages (/health stays open)")
+    p.add_argument("--allowed-hosts", help="comma-separated Host names to answer, or * for any "
+                                           "(default: loopback names when bound to loopback)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--chat-template", help="Jinja template file or text (overrides the model's)")
     log_help = "log every request, and the access log"
     srv.add_argument("--log-requests", action="store_true", default=None, help=log_help)
+    srv.add_argument("--log-interval", type=float,
+                     help="seconds between throughput log lines while busy (default 10)")
+    add_server_limits(srv)
+    add_access_options(srv)
     add_engine_options(srv)
     srv.set_defaults(func=cmd_serve)
 

@@ -19,6 +19,10 @@ LINEAR_BACKENDS = ("auto", "torch", "onednn")  # runtime.linear_kernels
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "kjv-llama-tiny"
 
 
+_POSITIVE_LIMITS = ("max_request_body_bytes", "max_prompt_chars", "max_choices_per_request",
+                    "max_stop_strings", "max_stop_string_chars", "limit_concurrency")
+
+
 class ConfigError(ValueError):
     """A config file or option is invalid; the message names the file and key."""
 
@@ -47,6 +51,20 @@ class RuntimeConfig:
     chat_template: str | None = None
     log_requests: bool = False
     log_interval: float = 10.0
+    # Limits against large or hostile requests (docs/serving.md, "Limits").
+    max_request_body_bytes: int = 8 * 1024 * 1024
+    max_prompt_chars: int = 1_000_000
+    max_choices_per_request: int = 256
+    max_stop_strings: int = 32
+    max_stop_string_chars: int = 512
+    limit_concurrency: int = 512
+    keep_alive_timeout: float = 5.0
+    header_timeout: float = 20.0
+    body_timeout: float = 60.0
+    # Access: an API key (else $RUNTIME_API_KEY) and the Host names a loopback server answers.
+    api_key: str | None = None
+    api_key_all_routes: bool = False
+    allowed_hosts: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -57,9 +75,16 @@ class RuntimeConfig:
             raise ConfigError(str(exc)) from None
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {self.device!r}")
-        for key in ("max_num_seqs", "port", "max_queued_requests"):
+        for key in ("max_num_seqs", "port", "max_queued_requests", *_POSITIVE_LIMITS):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("keep_alive_timeout", "header_timeout", "body_timeout"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be > 0 seconds, got {getattr(self, key)}")
+        if not self.shutdown_timeout >= 0:
+            raise ConfigError(f"shutdown_timeout: must be >= 0 seconds, got {self.shutdown_timeout}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key: must not be empty")
         for key in ("max_model_len", "kv_cache_tokens", "num_threads"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -71,6 +96,13 @@ class RuntimeConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def redacted(self) -> dict[str, Any]:
+        """`as_dict` fit for a log line: the API key is replaced by `***`."""
+        data = self.as_dict()
+        if data["api_key"] is not None:
+            data["api_key"] = "***"
+        return data
 
 
 CONFIG_KEYS: dict[str, Any] = {

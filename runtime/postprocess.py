@@ -11,7 +11,8 @@ class TokenProcessor:
     """Appends sampled tokens to requests and decides when they stop.
 
     Text is streamed incrementally; the StopChecker holds back a tail that could still grow
-    into a stop string, so a client never sees part of one.
+    into a stop string, so a client never sees part of one. `req.output_text` is set when the
+    request finishes (`flush`): joining the text at every token would be quadratic.
     """
 
     def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int) -> None:
@@ -43,7 +44,6 @@ class TokenProcessor:
             return reason, ""  # an EOS or stop token id is not part of the text (as in vLLM)
         checker: StopChecker = req.stop_checker
         delta = checker.append(req.detokenizer.add_tokens([token]))
-        req.output_text = checker.text
         if checker.stopped:
             reason = FinishReason.STOP
         return reason, delta

@@ -24,6 +24,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Longer texts are encoded without holding the GIL, so a server tokenizing a long prompt on a
+# worker thread keeps its event loop (other streams, /health) running meanwhile.
+_GIL_FREE_CHARS = 4096
+
 # generation_config.json keys we expose as request defaults (vLLM's subset we support).
 _GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p")
 
@@ -203,7 +207,10 @@ class Tokenizer:
         Prompts rendered by a chat template usually contain the BOS text already: encode them
         with `add_special_tokens=False` (as vLLM does) to avoid a double BOS.
         """
-        enc = self._hf.encode(text, add_special_tokens=add_special_tokens)
+        if len(text) > _GIL_FREE_CHARS:  # `encode` holds the GIL, `encode_batch` releases it
+            enc = self._hf.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        else:
+            enc = self._hf.encode(text, add_special_tokens=add_special_tokens)
         ids = list(enc.ids)
         bos = self.bos_token_id
         if not add_special_tokens or bos is None or self.add_bos_token is None:

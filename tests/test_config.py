@@ -61,3 +61,37 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_unknown_cli_key_is_an_error() -> None:
     with pytest.raises(ConfigError, match="command line: unknown key 'schedular'.*'scheduler'"):
         build_config(None, {"schedular": "baton"})
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("max_request_body_bytes: 0", "max_request_body_bytes: must be >= 1"),
+        ("max-stop-strings: -1", "max_stop_strings: must be >= 1"),
+        ("limit_concurrency: 0", "limit_concurrency: must be >= 1"),
+        ("header_timeout: 0", "header_timeout: must be > 0 seconds"),
+        ("body-timeout: -2.5", "body_timeout: must be > 0 seconds"),
+        ("shutdown_timeout: -1", "shutdown_timeout: must be >= 0 seconds"),
+        ("api_key: '  '", "api_key: must not be empty"),
+        ("keep_alive_timeout: soon", "key 'keep_alive_timeout' expects float"),
+        ("api_key_all_routes: 3", "key 'api_key_all_routes' expects bool"),
+    ],
+)
+def test_server_limits_bad_values_name_the_key(tmp_path: Path, line: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(write(tmp_path, line + "\n"))
+
+
+def test_server_limits_precedence_and_api_key_sources(tmp_path: Path, monkeypatch) -> None:
+    """CLI over YAML over defaults; the key falls back to $RUNTIME_API_KEY and is never logged."""
+    from runtime.server.state import API_KEY_ENV, ServerSettings
+
+    path = write(tmp_path, "max_prompt_chars: 500\nheader-timeout: 3\napi_key: from-yaml\n")
+    cfg = build_config(path, {"max_prompt_chars": 900, "body_timeout": None})
+    assert (cfg.max_prompt_chars, cfg.header_timeout, cfg.body_timeout) == (900, 3.0, 60.0)
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert ServerSettings.from_config(cfg).api_key == "from-yaml"
+    assert ServerSettings.from_config(RuntimeConfig()).api_key == "from-env"
+    assert cfg.redacted()["api_key"] == "***" and "from-yaml" not in str(cfg.redacted())
+    settings = ServerSettings.from_config(cfg)
+    assert (settings.max_prompt_chars, settings.header_timeout) == (900, 3.0)

@@ -2,27 +2,79 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from runtime.detokenizer import IncrementalDetokenizer
-from runtime.stop import StopChecker, find_stop_string, stop_holdback
+from runtime.stop import StopChecker, compile_stops
 from runtime.tokenizer import Tokenizer
 from tests.tokenizer_factory import make_tokenizer_dir
 
 
-def test_find_earliest_stop() -> None:
-    assert find_stop_string("abc STOP x END", 14, ["END", "STOP"]) == (4, "STOP")
-    assert find_stop_string("abcdef", 6, ["zz"]) is None
-    assert find_stop_string("xxSTOP", 1, ["STOP"]) == (2, "STOP")  # spans older text
-    assert find_stop_string("STOPxx", 1, ["STOP"]) is None  # checked at an earlier step
+def naive_stream(deltas: list[str], stop: list[str]) -> tuple[list[str], str, str | None]:
+    """The rule, written the slow way: earliest match ending in the newest delta (ties to the
+    first listed), else hold back the longest tail that is a proper prefix of a stop string."""
+    text, emitted, out = "", 0, []
+    for d in deltas:
+        old = len(text)
+        text += d
+        hits = [(text.find(s, max(0, old - len(s) + 1)), i) for i, s in enumerate(stop)]
+        hits = [h for h in hits if h[0] != -1]
+        if hits:
+            idx, i = min(hits)
+            text = text[:idx]
+            out.append(text[emitted:])
+            return out, text, stop[i]
+        hold = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        upto = max(emitted, len(text) - hold)
+        out.append(text[emitted:upto])
+        emitted = upto
+    out.append(text[emitted:])
+    return out, text, None
+
+
+def test_earliest_match_and_ties() -> None:
+    _, checker = _run(["abc STOP x END"], ["END", "STOP"])
+    assert checker.matched == "STOP" and checker.text == "abc "
+    _, checker = _run(["xabcd"], ["bc", "abcd"])  # a longer stop that starts earlier wins
+    assert checker.matched == "abcd" and checker.text == "x"
+    _, checker = _run(["xxab"], ["ab", "ab"])
+    assert checker.matched == "ab" and checker.text == "xx"
+    _, checker = _run(["STOPxx"], ["STOP", "xx"])
+    assert checker.matched == "STOP"
 
 
 def test_holdback_is_longest_stop_prefix() -> None:
-    assert stop_holdback("hello wor", ["world"]) == 3
-    assert stop_holdback("hello", ["world"]) == 0
-    assert stop_holdback("abc<", ["<|end|>", "c<|"]) == 2
-    assert stop_holdback("abc", []) == 0
-    assert stop_holdback("world", ["world"]) == 0  # a full match is the stop's job, not ours
+    assert _run(["hello wor"], ["world"])[0][0] == "hello "
+    assert _run(["abc<"], ["<|end|>", "c<|"])[0][0] == "ab"
+    assert _run(["hello"], ["world"])[0][0] == "hello"
+
+
+def test_matches_the_naive_rule_on_random_streams() -> None:
+    rng = random.Random(0)
+    for _ in range(400):
+        stop = ["".join(rng.choices("ab", k=rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choices("abc", k=rng.randint(1, 30)))
+        cuts = sorted(rng.sample(range(1, len(text) + 1), min(len(text), rng.randint(1, 6))))
+        deltas = [text[i:j] for i, j in zip([0, *cuts], cuts, strict=False) if text[i:j]]
+        out, checker = _run(deltas, stop)
+        ref_out, ref_text, ref_match = naive_stream(deltas, stop)
+        assert (out, checker.text, checker.matched) == (ref_out, ref_text, ref_match), (
+            deltas, stop)
+
+
+def test_matching_work_is_linear_in_the_output() -> None:
+    """A long stop string that almost matches everywhere ("aaa...ab" over "aaaa..."), checked
+    one character at a time: rescanning would cost output x stop length per token; the
+    automaton makes at most two trie lookups per output character whatever the stop strings."""
+    stops = ["a" * 1999 + "b", "a" * 1000 + "c", *(f"x{i}y" for i in range(30))]
+    for length in (2_000, 8_000):
+        checker = StopChecker(stops)
+        for _ in range(length):
+            assert checker.append("a") in ("", "a")
+        assert not checker.stopped and checker.num_lookups <= 2 * length
+    assert compile_stops(tuple(stops)) is compile_stops(tuple(stops))  # built once, shared
 
 
 def _run(deltas: list[str], stop: list[str]) -> tuple[list[str], StopChecker]:

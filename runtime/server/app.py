@@ -7,6 +7,7 @@ while loading (readiness), then 200; a dead engine loop turns it back to 503.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,10 @@ from runtime.engine import Engine
 from runtime.server import chat, completions
 from runtime.server.async_engine import AsyncEngine
 from runtime.server.errors import APIError, install_error_handlers
+from runtime.server.http import SHUTDOWN_MARGIN, fit_open_files, uvicorn_config
 from runtime.server.metrics import ServerMetrics
+from runtime.server.middleware import BodyGuard, InternalErrors
+from runtime.server.security import APIKeyCheck, HostCheck, allowed_host_names
 from runtime.server.state import ServerSettings, ServerState, ready_state
 
 logger = logging.getLogger("runtime.server")
@@ -83,6 +87,7 @@ def create_app(
     app = FastAPI(title="baton-runtime", summary="OpenAI-compatible LLM server", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+    install_guards(app, state)
     app.include_router(completions.router)
     app.include_router(chat.router)
 
@@ -112,16 +117,33 @@ def create_app(
     return app
 
 
+def install_guards(app: FastAPI, state: ServerState) -> None:
+    """Middleware, outermost first: unexpected errors, Host check, API key, body bounds (the
+    body is read only for a request that passed the checks). Added innermost first."""
+    settings = state.settings
+    app.add_middleware(BodyGuard, state=state)
+    if settings.api_key:
+        app.add_middleware(
+            APIKeyCheck, api_key=settings.api_key, all_routes=settings.api_key_all_routes
+        )
+    names = allowed_host_names(settings.host, settings.allowed_hosts)
+    if names is not None:
+        app.add_middleware(HostCheck, names=names)
+    app.add_middleware(InternalErrors, state=state)
+
+
 class GracefulServer(uvicorn.Server):
     """uvicorn with a drain: on SIGTERM or Ctrl-C, stop admitting (uvicorn closes the socket),
     let in-flight requests finish for up to `shutdown_timeout`, abort the rest with a final
-    event, then exit 0. uvicorn cancels tasks only after our timeout plus a margin."""
+    event, then exit 0. Bodies still arriving get a 503 at once; uvicorn cancels whatever is
+    left (a client that stopped reading) after our timeout plus `SHUTDOWN_MARGIN`."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.state = state
 
     async def shutdown(self, sockets: Any = None) -> None:
+        self.state.stopping.set()
         drain = None
         if self.state.engine is not None:
             timeout = self.state.settings.shutdown_timeout
@@ -147,6 +169,9 @@ def run_server(config: RuntimeConfig) -> int:
     if not config.resolved_model().is_dir():
         raise RuntimeError(f"model folder not found: {config.resolved_model()}")
     settings = ServerSettings.from_config(config)
+    settings = dataclasses.replace(
+        settings, limit_concurrency=fit_open_files(settings.limit_concurrency)
+    )
     server: GracefulServer | None = None
 
     def stop_on_error(_: BaseException) -> None:
@@ -154,16 +179,10 @@ def run_server(config: RuntimeConfig) -> int:
             server.should_exit = True
 
     app = create_app(lambda: create_engine(config), settings, stop_on_error)
-    uv_config = uvicorn.Config(
-        app,
-        host=config.host,
-        port=config.port,
-        access_log=settings.log_requests,
-        timeout_graceful_shutdown=int(config.shutdown_timeout) + 10,
-    )
+    uv_config = uvicorn_config(app, settings, config.port, access_log=settings.log_requests)
     server = GracefulServer(uv_config, app.state.server)
     server.run()
     return 1 if app.state.server.load_error is not None else 0
 
 
-__all__ = ["APIError", "GracefulServer", "create_app", "run_server"]
+__all__ = ["SHUTDOWN_MARGIN", "APIError", "GracefulServer", "create_app", "run_server"]

@@ -102,7 +102,7 @@ class AsyncEngine:
     def submit(self, requests: Sequence[Request]) -> RequestStream:
         """Queue validated requests together, or reject them all before any work is done."""
         if self.error is not None:
-            raise EngineDeadError(f"the engine loop died: {self.error!r}")
+            raise EngineDeadError("the engine loop died; the server log has the details")
         if not self.accepting:
             raise NotAcceptingError("the server is shutting down")
         if self.engine.num_waiting + len(requests) > self.max_queued_requests:
@@ -149,7 +149,7 @@ class AsyncEngine:
         except BaseException as exc:  # a bug in the engine or a scheduler: fail loudly, once
             logger.exception("the engine loop died; failing in-flight requests")
             self.error = exc
-            error = EngineDeadError(f"the engine loop died: {type(exc).__name__}: {exc}")
+            error = EngineDeadError("the engine loop died; the server log has the details")
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._fail_all, error)
 
@@ -186,7 +186,7 @@ class AsyncEngine:
         logger.warning("shutdown timeout: aborting %d unfinished requests", len(self._streams))
         for request_id in list(self._streams):
             self.abort(request_id)
-        deadline = loop.time() + 5.0
+        deadline = loop.time() + 1.0  # an abort lands at the next step
         while self._streams and self.error is None and loop.time() < deadline:
             await asyncio.sleep(0.02)
         self._fail_all(NotAcceptingError("the server shut down before the engine stopped"))
@@ -197,4 +197,4 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10.0)
+            await asyncio.to_thread(self._thread.join, 2.0)  # a daemon: exit does not wait

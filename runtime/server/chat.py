@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -12,6 +13,8 @@ from fastapi.sse import EventSourceResponse
 from runtime.chat_template import ChatTemplateError
 from runtime.server.async_engine import RequestStream
 from runtime.server.errors import APIError
+from runtime.server.limits import check_choices, check_prompt_chars, check_stops
+from runtime.server.parsing import openapi_body, parse_body
 from runtime.server.protocol import ChatCompletionRequest
 from runtime.server.serving import (
     Job,
@@ -55,16 +58,19 @@ def render_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
         )
     except ChatTemplateError as exc:
         raise APIError(str(exc), 400, "messages") from None
+    check_prompt_chars(state, len(text), "messages")
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-@router.post("/v1/chat/completions", response_model=None)
-async def create_chat_completion(
-    body: ChatCompletionRequest,
-    request: HTTPRequest,
-    state: Annotated[ServerState, Depends(ready_state)],
-) -> dict | EventSourceResponse:
+def prepare(
+    state: ServerState, raw: bytes, content_type: str | None = None
+) -> tuple[ChatCompletionRequest, Job]:
+    """Parse, check, render and tokenize; CPU-heavy for a large request, so run on a worker
+    thread."""
+    body = parse_body(raw, ChatCompletionRequest, content_type)
     check_model(state, body.model)
+    check_choices(state, 1, body.n)
+    check_stops(state, body.stop)
     ids = render_prompt(state, body)
     job = Job(
         "chatcmpl", "chat.completion.chunk", state.settings.model_name, body.n, body.include_usage
@@ -83,6 +89,20 @@ async def create_chat_completion(
     if body.max_completion_tokens is not None:
         rename["max_tokens"] = "max_completion_tokens"
     build_requests(state, job, [ids], params_for, rename)
+    return body, job
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    openapi_extra=openapi_body(ChatCompletionRequest),
+)
+async def create_chat_completion(
+    request: HTTPRequest,
+    state: Annotated[ServerState, Depends(ready_state)],
+) -> dict | EventSourceResponse:
+    raw, content_type = await request.body(), request.headers.get("content-type")
+    body, job = await asyncio.to_thread(prepare, state, raw, content_type)
     stream = submit(state, job)
     if body.stream:
         return EventSourceResponse(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -11,6 +12,8 @@ from fastapi.sse import EventSourceResponse
 
 from runtime.server.async_engine import RequestStream
 from runtime.server.errors import APIError
+from runtime.server.limits import check_choices, check_prompt_chars, check_stops
+from runtime.server.parsing import openapi_body, parse_body
 from runtime.server.protocol import CompletionRequest
 from runtime.server.serving import (
     Job,
@@ -44,24 +47,39 @@ def format_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/completions", response_model=None)
-async def create_completion(
-    body: CompletionRequest,
-    request: HTTPRequest,
-    state: Annotated[ServerState, Depends(ready_state)],
-) -> dict | EventSourceResponse:
+def prepare(
+    state: ServerState, raw: bytes, content_type: str | None = None
+) -> tuple[CompletionRequest, Job]:
+    """Parse, check and tokenize; CPU-heavy for a large request, so run on a worker thread."""
+    body = parse_body(raw, CompletionRequest, content_type)
     check_model(state, body.model)
     if body.echo:
         raise APIError("echo is not supported", 400, "echo")
+    prompts = body.prompts()
+    check_choices(state, len(prompts), body.n)
+    check_stops(state, body.stop)
+    check_prompt_chars(state, sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
     job = Job("cmpl", "text_completion", state.settings.model_name, body.n, body.include_usage)
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     defaults = state.core.tokenizer.generation_defaults
     build_requests(
         state,
         job,
-        body.prompts(),
+        prompts,
         lambda _, j: body.sampling_params(max_tokens, body.logprobs, j, defaults),
     )
+    return body, job
+
+
+@router.post(
+    "/v1/completions", response_model=None, openapi_extra=openapi_body(CompletionRequest)
+)
+async def create_completion(
+    request: HTTPRequest,
+    state: Annotated[ServerState, Depends(ready_state)],
+) -> dict | EventSourceResponse:
+    raw, content_type = await request.body(), request.headers.get("content-type")
+    body, job = await asyncio.to_thread(prepare, state, raw, content_type)
     stream = submit(state, job)
     if body.stream:
         chunks = _chunks(state, job, stream, body.logprobs is not None)

@@ -6,7 +6,6 @@ status, `type` and `param` they already parse.
 
 from __future__ import annotations
 
-import logging
 from http import HTTPStatus
 from typing import Any
 
@@ -17,15 +16,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.sampling_params import InvalidParameterError
 
-logger = logging.getLogger(__name__)
-
 # The status a full waiting queue answers with (see runtime/server/__init__.py).
 QUEUE_FULL_STATUS = HTTPStatus.SERVICE_UNAVAILABLE
 
 _TYPES = {
     400: "BadRequestError",
+    401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
     413: "RequestEntityTooLargeError",
     422: "BadRequestError",
     429: "RateLimitError",
@@ -57,18 +56,31 @@ class APIError(Exception):
         )
 
     def body(self) -> dict[str, Any]:
-        """The JSON body, also sent as the payload of an SSE error event."""
+        """The JSON body, also sent as the payload of an SSE error event. Text that UTF-8
+        cannot carry (a lone surrogate echoed from a request) is escaped, never a crash."""
         return {
             "error": {
-                "message": self.message,
+                "message": _encodable(self.message),
                 "type": self.type,
-                "param": self.param,
+                "param": None if self.param is None else _encodable(self.param),
                 "code": self.status,
             }
         }
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def internal_error(reference: str) -> APIError:
+    """A 500 that names a log reference instead of the exception, whose text may carry
+    paths, shapes or other internals."""
+    return APIError(
+        f"Internal server error (reference {reference}); the server log has the details", 500
+    )
 
 
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
@@ -99,7 +111,8 @@ def _is_type_tag(part: Any) -> bool:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map our errors, FastAPI's body validation (422 -> 400) and HTTP errors to one shape."""
+    """Map our errors, FastAPI's body validation (422 -> 400) and HTTP errors to one shape;
+    anything unexpected is `middleware.InternalErrors`' (a 500 with a log reference)."""
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -121,7 +134,3 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid(_: Request, exc: InvalidParameterError) -> JSONResponse:
         return APIError(str(exc), 400, exc.param).response()
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        return APIError(f"Internal server error: {type(exc).__name__}: {exc}", 500).response()

@@ -120,8 +120,13 @@ async def choice_outputs(stream: RequestStream) -> AsyncIterator[tuple[int, Requ
     try:
         async for out in stream.outputs():
             yield stream.index[out.request_id], out
-            if out.finish_reason is FinishReason.ERROR:
-                raise APIError(f"the request failed: {out.error}", 500)
+            if out.finish_reason is FinishReason.ERROR:  # the engine logged the traceback
+                logger.error("request %s failed: %s", out.request_id, out.error)
+                raise APIError(
+                    f"the request failed inside the engine (request {out.request_id}); the "
+                    "server log has the details",
+                    500,
+                )
             if out.finish_reason is FinishReason.ABORT:
                 raise APIError("the request was aborted: the server is shutting down", 503)
     except (EngineDeadError, NotAcceptingError) as exc:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import dataclasses
+import os
+from dataclasses import dataclass, field
 
 from fastapi import Request as HTTPRequest
 
@@ -12,30 +15,44 @@ from runtime.server.async_engine import AsyncEngine
 from runtime.server.errors import APIError
 from runtime.server.metrics import ServerMetrics
 
+API_KEY_ENV = "RUNTIME_API_KEY"  # as vLLM's VLLM_API_KEY: used when no api_key is configured
+_DEFAULTS = RuntimeConfig()
+
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    """The server's own options (the engine's come from RuntimeConfig through bootstrap)."""
+    """The server's own options (the engine's come from RuntimeConfig through bootstrap);
+    defaults and meanings are RuntimeConfig's (docs/configuration.md)."""
 
     model_name: str
     scheduler: str
-    max_queued_requests: int = 1024
-    shutdown_timeout: float = 30.0
+    host: str = _DEFAULTS.host
+    max_queued_requests: int = _DEFAULTS.max_queued_requests
+    shutdown_timeout: float = _DEFAULTS.shutdown_timeout
     chat_template: str | None = None
     log_requests: bool = False
-    log_interval: float = 10.0
+    log_interval: float = _DEFAULTS.log_interval
+    max_request_body_bytes: int = _DEFAULTS.max_request_body_bytes
+    max_prompt_chars: int = _DEFAULTS.max_prompt_chars
+    max_choices_per_request: int = _DEFAULTS.max_choices_per_request
+    max_stop_strings: int = _DEFAULTS.max_stop_strings
+    max_stop_string_chars: int = _DEFAULTS.max_stop_string_chars
+    limit_concurrency: int = _DEFAULTS.limit_concurrency
+    keep_alive_timeout: float = _DEFAULTS.keep_alive_timeout
+    header_timeout: float = _DEFAULTS.header_timeout
+    body_timeout: float = _DEFAULTS.body_timeout
+    api_key: str | None = None
+    api_key_all_routes: bool = False
+    allowed_hosts: str | None = None
 
     @classmethod
     def from_config(cls, config: RuntimeConfig) -> ServerSettings:
-        name = config.served_model_name or config.resolved_model().name
+        """The config's server keys; the API key falls back to $RUNTIME_API_KEY."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"model_name", "api_key"}
         return cls(
-            name,
-            config.scheduler,
-            config.max_queued_requests,
-            config.shutdown_timeout,
-            config.chat_template,
-            config.log_requests,
-            config.log_interval,
+            model_name=config.served_model_name or config.resolved_model().name,
+            api_key=config.api_key or os.environ.get(API_KEY_ENV) or None,
+            **{name: getattr(config, name) for name in names},
         )
 
 
@@ -49,6 +66,7 @@ class ServerState:
     load_error: BaseException | None = None
     chat_template: str | None = None
     max_model_len: int | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set when shutdown begins
 
     @property
     def core(self) -> Engine:
@@ -64,13 +82,13 @@ def ready_state(request: HTTPRequest) -> ServerState:
     if state.engine is None:
         raise APIError("the model is still loading", 503)
     if state.engine.error is not None:
-        raise APIError(f"the engine loop died: {state.engine.error!r}", 503)
+        raise APIError("the engine loop died; the server log has the details", 503)
     return state
 
 
 def check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model != state.settings.model_name:
-        raise APIError(f"The model `{model}` does not exist.", 404, "model")
+        raise APIError(f"The model `{model[:200]}` does not exist.", 404, "model")
 
 
 def state_of(request: HTTPRequest) -> ServerState:

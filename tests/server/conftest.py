@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from runtime.config import RuntimeConfig
 from runtime.plugins import installed_schedulers
 from runtime.server.app import GracefulServer, create_app
+from runtime.server.http import uvicorn_config
 from runtime.server.state import ServerSettings, ServerState
 from tests.tokenizer_factory import make_tokenizer_dir
 
@@ -136,10 +136,7 @@ def start_server(
         engine_factory or (lambda: create_engine(config)), ServerSettings.from_config(config)
     )
     server = GracefulServer(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=30
-        ),
-        app.state.server,
+        uvicorn_config(app, app.state.server.settings, 0, log_level="warning"), app.state.server
     )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
