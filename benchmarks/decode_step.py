@@ -58,11 +58,15 @@ def make_engine(model: torch.nn.Module, scheduler: str, rows: int, backend: str)
                   linear_backend=backend)
 
 
-def linears_alone(model: torch.nn.Module, rows: int) -> Callable[[], None]:
-    """Every linear of one step (head included) on `rows` rows, with the step's kernels."""
+def linears_alone(model: torch.nn.Module, rows: int, head_rows: int | None = None
+                  ) -> Callable[[], None]:
+    """Every linear of one pass on `rows` rows (the LM head on `head_rows`, the rows that are
+    sampled), with the pass's kernels."""
     dtype = next(model.parameters()).dtype
     linears = model_linears(model)
-    xs = [torch.randn(rows, m.in_features, dtype=dtype) for m in linears]
+    head = model.lm_head
+    xs = [torch.randn(rows if m is not head or head_rows is None else head_rows, m.in_features,
+                      dtype=dtype) for m in linears]
 
     def run() -> None:
         with torch.inference_mode():
@@ -116,7 +120,7 @@ def prefill(model, scheduler: str, tokens: int, iters: int, backend: str):
                                                  ignore_eos=True))
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
-    step_ms, gemm_ms = interleaved_median_ms([one_prompt, linears_alone(model, tokens)], iters)
+    step_ms, gemm_ms = interleaved_median_ms([one_prompt, linears_alone(model, tokens, 1)], iters)
     return step_ms, gemm_ms, int(statistics.median(faults))
 
 
