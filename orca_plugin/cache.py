@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -21,19 +21,17 @@ from orca_plugin.groups import DecodeGroup, plan_groups
 from orca_plugin.masks import build_orca_mask
 from orca_plugin.slots import SlotAllocator
 from runtime.api import (
-    CacheLimits,
-    ForwardBatch,
     KVCache,
     MemoryStats,
-    ModelShape,
     PassStats,
-    Request,
-    Segment,
     attention_pairs,
     kv_elements_per_token,
     kv_reservation,
     pack,
 )
+
+if TYPE_CHECKING:
+    from runtime.api import CacheLimits, ForwardBatch, ModelShape, Request, Segment
 
 AttentionMode = Literal["auto", "fused", "loop"]
 MIN_POOL_TOKENS = 256  # first allocation; the pool then doubles up to `kv_cache_tokens`
