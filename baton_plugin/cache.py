@@ -36,7 +36,7 @@ from baton_plugin.attention import (
 from baton_plugin.buckets import NEW_BUCKET, Bucket, choose_bucket
 from baton_plugin.masks import decode_mask, padding_mask
 from baton_plugin.rows import RowSpace
-from runtime.kv_cache import (
+from runtime.api import (
     CacheLimits,
     ForwardBatch,
     KVCache,
@@ -44,9 +44,9 @@ from runtime.kv_cache import (
     ModelShape,
     PassStats,
     Phase,
+    Request,
     kv_elements_per_token,
 )
-from runtime.request import Request
 
 NewcomerPass = Literal["fused", "separate"]
 NEWCOMER_PASSES = ("fused", "separate")

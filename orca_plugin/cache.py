@@ -26,7 +26,6 @@ from runtime.api import (
     PassStats,
     attention_pairs,
     kv_elements_per_token,
-    kv_reservation,
     pack,
 )
 
@@ -86,10 +85,6 @@ class OrcaKVCache(KVCache):
     def pool_tokens(self) -> int:
         """Slots physically allocated so far (grows on demand up to `kv_cache_tokens`)."""
         return self.slots.capacity
-
-    def reservation(self, request: Request) -> int:
-        """Slots a request holds from its initiation to its end: prompt_len + max_tokens."""
-        return kv_reservation(request, self.limits.max_model_len)
 
     def _empty_pool(self, capacity: int) -> torch.Tensor:
         s = self.shape

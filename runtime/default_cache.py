@@ -16,7 +16,6 @@ from runtime.kv_cache import (
     KVCache,
     MemoryStats,
     kv_elements_per_token,
-    kv_reservation,
 )
 from runtime.packing import Segment, SegmentMask, packed_batch, segment_attention
 from runtime.request import Request
@@ -31,10 +30,9 @@ class PerRequestKVCache(KVCache):
 
     def add(self, request: Request) -> None:
         s = self.shape
-        size = kv_reservation(request, self.limits.max_model_len)
         self._slabs[request] = torch.empty(
-            (s.num_layers, 2, size, s.num_kv_heads, s.head_dim), dtype=self.dtype,
-            device=self.device)
+            (s.num_layers, 2, self.reservation(request), s.num_kv_heads, s.head_dim),
+            dtype=self.dtype, device=self.device)
 
     def free(self, request: Request) -> None:
         self._slabs.pop(request, None)

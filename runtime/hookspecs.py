@@ -35,12 +35,13 @@ def admit_requests(
     Called once at the start of every engine step, before any forward pass. `waiting` is in
     arrival order (preempted requests go back to its front); `running` is the current batch.
     `budget` holds the limits (max_num_seqs, context length, the KV capacity `kv_cache_tokens`
-    and `kv_free_tokens` as `kv_cache` counts them). Return an `AdmissionDecision(admit=...,
-    preempt=...)`: `admit` must be a subset of `waiting`, `preempt` a subset of `running`, each
-    named once, and the resulting batch must not exceed `budget.max_num_seqs`. Preempted
-    requests are freed from the cache and recomputed when readmitted. An invalid decision fails
-    the requests it names with an error naming the scheduler and its distribution.
-    Return None to fall through to the next implementation (the built-in FCFS default).
+    and `kv_free_tokens` as `kv_cache` counts them); admitting a request to a layout that
+    reserves at admission takes `kv_cache.reservation(request)` of the free tokens. Return an
+    `AdmissionDecision(admit=..., preempt=...)`: `admit` must be a subset of `waiting`,
+    `preempt` a subset of `running`, each named once, and the resulting batch must not exceed
+    `budget.max_num_seqs`. Preempted requests are freed from the cache and recomputed when
+    readmitted. An invalid decision fails the requests it names with an error naming the
+    scheduler and its distribution. Return None to fall through to the next implementation (the built-in FCFS default).
     """
 
 

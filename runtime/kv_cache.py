@@ -125,7 +125,7 @@ class AttentionHandle(Protocol):
 
 
 class KVCache(ABC):
-    """Base class of a cache layout: five methods to write, two to override when needed.
+    """Base class of a cache layout: five methods to write, a few to override when needed.
 
     The engine drives it in this order every step: `free` for each preempted request, `add`
     for each admitted one, then for each pass `forward_batches` yields: `pass_stats(batch)`,
@@ -170,6 +170,15 @@ class KVCache(ABC):
     def memory_stats(self) -> MemoryStats:
         """Allocated versus used KV memory right now; `reserved_tokens` drive admission."""
 
+    def reservation(self, request: Request) -> int:
+        """KV tokens `add` will reserve for `request`; admission charges it to `kv_free_tokens`.
+
+        Default: `kv_reservation` (prompt + max_tokens, capped by the context). A layout that
+        reserves otherwise (whole blocks, nothing up front) overrides it, so the built-in FCFS
+        admission counts what the layout will really take.
+        """
+        return kv_reservation(request, self.limits.max_model_len)
+
     def commit(self, batch: ForwardBatch) -> None:  # noqa: B027 - optional, a no-op by default
         """The forward pass of `batch` completed (embed prefilled rows, ...); default: nothing."""
 
@@ -206,7 +215,7 @@ def kv_elements_per_token(shape: ModelShape) -> int:
 def kv_reservation(request: Request, max_model_len: int) -> int:
     """KV tokens a request may ever need: `prompt_len + max_tokens`, capped by the context.
 
-    The rule every reserve-at-admission layout (the default, Orca, the docs' paged one) charges
-    and every admission policy for them counts against `budget.kv_free_tokens`.
+    The default of `KVCache.reservation`, so the rule of the default layout and Orca's, which
+    admission policies count against `budget.kv_free_tokens`.
     """
     return min(request.max_total_tokens, max_model_len)
