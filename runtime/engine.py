@@ -219,9 +219,8 @@ class Engine:
     def _free(self, req: Request) -> None:
         try:
             self.kv_cache.free(req)
-        except Exception:  # a leak the no-leak checks report; the request still leaves
-            logger.exception("scheduler %r: kv_cache.free(%s) failed", self.scheduler_name,
-                             req.request_id)
+        except Exception as exc:  # a leak the no-leak checks report; the request still leaves
+            self._plugin_error(exc, f"kv_cache.free({req.request_id}) failed")
 
     def _finish(self, req: Request, reason: FinishReason, outputs: Outputs,
                 error: str | None = None) -> None:
