@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from runtime.request import Request
+from runtime.api import Request
 
 
 @dataclass(slots=True)

@@ -36,7 +36,7 @@ from baton_plugin.attention import (
 from baton_plugin.buckets import NEW_BUCKET, Bucket, choose_bucket
 from baton_plugin.masks import decode_mask, padding_mask
 from baton_plugin.rows import RowSpace
-from runtime.kv_cache import (
+from runtime.api import (
     CacheLimits,
     ForwardBatch,
     KVCache,
@@ -44,9 +44,9 @@ from runtime.kv_cache import (
     ModelShape,
     PassStats,
     Phase,
+    Request,
     kv_elements_per_token,
 )
-from runtime.request import Request
 
 NewcomerPass = Literal["fused", "separate"]
 NEWCOMER_PASSES = ("fused", "separate")
@@ -88,7 +88,7 @@ class BatonCache(KVCache):
         self.columns = limits.max_model_len + max(32, limits.max_model_len // 4)
         rows_wanted = min(max_rows or limits.max_num_seqs, limits.max_num_seqs)
         # Rows the KV budget holds at full context; the slack columns only let windows slide.
-        self.max_rows = max(1, min(rows_wanted, limits.kv_capacity_tokens // limits.max_model_len))
+        self.max_rows = max(1, min(rows_wanted, limits.kv_cache_tokens // limits.max_model_len))
         dims = (shape.num_layers, self.max_rows, shape.num_kv_heads, self.columns, shape.head_dim)
         self.k = torch.empty(dims, dtype=dtype, device=self.device)
         self.v = torch.empty(dims, dtype=dtype, device=self.device)
@@ -175,12 +175,6 @@ class BatonCache(KVCache):
             row, end = self._place(req, kv.lengths[i])
             embed.embed_prefilled(self.k, self.v, kv, i, row, end)
 
-    def build_mask(self, batch: ForwardBatch) -> BatonMask:
-        lay: BatonLayout = batch.layout
-        return BatonMask(tuple(
-            decode_mask(list(lengths), seg.end + 1 - seg.start, self.dtype, self.device)
-            for seg, lengths in zip(lay.decode, lay.lengths, strict=True)))
-
     def memory_stats(self) -> MemoryStats:
         per_token = kv_elements_per_token(self.shape)
         used = sum(sum(b.lengths) for b in self.buckets)
@@ -255,7 +249,13 @@ class BatonCache(KVCache):
         return ForwardBatch(
             tuple(requests), torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
             tuple([1] * num_decode + [p.length for p in prompts]),
-            torch.tensor(sample, device=dev), tuple(requests), phase, layout)
+            torch.tensor(sample, device=dev), tuple(requests), phase, layout, self._mask(layout))
+
+    def _mask(self, lay: BatonLayout) -> BatonMask:
+        """Per bucket, an additive mask with the dtype minimum on padded keys."""
+        return BatonMask(tuple(
+            decode_mask(list(lengths), seg.end + 1 - seg.start, self.dtype, self.device)
+            for seg, lengths in zip(lay.decode, lay.lengths, strict=True)))
 
     def _ensure_staging(self, tokens: int) -> None:
         """Staging for `tokens` prompt tokens, grown (rarely) and otherwise reused."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.masks import additive_mask
+from runtime.api import additive_mask
 
 
 def padding_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from runtime.request import Request
+from runtime.api import Request, kv_reservation
 
 
 def row_extent(request: Request, max_model_len: int) -> tuple[int, int]:
@@ -18,7 +18,7 @@ def row_extent(request: Request, max_model_len: int) -> tuple[int, int]:
     keys cached; a request not yet prefilled will cache all its tokens in its prefill.
     """
     cached = request.num_computed_tokens or request.num_tokens
-    final = min(request.max_total_tokens, max_model_len) - 1
+    final = kv_reservation(request, max_model_len) - 1
     return cached, max(final - cached, 0)
 
 

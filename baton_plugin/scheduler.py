@@ -9,45 +9,30 @@ one dense `[B, 1]` pass per step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from baton_plugin.attention import BatonMask
 from baton_plugin.cache import NEWCOMER_PASSES, BatonCache
 from baton_plugin.policy import peak_padded_footprint, row_extent
-from runtime import hookimpl
-from runtime.kv_cache import CacheLimits, ForwardBatch, KVCache, ModelShape, Phase
-from runtime.request import Request
-from runtime.scheduling import AdmissionDecision, SchedulingBudget, StepStats
-
-
-@dataclass(slots=True)
-class IdleTotals:
-    """Useful versus computed work summed over every pass of an engine (for benchmarks)."""
-
-    num_passes: int = 0
-    num_decode_passes: int = 0
-    useful_tokens: int = 0
-    computed_tokens: int = 0
-    useful_attention_pairs: int = 0
-    computed_attention_pairs: int = 0
-    peak_allocated_elements: int = 0
-    peak_used_elements: int = 0
-
-    @property
-    def idle_attention_fraction(self) -> float:
-        """Share of computed (query, key) pairs that were padding or causal-masked."""
-        done = self.computed_attention_pairs
-        return 1 - self.useful_attention_pairs / done if done else 0.0
+from runtime.api import (
+    AdmissionDecision,
+    CacheLimits,
+    KVCache,
+    ModelShape,
+    Request,
+    SchedulingBudget,
+    hookimpl,
+    renamed_option,
+)
 
 
 class BatonScheduler:
     """Options (YAML `scheduler_options`; docs/baton.md measures each):
 
     - `max_batch_size`: rows in the batch (default: the engine's `max_num_seqs`).
-    - `kv_budget_tokens`: padded KV footprint the batch may reach, in tokens (default: the
-      engine's KV capacity). Admission checks the worst-case peak.
+    - `kv_cache_tokens`: padded KV footprint the batch may reach, in tokens (default and
+      cap: the engine's `kv_cache_tokens`). Admission checks the worst-case peak.
+      (`kv_budget_tokens`, its former name, is still accepted, with a warning.)
     - `newcomer_pass`: `fused` (default) runs newcomers' prompts in the same pass as the
       decode rows' tokens; `separate` prefills them in a pass of their own first.
     - `max_buckets`: dense length buckets the batch may split into (1 = one dense batch).
@@ -59,15 +44,18 @@ class BatonScheduler:
     def __init__(
         self,
         max_batch_size: int | None = None,
-        kv_budget_tokens: int | None = None,
+        kv_cache_tokens: int | None = None,
         newcomer_pass: str = "fused",
         max_buckets: int = 4,
         bucket_pad_tolerance: float = 0.15,
         max_prefill_tokens: int = 8192,
+        kv_budget_tokens: int | None = None,
     ) -> None:
+        kv_cache_tokens = renamed_option("baton", "kv_budget_tokens", kv_budget_tokens,
+                                         "kv_cache_tokens", kv_cache_tokens)
         for name, value in (
             ("max_batch_size", max_batch_size),
-            ("kv_budget_tokens", kv_budget_tokens),
+            ("kv_cache_tokens", kv_cache_tokens),
             ("max_buckets", max_buckets),
             ("max_prefill_tokens", max_prefill_tokens),
         ):
@@ -79,13 +67,12 @@ class BatonScheduler:
         if not (isinstance(bucket_pad_tolerance, (int, float)) and bucket_pad_tolerance >= 0):
             raise ValueError(f"bucket_pad_tolerance must be >= 0, got {bucket_pad_tolerance!r}")
         self.max_batch_size = max_batch_size
-        self.kv_budget_tokens = kv_budget_tokens
+        self.kv_cache_tokens = kv_cache_tokens
         self.newcomer_pass = newcomer_pass
         self.max_buckets = max_buckets
         self.bucket_pad_tolerance = float(bucket_pad_tolerance)
         self.max_prefill_tokens = max_prefill_tokens
         self.cache: BatonCache | None = None
-        self.totals = IdleTotals()
 
     @hookimpl
     def admit_requests(
@@ -104,9 +91,7 @@ class BatonScheduler:
         limit = min(self.max_batch_size or budget.max_num_seqs, budget.max_num_seqs)
         if isinstance(kv_cache, BatonCache):
             limit = min(limit, kv_cache.max_rows)
-        capacity = min(
-            self.kv_budget_tokens or budget.kv_capacity_tokens, budget.kv_capacity_tokens
-        )
+        capacity = min(self.kv_cache_tokens or budget.kv_cache_tokens, budget.kv_cache_tokens)
         rows = [row_extent(r, budget.max_model_len) for r in running]
         admit: list[Request] = []
         for req in waiting:
@@ -128,24 +113,3 @@ class BatonScheduler:
             self.max_buckets, self.bucket_pad_tolerance, self.max_prefill_tokens,
         )
         return self.cache
-
-    @hookimpl
-    def build_attention_mask(self, batch: ForwardBatch, kv_cache: KVCache) -> BatonMask | None:
-        """Per bucket, an additive mask with the dtype minimum on padded keys."""
-        if not isinstance(kv_cache, BatonCache):
-            return None
-        return kv_cache.build_mask(batch)
-
-    @hookimpl
-    def on_step_end(self, stats: StepStats) -> None:
-        """Accumulate the idle-computation counters of every pass."""
-        t = self.totals
-        for p in stats.passes:
-            t.num_passes += 1
-            t.num_decode_passes += p.phase is Phase.DECODE
-            t.useful_tokens += p.useful_tokens
-            t.computed_tokens += p.computed_tokens
-            t.useful_attention_pairs += p.useful_attention_pairs
-            t.computed_attention_pairs += p.computed_attention_pairs
-        t.peak_allocated_elements = max(t.peak_allocated_elements, stats.memory.allocated_elements)
-        t.peak_used_elements = max(t.peak_used_elements, stats.memory.used_elements)

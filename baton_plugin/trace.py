@@ -7,7 +7,7 @@ example of docs/baton.md generated from the real code:
 from __future__ import annotations
 
 from baton_plugin.cache import BatonCache
-from runtime.kv_cache import PassStats
+from runtime.api import PassStats
 
 
 def render(cache: BatonCache) -> str:
@@ -39,7 +39,7 @@ def describe_pass(p: PassStats) -> str:
 def worked_example(max_buckets: int = 2) -> str:
     """A and B decoding; C (short), D (equal to B) and E (long) arrive; E and A leave."""
     from baton_plugin.scheduler import BatonScheduler
-    from runtime.sampling_params import SamplingParams
+    from runtime.api import SamplingParams
     from runtime.testing import make_engine, tiny_model
 
     scheduler = BatonScheduler(max_buckets=max_buckets)

@@ -57,7 +57,7 @@ def decode_attention(mode: str, batch: int, prompt_range: tuple[int, int], seed:
     shape = ModelShape(L, H, H_kv, D, cfg.vocab_size, cfg.max_position_embeddings)
     limits = CacheLimits(batch, shape.max_model_len, batch * shape.max_model_len)
     cache = OrcaKVCache(
-        shape, limits, torch.device("cpu"), torch.float32, limits.kv_capacity_tokens, mode
+        shape, limits, torch.device("cpu"), torch.float32, limits.kv_cache_tokens, mode
     )
     rng = random.Random(seed)
     requests = []
@@ -68,7 +68,7 @@ def decode_attention(mode: str, batch: int, prompt_range: tuple[int, int], seed:
         requests.append(req)
     cache.pool.normal_()
     pass_ = next(cache.forward_batches(requests))
-    mask = cache.build_mask(pass_)
+    mask = pass_.mask
     q, k, v = torch.randn(batch, H, D), torch.randn(batch, H_kv, D), torch.randn(batch, H_kv, D)
 
     def run_once() -> None:

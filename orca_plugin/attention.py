@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from orca_plugin.masks import CAUSAL, OrcaMask, SegmentMask
+from orca_plugin.masks import OrcaMask
+from runtime.api import segment_attention
 
 if TYPE_CHECKING:
     from orca_plugin.cache import OrcaLayout
@@ -108,25 +109,6 @@ def _one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tor
     return out.view(1, heads, dim)
 
 
-def _initiation(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seg_mask: SegmentMask
-) -> torch.Tensor:
-    """One request's prompt q `(n, H, D)` over its pool slice `(S, H_kv, D)` -> `(n, H, D)`.
-
-    4-D inputs on purpose: on CPU, SDPA takes its flash kernel only for 4-D tensors (3-D ones
-    fall back to the math path, about 30x slower for a 300-token prompt here).
-    """
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None],  # (1, H, n, D)
-        keys.transpose(0, 1)[None],  # (1, H_kv, S, D)
-        values.transpose(0, 1)[None],
-        attn_mask=None if seg_mask is CAUSAL else seg_mask,
-        is_causal=seg_mask is CAUSAL,
-        enable_gqa=True,
-    )
-    return out[0].transpose(0, 1)  # (n, H, D)
-
-
 class LoopAttention:
     """One SDPA call per request: its queries against its own pool slice."""
 
@@ -173,8 +155,8 @@ class LoopAttention:
             if seg.length == 1:
                 outputs.append(_one_query(q[seg.start], keys[start:end], values[start:end]))
                 continue
-            outputs.append(
-                _initiation(
+            outputs.append(  # an initiation: causal, or masked when resumed
+                segment_attention(
                     q[seg.start : seg.start + seg.length],
                     keys[start:end],
                     values[start:end],

@@ -9,31 +9,31 @@ running requests: decode (increment) requests first, by context length, then ini
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from orca_plugin.attention import AttentionTimes, FusedAttention, LoopAttention, VariantChooser
 from orca_plugin.groups import DecodeGroup, plan_groups
-from orca_plugin.masks import OrcaMask, build_orca_mask
+from orca_plugin.masks import build_orca_mask
 from orca_plugin.slots import SlotAllocator
-from runtime.default_cache import Segment
-from runtime.kv_cache import (
-    CacheLimits,
-    ForwardBatch,
+from runtime.api import (
     KVCache,
     MemoryStats,
-    ModelShape,
     PassStats,
-    Phase,
+    attention_pairs,
     kv_elements_per_token,
+    pack,
 )
-from runtime.request import Request
+
+if TYPE_CHECKING:
+    from runtime.api import CacheLimits, ForwardBatch, ModelShape, Request, Segment
 
 AttentionMode = Literal["auto", "fused", "loop"]
-MIN_POOL_TOKENS = 256  # first allocation; the pool then doubles up to `kv_slots`
+MIN_POOL_TOKENS = 256  # first allocation; the pool then doubles up to `kv_cache_tokens`
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +64,13 @@ class OrcaKVCache(KVCache):
         limits: CacheLimits,
         device: torch.device,
         dtype: torch.dtype,
-        kv_slots: int,
+        kv_cache_tokens: int,
         attention: AttentionMode = "auto",
         time_attention: bool = True,
     ) -> None:
+        """`kv_cache_tokens` is Orca's slot budget `n_slots`: what admission may reserve."""
+        limits = dataclasses.replace(limits, kv_cache_tokens=kv_cache_tokens)
         super().__init__(shape, limits, device, dtype)
-        self.kv_slots = kv_slots
         self.mode = attention
         self.slots = SlotAllocator()
         self.pool = self._empty_pool(0)
@@ -81,19 +82,9 @@ class OrcaKVCache(KVCache):
         self.last_layout: OrcaLayout | None = None
 
     @property
-    def capacity_tokens(self) -> int:
-        """Orca's slot budget `n_slots`: what admission may reserve in total."""
-        return self.kv_slots
-
-    @property
     def pool_tokens(self) -> int:
-        """Slots physically allocated so far (grows on demand up to `kv_slots`)."""
+        """Slots physically allocated so far (grows on demand up to `kv_cache_tokens`)."""
         return self.slots.capacity
-
-    @staticmethod
-    def reservation(request: Request) -> int:
-        """Slots a request holds from its initiation to its end: prompt_len + max_tokens."""
-        return request.max_total_tokens
 
     def _empty_pool(self, capacity: int) -> torch.Tensor:
         s = self.shape
@@ -102,13 +93,14 @@ class OrcaKVCache(KVCache):
 
     def add(self, request: Request) -> None:
         size = self.reservation(request)
-        if self.slots.ranges and self.slots.reserved + size > self.kv_slots:
+        budget = self.kv_cache_tokens
+        if self.slots.ranges and self.slots.reserved + size > budget:
             raise RuntimeError(
                 f"{request.request_id}: {size} slots exceed the free "
-                f"{self.kv_slots - self.slots.reserved} of kv_slots={self.kv_slots}"
+                f"{budget - self.slots.reserved} of kv_cache_tokens={budget}"
             )
         start = self.slots.find(size)
-        limit = max(self.kv_slots, size)  # a lone request over the budget still fits
+        limit = max(budget, size)  # a lone request over the budget still fits
         if start is None and self.slots.capacity < limit:
             want = max(2 * self.slots.capacity, self.slots.high_water + size, MIN_POOL_TOKENS)
             self._grow(min(want, limit))
@@ -146,47 +138,22 @@ class OrcaKVCache(KVCache):
         ordered = sorted(decode, key=lambda r: r.num_computed_tokens)  # fused groups by length
         num_decode = len(ordered)
         ordered += [r for r in running if len(r.pending_token_ids()) != 1]
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        segments: list[Segment] = []
-        starts: list[int] = []
-        for req in ordered:
-            pending = req.pending_token_ids()
-            past, start = req.num_computed_tokens, self.slots.ranges[req].start
-            segments.append(Segment(len(ids), len(pending), past))
-            starts.append(start)
-            ids.extend(pending)
-            positions.extend(range(past, past + len(pending)))
-            slots.extend(range(start + past, start + past + len(pending)))
-        dev = self.device
-        sample = torch.tensor([s.start + s.length - 1 for s in segments], device=dev)
-        initiation = [s.past == 0 for s in segments]
-        phase = (
-            Phase.PREFILL
-            if all(initiation)
-            else Phase.DECODE
-            if not any(initiation)
-            else Phase.MIXED
-        )
+        packed = pack(ordered, self.device)
+        segments = packed.segments
+        starts = [self.slots.ranges[req].start for req in ordered]
+        slots = [slot for seg, start in zip(segments, starts, strict=True)
+                 for slot in range(start + seg.past, start + seg.past + seg.length)]
         layout = OrcaLayout(
-            tuple(segments),
+            segments,
             tuple(starts),
-            torch.tensor(slots, device=dev),
+            torch.tensor(slots, device=self.device),
             num_decode,
-            sum(s.length for s in segments if s.past == 0),
+            sum(s.length for s in segments if s.prefill),
             **self._decode_group(segments[:num_decode], starts[:num_decode]),
         )
-        return ForwardBatch(
-            tuple(ordered),
-            torch.tensor(ids, device=dev),
-            torch.tensor(positions, device=dev),
-            tuple(s.length for s in segments),
-            sample,
-            tuple(ordered),
-            phase,
-            layout,
-        )
+        mask = build_orca_mask(segments, layout.decode_lengths, layout.decode_groups,
+                               self.dtype, self.device)
+        return packed.batch(layout, mask)
 
     def _decode_group(self, segments: Sequence[Segment], starts: Sequence[int]) -> dict:
         """Fused: the decode rows' padded groups and gather indices (pads repeat slot 0).
@@ -224,12 +191,6 @@ class OrcaKVCache(KVCache):
             variant = "fused" if lay.gather_index is not None else "loop"
             self.chooser.record(variant, self.last_times.decode_s, lay.num_decode)
 
-    def build_mask(self, batch: ForwardBatch) -> OrcaMask:
-        lay: OrcaLayout = batch.layout
-        return build_orca_mask(
-            lay.segments, lay.decode_lengths, lay.decode_groups, self.dtype, self.device
-        )
-
     def memory_stats(self) -> MemoryStats:
         """Allocated = reserved slots (what requests hold); used = slots with real K/V."""
         per_token = kv_elements_per_token(self.shape)
@@ -242,14 +203,9 @@ class OrcaKVCache(KVCache):
     def pass_stats(self, batch: ForwardBatch) -> PassStats:
         """Token slots are all useful (packed); fused decode padding counts as computed pairs."""
         lay: OrcaLayout = batch.layout
-        useful = computed = 0
-        for i, s in enumerate(lay.segments):
-            pairs = s.length * s.past + s.length * (s.length + 1) // 2
-            useful += pairs
-            if s.length > 1 and s.past > 0:  # explicit mask: the whole rectangle is scored
-                computed += s.length * (s.past + s.length)
-            elif not (lay.gather_index is not None and i < lay.num_decode):
-                computed += pairs
-        computed += sum(g.num_keys for g in lay.decode_groups)
+        useful, computed = attention_pairs(lay.segments)
+        if lay.gather_index is not None:  # the fused rows score their padded groups instead
+            computed -= sum(s.past + 1 for s in lay.segments[: lay.num_decode])
+            computed += sum(g.num_keys for g in lay.decode_groups)
         tokens = int(batch.input_ids.numel())
         return PassStats(batch.phase, len(batch.requests), tokens, tokens, useful, computed)

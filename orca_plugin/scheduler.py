@@ -9,23 +9,33 @@ paper's Algorithm 1 on one worker; see docs/orca.md for the worked example and d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from orca_plugin.cache import AttentionMode, OrcaKVCache
-from orca_plugin.masks import OrcaMask, build_orca_mask
-from runtime import hookimpl
-from runtime.kv_cache import CacheLimits, ForwardBatch, KVCache, ModelShape
-from runtime.request import Request
-from runtime.scheduling import AdmissionDecision, SchedulingBudget, StepStats
+from runtime.api import (
+    AdmissionDecision,
+    CacheLimits,
+    KVCache,
+    ModelShape,
+    Request,
+    SchedulingBudget,
+    StepStats,
+    hookimpl,
+    kv_reservation,
+    renamed_option,
+)
 
 ATTENTION_MODES: tuple[AttentionMode, ...] = ("auto", "fused", "loop")
 
 
 def select_batch(
-    waiting: Sequence[Request], num_running: int, max_batch_size: int, free_slots: int
+    waiting: Sequence[Request],
+    num_running: int,
+    max_batch_size: int,
+    free_slots: int,
+    max_model_len: int,
 ) -> tuple[Request, ...]:
     """Algorithm 1 for the requests not yet started, in arrival order.
 
@@ -39,7 +49,7 @@ def select_batch(
     for req in sorted(waiting, key=lambda r: r.arrival_time):  # stable: ties keep queue order
         if num_running + len(selected) >= max_batch_size:
             break
-        need = OrcaKVCache.reservation(req)
+        need = kv_reservation(req, max_model_len)
         if need > free_slots and not (alone and not selected):
             break
         free_slots -= need
@@ -47,24 +57,13 @@ def select_batch(
     return tuple(selected)
 
 
-@dataclass(slots=True)
-class OrcaTotals:
-    """Per-engine sums over iterations, for benchmarks (the per-step values are in `extra`)."""
-
-    num_iterations: int = 0
-    num_mixed_iterations: int = 0
-    num_tokens: int = 0
-    num_initiation_tokens: int = 0
-    prompt_wait_s: float = 0.0
-    decode_request_wait_s: float = 0.0
-
-
 class OrcaScheduler:
     """Options (YAML `scheduler_options`):
 
     - `max_batch_size`: requests per iteration (default and cap: the engine's `max_num_seqs`).
-    - `kv_slots`: Orca's slot budget `n_slots`, in tokens (default: the engine's KV capacity).
-      A request reserving more than all of it runs alone rather than blocking the queue.
+    - `kv_cache_tokens`: Orca's slot budget `n_slots`, in tokens (default: the engine's
+      `kv_cache_tokens`). A request reserving more than all of it runs alone rather than
+      blocking the queue. (`kv_slots`, its former name, is still accepted, with a warning.)
     - `attention`: `fused` (the decode rows gathered into a few padded calls per layer, by
       length), `loop` (one call per request, the paper's literal split) or `auto` (the
       default: whichever of the two is measured faster here, re-checked as the run goes;
@@ -74,10 +73,16 @@ class OrcaScheduler:
     def __init__(
         self,
         max_batch_size: int | None = None,
-        kv_slots: int | None = None,
+        kv_cache_tokens: int | None = None,
         attention: AttentionMode = "auto",
+        kv_slots: int | None = None,
     ) -> None:
-        for name, value in (("max_batch_size", max_batch_size), ("kv_slots", kv_slots)):
+        kv_cache_tokens = renamed_option("orca", "kv_slots", kv_slots, "kv_cache_tokens",
+                                         kv_cache_tokens)
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("kv_cache_tokens", kv_cache_tokens),
+        ):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
@@ -85,10 +90,9 @@ class OrcaScheduler:
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.max_batch_size = max_batch_size
-        self.kv_slots = kv_slots
+        self.kv_cache_tokens = kv_cache_tokens
         self.attention = attention
         self.cache: OrcaKVCache | None = None
-        self.totals = OrcaTotals()
 
     @hookimpl
     def admit_requests(
@@ -96,30 +100,19 @@ class OrcaScheduler:
         waiting: Sequence[Request],
         running: Sequence[Request],
         budget: SchedulingBudget,
-        kv_cache: KVCache,
     ) -> AdmissionDecision:
         """Select in arrival order up to `max_batch_size`, breaking at the first misfit."""
         limit = min(self.max_batch_size or budget.max_num_seqs, budget.max_num_seqs)
-        free = kv_cache.capacity_tokens - kv_cache.memory_stats().reserved_tokens
-        return AdmissionDecision(admit=select_batch(waiting, len(running), limit, free))
+        return AdmissionDecision(admit=select_batch(
+            waiting, len(running), limit, budget.kv_free_tokens, budget.max_model_len))
 
     @hookimpl
     def make_kv_cache(
         self, shape: ModelShape, limits: CacheLimits, device: torch.device, dtype: torch.dtype
     ) -> KVCache:
-        kv_slots = self.kv_slots or limits.kv_capacity_tokens
-        self.cache = OrcaKVCache(shape, limits, device, dtype, kv_slots, self.attention)
+        kv_cache_tokens = self.kv_cache_tokens or limits.kv_cache_tokens
+        self.cache = OrcaKVCache(shape, limits, device, dtype, kv_cache_tokens, self.attention)
         return self.cache
-
-    @hookimpl
-    def build_attention_mask(self, batch: ForwardBatch, kv_cache: KVCache) -> OrcaMask | None:
-        """Causal within each initiation; padding only in the fused decode groups."""
-        if not isinstance(kv_cache, OrcaKVCache):
-            return None
-        lay = batch.layout
-        return build_orca_mask(
-            lay.segments, lay.decode_lengths, lay.decode_groups, kv_cache.dtype, kv_cache.device
-        )
 
     @hookimpl(tryfirst=True)
     def on_step_end(self, stats: StepStats) -> None:
@@ -130,15 +123,7 @@ class OrcaScheduler:
         cache = self.cache
         if cache is None or cache.last_layout is None or not stats.pass_seconds:
             return
-        info = iteration_info(cache, stats.pass_seconds[0])
-        stats.extra["orca"] = info
-        t = self.totals
-        t.num_iterations += 1
-        t.num_mixed_iterations += info["num_decode_requests"] > 0 < info["num_initiation_requests"]
-        t.num_tokens += info["num_tokens"]
-        t.num_initiation_tokens += info["num_initiation_tokens"]
-        t.prompt_wait_s += info["prompt_wait_s"]
-        t.decode_request_wait_s += info["decode_request_wait_s"]
+        stats.extra["orca"] = iteration_info(cache, stats.pass_seconds[0])
 
 
 def iteration_info(cache: OrcaKVCache, pass_seconds: float) -> dict[str, Any]:
@@ -151,7 +136,7 @@ def iteration_info(cache: OrcaKVCache, pass_seconds: float) -> dict[str, Any]:
     lay, times = cache.last_layout, cache.last_times
     num_tokens = int(lay.write_slots.numel())
     init_tokens = lay.num_initiation_tokens
-    num_init = sum(1 for s in lay.segments if s.past == 0)
+    num_init = sum(1 for s in lay.segments if s.prefill)
     num_decode = len(lay.segments) - num_init
     attention_s = times.initiation_s + times.decode_s
     wait = 0.0

@@ -7,9 +7,13 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from runtime.config import DTYPES, LINEAR_BACKENDS, ConfigError, RuntimeConfig, build_config
 from runtime.hardware import set_openmp_defaults
+
+if TYPE_CHECKING:  # torch is imported after `set_openmp_defaults`
+    from runtime.request import Request
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -71,11 +75,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         reqs.append(engine.add_request(prompt, params))
     while engine.has_unfinished():
         engine.step()
-    for req in reqs:
+    return print_completions(reqs, args.json)
+
+
+def print_completions(reqs: Sequence[Request], as_json: bool) -> int:
+    """Each completion on stdout, each failure's error on stderr; 1 if any request failed."""
+    for i, req in enumerate(reqs):
         record = {"prompt": req.prompt, "text": req.output_text, "token_ids": req.output_token_ids,
-                  "finish_reason": req.finish_reason.value if req.finish_reason else None}
-        print(json.dumps(record) if args.json else f"{req.prompt}{req.output_text}\n")
-    return 0
+                  "finish_reason": req.finish_reason.value if req.finish_reason else None,
+                  "error": req.error}
+        print(json.dumps(record) if as_json else f"{req.prompt}{req.output_text}\n")
+        if req.error is not None:
+            print(f"error: prompt {i + 1} ({req.request_id}) failed: {req.error}", file=sys.stderr)
+    failed = sum(req.error is not None for req in reqs)
+    if failed:
+        print(f"error: {failed} of {len(reqs)} requests failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

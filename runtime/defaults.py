@@ -1,29 +1,31 @@
-"""Built-in fallbacks for the decision hooks, registered `trylast` in every engine."""
+"""Built-in fallbacks for the decision hooks, registered `trylast` in every engine.
+
+There is no default `build_attention_mask`: a pass's mask is the one its layout built
+(`ForwardBatch.mask`) unless a scheduler's hook overrides it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from runtime.default_cache import PerRequestKVCache
 from runtime.hookspecs import hookimpl
-from runtime.kv_cache import CacheLimits, ForwardBatch, KVCache, ModelShape
+from runtime.kv_cache import CacheLimits, KVCache, ModelShape
 from runtime.request import Request
 from runtime.scheduling import AdmissionDecision, SchedulingBudget
 
 
-def fcfs_admission(
-    waiting: Sequence[Request], running: Sequence[Request], budget: SchedulingBudget,
-    kv_cache: KVCache,
-) -> AdmissionDecision:
-    """First come first served: admit in order while rows and reserved KV slots fit, then stop."""
+def fcfs_admission(waiting: Sequence[Request], running: Sequence[Request],
+                   budget: SchedulingBudget, kv_cache: KVCache) -> AdmissionDecision:
+    """First come first served: admit in order while rows and the KV tokens the layout reserves
+    (`kv_cache.reservation`) fit, then stop."""
     room = budget.max_num_seqs - len(running)
     free = budget.kv_free_tokens
     admit: list[Request] = []
     for req in waiting:
-        need = min(req.max_total_tokens, budget.max_model_len)
+        need = kv_cache.reservation(req)
         if room <= 0 or need > free:
             break
         admit.append(req)
@@ -33,7 +35,7 @@ def fcfs_admission(
 
 
 class Defaults:
-    """FCFS admission, per-request KV slabs, and the layout's own mask."""
+    """FCFS admission and per-request KV slabs."""
 
     @hookimpl(trylast=True)
     def admit_requests(self, waiting, running, budget, kv_cache) -> AdmissionDecision:
@@ -43,7 +45,3 @@ class Defaults:
     def make_kv_cache(self, shape: ModelShape, limits: CacheLimits, device: torch.device,
                       dtype: torch.dtype) -> KVCache:
         return PerRequestKVCache(shape, limits, device, dtype)
-
-    @hookimpl(trylast=True)
-    def build_attention_mask(self, batch: ForwardBatch, kv_cache: KVCache) -> Any:
-        return kv_cache.build_mask(batch)

@@ -40,11 +40,15 @@ class ModelShape:
 
 @dataclass(frozen=True, slots=True)
 class CacheLimits:
-    """Engine-wide limits: rows (sequences), context length and KV capacity in tokens."""
+    """Engine-wide limits: rows (sequences), context length and KV capacity in tokens.
+
+    `kv_cache_tokens` is the resolved `kv_cache_tokens` setting (or what `kv_cache_memory`
+    holds): the one name of the KV capacity, here, in `SchedulingBudget` and on `KVCache`.
+    """
 
     max_num_seqs: int
     max_model_len: int
-    kv_capacity_tokens: int
+    kv_cache_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +58,9 @@ class ForwardBatch:
     `input_ids` and `positions` share one token layout chosen by the cache: `(B, T)` padded or
     `(N,)` packed. `sample_indices` index the flattened layout; row i of the logits belongs to
     `sampled_requests[i]`. `num_new_tokens[i]` is how many real tokens `requests[i]` feeds.
-    `layout` is the cache's own metadata (row map, segment offsets) and opaque to the engine.
+    `layout` is the cache's own metadata (row map, segment offsets), opaque to the engine;
+    `mask` is the layout's attention mask for the pass, handed to every layer's `attend`
+    unless a `build_attention_mask` hook overrides it.
     """
 
     requests: tuple[Request, ...]
@@ -65,6 +71,7 @@ class ForwardBatch:
     sampled_requests: tuple[Request, ...]
     phase: Phase
     layout: Any = None
+    mask: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,21 +107,36 @@ class MemoryStats:
 
 
 class AttentionHandle(Protocol):
-    """What the model modules call in every attention layer of one forward pass."""
+    """What the model modules call in every attention layer of one forward pass.
+
+    The model computes q/k/v per token and hands them over; the handle owns the KV cache and
+    the attention kernel, so a layout changes both without touching model code.
+    """
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any
     ) -> torch.Tensor:
-        """Write this pass's k/v `(*tok, H_kv, D)` into the cache and attend with q `(*tok, H, D)`."""
+        """q `(*tok, H, D)` after RoPE/qk-norm; k, v `(*tok, H_kv, D)` -> out `(*tok, H, D)`.
+
+        Writes k/v into the cache for `layer_idx` and attends over the cached keys, scaled by
+        1/sqrt(D). `mask` is the pass's mask, passed through the model untouched.
+        """
         ...
 
 
 class KVCache(ABC):
-    """Base class of a cache layout. The engine drives it in this order every step:
+    """Base class of a cache layout: five methods to write, a few to override when needed.
 
-    `add` for each admitted request, `free` for each preempted one, then for each pass that
-    `forward_batches` yields: `attention(batch)` for the model, `commit(batch)` after the
-    forward pass, before the engine samples and yields back; `free` for finished requests.
+    The engine drives it in this order every step: `free` for each preempted request, `add`
+    for each admitted one, then for each pass `forward_batches` yields: `pass_stats(batch)`,
+    the forward pass (`attention(batch)` for the model), `commit(batch)`, then the engine adds
+    each request's `num_new_tokens` to its `num_computed_tokens` and samples, and only then asks
+    for the next pass; `free` for every request that leaves. Rules a layout relies on:
+
+    - `num_computed_tokens` is the engine's: a layout reads it, never writes it.
+    - `forward_batches` is a generator consumed lazily; the engine closes it when the step
+      ends, also early, when a pass failed (so code after a `yield` may never run).
+    - `free` may come for a request never added (aborted while waiting) or already freed.
     """
 
     def __init__(self, shape: ModelShape, limits: CacheLimits, device: torch.device,
@@ -134,7 +156,7 @@ class KVCache(ABC):
 
     @abstractmethod
     def forward_batches(self, running: Sequence[Request]) -> Iterator[ForwardBatch]:
-        """Yield this step's forward passes over `running`.
+        """Yield this step's forward passes over `running`, each with its `mask`.
 
         A generator: the engine runs and samples each pass before asking for the next, so a
         later pass sees the tokens sampled by an earlier one (BATON's prefill, then decode).
@@ -145,28 +167,39 @@ class KVCache(ABC):
         """The handle the model uses for `batch` (cache writes and reads)."""
 
     @abstractmethod
-    def commit(self, batch: ForwardBatch) -> None:
-        """The forward pass of `batch` completed: advance lengths, embed prefilled rows, etc."""
-
-    @abstractmethod
-    def build_mask(self, batch: ForwardBatch) -> Any:
-        """The layout's own attention mask for `batch`; the default of `build_attention_mask`."""
-
-    @abstractmethod
     def memory_stats(self) -> MemoryStats:
-        """Allocated versus used KV memory right now."""
+        """Allocated versus used KV memory right now; `reserved_tokens` drive admission."""
 
-    @abstractmethod
+    def reservation(self, request: Request) -> int:
+        """KV tokens `add` will reserve for `request`; admission charges it to `kv_free_tokens`.
+
+        Default: `kv_reservation` (prompt + max_tokens, capped by the context). A layout that
+        reserves otherwise (whole blocks, nothing up front) overrides it, so the built-in FCFS
+        admission counts what the layout will really take.
+        """
+        return kv_reservation(request, self.limits.max_model_len)
+
+    def commit(self, batch: ForwardBatch) -> None:  # noqa: B027 - optional, a no-op by default
+        """The forward pass of `batch` completed (embed prefilled rows, ...); default: nothing."""
+
     def pass_stats(self, batch: ForwardBatch) -> PassStats:
-        """Useful versus computed token slots and attention pairs of `batch`."""
+        """Useful versus computed token slots and attention pairs of `batch`.
+
+        The default counts a packed pass without padding whose prompts attend causally (the
+        `runtime.packing` toolkit's); a layout that pads or masks otherwise overrides it.
+        """
+        from runtime.packing import packed_pass_stats  # packing builds on this module
+
+        return packed_pass_stats(batch)
 
     @property
-    def capacity_tokens(self) -> int:
-        return self.limits.kv_capacity_tokens
+    def kv_cache_tokens(self) -> int:
+        """KV capacity in tokens that admission may reserve (the engine's, unless overridden)."""
+        return self.limits.kv_cache_tokens
 
-    def num_free_tokens(self) -> int:
-        """KV slots, in tokens, still free for admission in this layout's own accounting."""
-        return self.capacity_tokens - self.memory_stats().reserved_tokens
+    def kv_free_tokens(self) -> int:
+        """KV tokens still free for admission in this layout's own accounting."""
+        return self.kv_cache_tokens - self.memory_stats().reserved_tokens
 
     def is_empty(self) -> bool:
         """True when no request holds rows or reserved slots (the no-leak invariant)."""
@@ -177,3 +210,12 @@ class KVCache(ABC):
 def kv_elements_per_token(shape: ModelShape) -> int:
     """Key plus value elements one token occupies across all layers."""
     return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim
+
+
+def kv_reservation(request: Request, max_model_len: int) -> int:
+    """KV tokens a request may ever need: `prompt_len + max_tokens`, capped by the context.
+
+    The default of `KVCache.reservation`, so the rule of the default layout and Orca's, which
+    admission policies count against `budget.kv_free_tokens`.
+    """
+    return min(request.max_total_tokens, max_model_len)

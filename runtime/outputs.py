@@ -21,3 +21,12 @@ class RequestOutput:
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+
+def extend_output(prev: RequestOutput | None, request: Request, token_ids: tuple[int, ...] = (),
+                  text: str = "", finished: bool = False, finish_reason: FinishReason | None = None,
+                  error: str | None = None) -> RequestOutput:
+    """A request's output for this step: `prev` (its earlier progress this step) plus more."""
+    if prev is not None:
+        token_ids, text = prev.new_token_ids + token_ids, prev.text_delta + text
+    return RequestOutput(request, token_ids, text, finished, finish_reason, error)

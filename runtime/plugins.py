@@ -5,17 +5,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, entry_points, packages_distributions
 from typing import Any
 
 import pluggy
 
 from runtime import hookspecs
 from runtime.defaults import Defaults
+from runtime.scheduling import SchedulerError
 
 ENTRY_POINT_GROUP = "baton_runtime.schedulers"
 DECISION_HOOKS = ("admit_requests", "make_kv_cache", "build_attention_mask")
@@ -40,6 +43,51 @@ def _entry_points() -> list[EntryPoint]:
     return sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
+def _dist_label(ep: EntryPoint) -> str:
+    return f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
+
+
+@functools.cache
+def _module_distributions() -> dict[str, list[str]]:
+    return packages_distributions()  # ~0.2 s: only ever asked when an error is being reported
+
+
+def scheduler_origin(name: str, scheduler: object | None) -> str:
+    """How every plugin-originated error names its source: `scheduler 'NAME' (DIST VERSION)`.
+
+    The distribution is the entry point's when `scheduler` is that entry point's class, else
+    the one that installed the class's top-level package; a class defined outside any
+    distribution (a test, a notebook) is named by its import path instead.
+    """
+    if scheduler is None:
+        return f"scheduler {name!r} (the runtime's built-in defaults)"
+    cls = type(scheduler)
+    ep = next((ep for ep in _entry_points() if ep.name == name), None)
+    try:
+        if ep is not None and ep.load() is cls:
+            return f"scheduler {name!r} ({_dist_label(ep)})"
+    except Exception:  # noqa: BLE001 - naming the culprit must not raise a second error
+        pass
+    dists = _module_distributions().get(cls.__module__.partition(".")[0])
+    if dists:
+        return f"scheduler {name!r} (class {cls.__name__} from {dists[0]})"
+    return f"scheduler {name!r} (class {cls.__module__}.{cls.__name__})"
+
+
+def plugin_failure(name: str, scheduler: object | None, exc: Exception, what: str) -> str:
+    """The error a request gets when its scheduler raised (`what` failed) or broke a contract."""
+    detail = str(exc) if isinstance(exc, SchedulerError) else f"{what}: {type(exc).__name__}: {exc}"
+    return f"{scheduler_origin(name, scheduler)}: {detail}"
+
+
+def call_observers(hook: Callable[..., Any], **kwargs: Any) -> None:
+    """Call an observer hook; a raising observer is logged, never fatal to the step."""
+    try:
+        hook(**kwargs)
+    except Exception:
+        logger.exception("observer hook %s raised", hook.name)
+
+
 def installed_schedulers() -> list[SchedulerInfo]:
     """Every scheduler entry point installed, without importing any of them."""
     infos = []
@@ -62,7 +110,7 @@ def load_scheduler_class(name: str) -> type:
             f"{', '.join(names) or '(none)'} (entry-point group {ENTRY_POINT_GROUP!r})"
         )
     ep = eps[name]
-    dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
+    dist = _dist_label(ep)
     try:
         return ep.load()
     except Exception as exc:
@@ -77,8 +125,10 @@ def instantiate_scheduler(name: str, options: dict[str, Any] | None) -> object:
     cls = load_scheduler_class(name)
     try:
         return cls(**(options or {}))
-    except TypeError as exc:
-        raise PluginError(f"scheduler {name!r}: bad scheduler_options {options!r}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        dist = _dist_label(next(ep for ep in _entry_points() if ep.name == name))
+        raise PluginError(f"scheduler {name!r} ({dist}): bad scheduler_options {options!r}: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def make_plugin_manager(scheduler: object | None, scheduler_name: str = "custom",
@@ -94,11 +144,14 @@ def make_plugin_manager(scheduler: object | None, scheduler_name: str = "custom"
         try:
             pm.register(plugin, name=label)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"scheduler {scheduler_name!r} has an invalid hook: {exc}") from exc
+            who = scheduler_origin(scheduler_name, plugin) if plugin is scheduler \
+                else f"observer {type(plugin).__qualname__}"
+            raise PluginError(f"{who} has an invalid hook: {exc}") from exc
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"scheduler {scheduler_name!r}: {exc}") from exc
+        who = scheduler_origin(scheduler_name, scheduler)
+        raise PluginError(f"{who}: a method marked @hookimpl is no hook: {exc}") from exc
     if os.environ.get("RUNTIME_TRACE_HOOKS", "") not in ("", "0"):
         enable_hook_tracing(pm)
     return pm

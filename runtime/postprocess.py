@@ -1,9 +1,14 @@
-"""Per-token bookkeeping after sampling: timestamps, detokenization, stop conditions."""
+"""Per-token bookkeeping after sampling: timestamps, detokenization, and every stop rule.
+
+Whether a request ends after a token is decided here, in one place: stop token ids, EOS and
+lengths (`check_stop_token`), and stop strings (matched in `runtime.stop`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from runtime.request import FinishReason, Request
-from runtime.sampler import check_stop_token
 from runtime.stop import StopChecker
 
 
@@ -57,3 +62,27 @@ class TokenProcessor:
         delta = checker.append(tail) + checker.flush()
         req.output_text = checker.text
         return delta
+
+
+def check_stop_token(
+    request: Request,
+    token_id: int,
+    eos_token_ids: Sequence[int] = (),
+    max_model_len: int | None = None,
+) -> FinishReason | None:
+    """Why the request ends after `token_id`, or None. Call after appending the token.
+
+    EOS stops unless `ignore_eos` (`params.eos_token_ids` when set, else the model's
+    `eos_token_ids`); `stop_token_ids` always stop; reaching `max_tokens` (or the context
+    length `max_model_len`) means LENGTH.
+    """
+    params = request.params
+    if token_id in params.stop_token_ids:
+        return FinishReason.STOP
+    if not params.ignore_eos and token_id in (params.eos_token_ids or eos_token_ids):
+        return FinishReason.STOP
+    if request.num_output_tokens >= params.max_tokens:
+        return FinishReason.LENGTH
+    if max_model_len is not None and request.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None

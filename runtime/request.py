@@ -28,6 +28,12 @@ class FinishReason(enum.StrEnum):
     ABORT = "abort"  # client disconnect, shutdown or engine.abort()
     ERROR = "error"  # this request failed (forward error, invalid scheduler decision)
 
+    @property
+    def status(self) -> RequestStatus:
+        """The status a request that ends for this reason has: aborted or failed ones ABORTED."""
+        return RequestStatus.ABORTED if self in (FinishReason.ABORT, FinishReason.ERROR) \
+            else RequestStatus.FINISHED
+
 
 @dataclass(eq=False, slots=True)
 class Request:
@@ -86,11 +92,6 @@ class Request:
         if done >= 0:  # decoding: no need to copy the prompt
             return self.output_token_ids[done:]
         return self.prompt_token_ids[self.num_computed_tokens :] + self.output_token_ids
-
-    @property
-    def in_prefill(self) -> bool:
-        """True until the prompt (and, after preemption, earlier outputs) is cached."""
-        return self.num_computed_tokens < self.num_tokens - 1 or self.num_computed_tokens == 0
 
     def __repr__(self) -> str:
         return (

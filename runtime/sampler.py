@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from runtime.request import FinishReason, Request
+from runtime.request import Request
 
-__all__ = ["SampleResult", "check_stop_token", "get_generator", "sample"]
+__all__ = ["SampleResult", "get_generator", "sample"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,27 +200,3 @@ def _fill_logprobs(
             "token_logprob": chosen_l[j],
             "top": list(zip(ids_l[j][:n], vals_l[j][:n], strict=True)),
         }
-
-
-def check_stop_token(
-    request: Request,
-    token_id: int,
-    eos_token_ids: Sequence[int] = (),
-    max_model_len: int | None = None,
-) -> FinishReason | None:
-    """Why the request ends after `token_id`, or None. Call after appending the token.
-
-    EOS stops unless `ignore_eos` (`params.eos_token_ids` when set, else the model's
-    `eos_token_ids`); `stop_token_ids` always stop; reaching `max_tokens` (or the context
-    length `max_model_len`) means LENGTH.
-    """
-    params = request.params
-    if token_id in params.stop_token_ids:
-        return FinishReason.STOP
-    if not params.ignore_eos and token_id in (params.eos_token_ids or eos_token_ids):
-        return FinishReason.STOP
-    if request.num_output_tokens >= params.max_tokens:
-        return FinishReason.LENGTH
-    if max_model_len is not None and request.num_tokens >= max_model_len:
-        return FinishReason.LENGTH
-    return None

@@ -70,3 +70,25 @@ def _check_int(name: str, value: object, minimum: int | None) -> None:
         raise InvalidParameterError(f"{name} must be an integer, got {value!r}", name)
     if minimum is not None and value < minimum:
         raise InvalidParameterError(f"{name} must be >= {minimum}, got {value}", name)
+
+
+def check_prompt(token_ids: list[int], max_tokens: int, vocab_size: int,
+                 max_model_len: int) -> None:
+    """The prompt fits the model: known token ids, and room for `max_tokens` in the context.
+
+    Raises InvalidParameterError with vLLM's overflow wording, which client libraries match.
+    """
+    n = len(token_ids)
+    if n == 0:
+        raise InvalidParameterError("the prompt is empty", "prompt")
+    if any(t < 0 or t >= vocab_size for t in token_ids):
+        raise InvalidParameterError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    if n >= max_model_len:
+        raise InvalidParameterError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"request has {n} input tokens. Please reduce the length of the input.", "prompt")
+    if n + max_tokens > max_model_len:
+        raise InvalidParameterError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {n + max_tokens} tokens ({n} in the input, {max_tokens} in the "
+            "completion). Please reduce the length of the input or completion.", "max_tokens")

@@ -10,11 +10,15 @@ from runtime.request import Request
 
 @dataclass(frozen=True, slots=True)
 class SchedulingBudget:
-    """Limits the admission hook must respect this step."""
+    """Limits the admission hook must respect this step.
+
+    `kv_cache_tokens` is the layout's KV capacity and `kv_free_tokens` what it has not
+    reserved (`kv_cache.kv_free_tokens()`), both in tokens.
+    """
 
     max_num_seqs: int
     max_model_len: int
-    kv_capacity_tokens: int
+    kv_cache_tokens: int
     kv_free_tokens: int
 
 

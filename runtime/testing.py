@@ -148,12 +148,26 @@ def check_scheduling_invariance(model: torch.nn.Module, factory: SchedulerFactor
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 
+def greedy(max_tokens: int) -> SamplingParams:
+    """Greedy sampling of exactly `max_tokens` tokens (EOS ignored), as invariance runs compare."""
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def drain(engine: Engine, max_steps: int = 1000) -> None:
+    """Step until every request has left the engine; fail after `max_steps` steps."""
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return
+        engine.step()
+    raise AssertionError(f"requests still unfinished after {max_steps} steps: {engine.running}")
+
+
 def check_no_leak(engine: Engine) -> None:
     """Once every request has finished or been aborted, nothing is queued, running or cached."""
     assert not engine.has_unfinished(), f"unfinished: {engine.running} {engine.waiting}"
     stats = engine.kv_cache.memory_stats()
     assert engine.kv_cache.is_empty(), f"cache leak after every request left: {stats}"
-    free, capacity = engine.kv_cache.num_free_tokens(), engine.kv_cache.capacity_tokens
+    free, capacity = engine.kv_cache.kv_free_tokens(), engine.kv_cache.kv_cache_tokens
     assert free == capacity, f"cache leak: {free} of {capacity} KV slots free"
 
 
@@ -170,20 +184,20 @@ class ContractChecker:
         try:
             check(*args)
         except SchedulerError as exc:
-            self.violations.append(str(exc))
+            self.violations.append(f"scheduler {self.name!r}: {exc}")
 
     @hookimpl(wrapper=True)
     def make_kv_cache(self):
         cache = yield
         self.calls["make_kv_cache"] += 1
-        self._record(check_kv_cache, cache, self.name)
+        self._record(check_kv_cache, cache)
         return cache
 
     @hookimpl(wrapper=True)
     def admit_requests(self, waiting, running, budget):
         decision = yield
         self.calls["admit_requests"] += 1
-        self._record(check_decision, decision, waiting, running, budget.max_num_seqs, self.name)
+        self._record(check_decision, decision, waiting, running, budget.max_num_seqs)
         return decision
 
     @hookimpl

@@ -20,6 +20,8 @@ from runtime.loader import load_model, load_model_config, save_model
 from runtime.model_config import ModelConfig
 from tests.model_factory import ARCH_ALIASES, edit_config, make_hf_model_dir, strip_gpt2_prefix
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
@@ -32,14 +34,6 @@ LLAMA3 = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

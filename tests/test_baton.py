@@ -4,37 +4,28 @@ exact idle-computation counters, one batched attention call per layer per decode
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from baton_plugin import BatonScheduler
 from baton_plugin.cache import BatonCache
 from runtime import hookimpl
+from runtime.bench.metrics import StepRecorder
 from runtime.engine import Engine
 from runtime.kv_cache import PassStats, Phase
 from runtime.request import FinishReason
 from runtime.sampling_params import SamplingParams
-from runtime.testing import Arrival, make_engine, random_arrivals, run_alone, run_mix, tiny_model
+from runtime.testing import (
+    Arrival,
+    drain,
+    greedy,
+    make_engine,
+    random_arrivals,
+    run_alone,
+    run_mix,
+)
 
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes: OpenMP threads only contend (SDPA 12 ms instead of 10 us on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    """Weights large enough (std 0.3) that attention is sharp: a wrong position or a leaked
-    pad key changes the argmax; with the default 0.02 attention is near uniform."""
-    return tiny_model(seed=5).init_weights(5, std=0.3).to(torch.float64)
+pytestmark = pytest.mark.usefixtures("one_thread")
+MODEL_SEED = 5
 
 
 def solo(model, prompt, params) -> list[int]:
@@ -48,11 +39,6 @@ def solo(model, prompt, params) -> list[int]:
 
 def baton_engine(model, max_num_seqs: int = 4, **options) -> Engine:
     return make_engine(model, BatonScheduler(**options), "baton", max_num_seqs=max_num_seqs)
-
-
-def drain(engine: Engine) -> None:
-    while engine.has_unfinished():
-        engine.step()
 
 
 def assert_empty(engine: Engine) -> None:
@@ -257,8 +243,8 @@ def test_seeded_sampling_is_independent_of_the_batch(model) -> None:
 
 
 def test_idle_counters_match_a_hand_computed_case(model) -> None:
-    scheduler = BatonScheduler()
-    engine = make_engine(model, scheduler, "baton")
+    recorder = StepRecorder()
+    engine = make_engine(model, BatonScheduler(), "baton", observers=(recorder,))
     engine.add_request([1, 2, 3], greedy(3))
     passes: list[PassStats] = []
     engine.step()
@@ -281,9 +267,9 @@ def test_idle_counters_match_a_hand_computed_case(model) -> None:
     per_token = 2 * 2 * 2 * 8  # k+v, 2 layers, 2 KV heads, head_dim 8
     assert (mem.used_tokens, mem.reserved_tokens, mem.num_rows) == (9, 10, 2)
     assert mem.used_elements == 9 * per_token and mem.allocated_elements >= mem.used_elements
-    t = scheduler.totals
-    assert (t.useful_tokens, t.computed_tokens) == (12, 12)
-    assert (t.useful_attention_pairs, t.computed_attention_pairs) == (43, 44)
+    totals = [sum(getattr(p, key) for p in recorder.passes)
+              for key in ("useful_tokens", "computed_tokens", "useful_pairs", "computed_pairs")]
+    assert totals == [12, 12, 43, 44]  # what a benchmark's StepRecorder sums
     assert_empty(engine)
 
 
@@ -376,7 +362,7 @@ def test_admission_joins_a_running_batch_without_draining(model) -> None:
 def test_admission_counts_the_padded_footprint(model) -> None:
     # rows (keys cached after prefill, further keys): short (2, 3), long (18, 1). Real tokens
     # peak at 5 + 19 = 24, but the dense cache holds 2 x 19 = 38 token slots.
-    engine = make_engine(model, BatonScheduler(kv_budget_tokens=30), "baton")
+    engine = make_engine(model, BatonScheduler(kv_cache_tokens=30), "baton")
     short = engine.add_request([1, 2], greedy(4))
     long = engine.add_request(list(range(1, 19)), greedy(2))
     engine.step()
@@ -405,7 +391,7 @@ def test_padded_footprint_never_exceeds_the_budget(model) -> None:
             cache.commit = lambda b: (commit(b), peaks.append(cache.num_rows * cache.width))
             return cache
 
-    mixed, _ = run_mix(model, lambda: Recording(kv_budget_tokens=budget), arrivals, max_num_seqs=6)
+    mixed, _ = run_mix(model, lambda: Recording(kv_cache_tokens=budget), arrivals, max_num_seqs=6)
     assert peaks and max(peaks) <= budget
     assert all(r is FinishReason.LENGTH for r in mixed.reasons.values())
 

@@ -18,19 +18,8 @@ from runtime.request import Request
 from runtime.sampling_params import SamplingParams
 from runtime.testing import Arrival, make_engine, run_alone, run_mix, tiny_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes: OpenMP threads only contend (SDPA 12 ms instead of 10 us on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_model(seed=7).init_weights(7, std=0.3).to(torch.float64)
+pytestmark = pytest.mark.usefixtures("one_thread")
+MODEL_SEED = 7
 
 
 def request(name: str) -> Request:
@@ -148,7 +137,7 @@ def test_insert_kv_from_a_prefill_worker(model) -> None:
         (batch,) = list(cache.forward_batches(reqs))
         with torch.inference_mode():
             hidden = model(
-                batch.input_ids, batch.positions, cache.attention(batch), cache.build_mask(batch)
+                batch.input_ids, batch.positions, cache.attention(batch), batch.mask
             )
             logits = model.compute_logits(hidden.index_select(0, batch.sample_indices))
         cache.commit(batch)

@@ -73,3 +73,39 @@ def test_cli_errors_are_clear(model_dir: Path, tmp_path: Path, capsys) -> None:
     bad.write_text('{"text": "x"}\n')
     assert main(["generate", "--model", str(model_dir), "--prompts-file", str(bad)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+BROKEN = """
+from runtime.api import hookimpl
+
+
+class Broken:
+    @hookimpl
+    def admit_requests(self, waiting, running, budget):
+        raise RuntimeError("queue index out of range")
+"""
+
+
+def test_a_raising_plugin_names_itself_and_fails_the_run(model_dir: Path, install_plugin,
+                                                         capsys, caplog) -> None:
+    """The issue's researcher: every request failed, so say why, and exit non-zero."""
+    install_plugin("broken-sched", {"broken": "broken_sched:Broken"}, "broken_sched", BROKEN)
+    args = ["generate", "--model", str(model_dir), "--scheduler", "broken", "--json",
+            "--prompt", "a b", "--prompt", "c d"]
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]
+    message = ("scheduler 'broken' (broken-sched 1.0): admission failed: "
+               "RuntimeError: queue index out of range")
+    assert [(r["finish_reason"], r["error"]) for r in records] == [("error", message)] * 2
+    assert f"error: prompt 1 (req-0) failed: {message}" in err.splitlines()
+    assert f"error: prompt 2 (req-1) failed: {message}" in err.splitlines()
+    assert err.splitlines()[-1] == "error: 2 of 2 requests failed"
+    logged = [r for r in caplog.records if r.name == "runtime.engine"]
+    assert logged and logged[0].getMessage() == message and logged[0].exc_info
+
+
+def test_generate_reports_no_error_when_all_succeed(model_dir: Path, capsys) -> None:
+    records = generate_json(capsys, "--model", str(model_dir), "--prompt", "a b",
+                            "--max-tokens", "2", "--ignore-eos")
+    assert records[0]["error"] is None and records[0]["finish_reason"] == "length"

@@ -10,29 +10,21 @@ import pytest
 import torch
 
 from runtime import hookimpl, hookspecs
+from runtime.api import CAUSAL
 from runtime.default_cache import PerRequestKVCache
 from runtime.engine import Engine, EngineLimits
 from runtime.request import FinishReason
 from runtime.sampling_params import SamplingParams
 from runtime.scheduling import AdmissionDecision
-from runtime.testing import tiny_model
+from runtime.testing import drain, greedy
 
-GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+MODEL_SEED = 1
+GREEDY = greedy(4)
 
 
 def hook_names() -> list[str]:
     return [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
             if hasattr(fn, "baton_runtime_spec")]
-
-
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_model(seed=1)
-
-
-def run(engine: Engine) -> None:
-    while engine.has_unfinished():
-        engine.step()
 
 
 def test_every_hook_has_a_test() -> None:
@@ -62,7 +54,7 @@ def test_hook_admit_requests(model) -> None:
     engine.step()
     assert calls[0] == (3, 0, 5)
     assert len(engine.running) == 1 and len(engine.waiting) == 2
-    run(engine)
+    drain(engine)
     assert all(r.finish_reason is FinishReason.LENGTH for r in reqs)
     assert max(n_running for _, n_running, _ in calls) == 1
 
@@ -78,9 +70,32 @@ def test_hook_admit_requests_invalid_decision_fails_requests(model) -> None:
     reqs = [engine.add_request([1, 2], GREEDY) for _ in range(3)]
     outs = engine.step()
     assert all(r.finish_reason is FinishReason.ERROR for r in reqs)
-    assert "scheduler 'greedy': batch of 3 exceeds max_num_seqs=2" in reqs[0].error
+    assert reqs[0].error == (
+        "scheduler 'greedy' (class tests.test_hooks.Greedy): batch of 3 exceeds max_num_seqs=2")
     assert {o.request_id for o in outs if o.finished} == {r.request_id for r in reqs}
     assert engine.kv_cache.is_empty() and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize(("decide", "message"), [
+    (lambda w, r: AdmissionDecision(admit=(w[0], w[0])), "admitted req-1 twice in one decision"),
+    (lambda w, r: AdmissionDecision(admit=tuple(r)), "admitted req-0, which is already running"),
+    (lambda w, r: AdmissionDecision(preempt=tuple(w)), "preempted req-1, which is not in this "
+                                                       "engine's running queue"),
+])
+def test_hook_admit_requests_invalid_decision_says_what_happened(model, decide,
+                                                                 message: str) -> None:
+    class Wrong:
+        @hookimpl
+        def admit_requests(self, waiting, running, budget):
+            return decide(waiting, running) if running else None
+
+    engine = Engine(model, scheduler=Wrong(), scheduler_name="wrong")
+    first = engine.add_request([1, 2], GREEDY)
+    engine.step()
+    second = engine.add_request([3, 4], GREEDY)
+    engine.step()
+    named = second if "req-1" in message else first
+    assert named.error == f"scheduler 'wrong' (class tests.test_hooks.Wrong): {message}"
 
 
 def test_hook_admit_requests_preemption_recomputes(model) -> None:
@@ -97,7 +112,7 @@ def test_hook_admit_requests_preemption_recomputes(model) -> None:
     solo = Engine(model).generate([[5, 6, 7]], GREEDY)[0].output_token_ids
     engine = Engine(model, scheduler=PreemptOnce())
     req = engine.add_request([5, 6, 7], GREEDY)
-    run(engine)
+    drain(engine)
     assert req.num_preemptions == 1 and req.output_token_ids == solo
 
 
@@ -118,15 +133,16 @@ def test_hook_make_kv_cache(model) -> None:
 def test_hook_build_attention_mask(model) -> None:
     seen = []
 
-    class NoMask:
+    class Watcher:
         @hookimpl
         def build_attention_mask(self, batch, kv_cache):
-            seen.append(batch.phase.value)
-            return kv_cache.build_mask(batch)
+            seen.append((batch.phase.value, batch.mask))
+            return None  # keep the mask the layout built
 
-    engine = Engine(model, scheduler=NoMask())
-    engine.generate([[1, 2, 3]], GREEDY)
-    assert seen == ["prefill", "decode", "decode", "decode"]
+    req = Engine(model, scheduler=Watcher()).generate([[1, 2, 3]], GREEDY)[0]
+    assert [phase for phase, _ in seen] == ["prefill", "decode", "decode", "decode"]
+    assert seen[0][1] == (CAUSAL,) and seen[1][1] == (None,)  # the default layout's masks
+    assert req.output_token_ids == Engine(model).generate([[1, 2, 3]], GREEDY)[0].output_token_ids
 
 
 def test_hook_build_attention_mask_result_reaches_attention(model) -> None:
@@ -174,6 +190,6 @@ def test_hook_on_request_finished(model) -> None:
     b = engine.add_request([1, 2, 3], SamplingParams(max_tokens=50, temperature=0.0))
     engine.step()
     engine.abort(b.request_id)
-    run(engine)
+    drain(engine)
     assert sorted(finished) == sorted([(a.request_id, FinishReason.LENGTH),
                                        (b.request_id, FinishReason.ABORT)])

@@ -53,10 +53,10 @@ def test_budget_too_small_is_a_clear_error() -> None:
 def test_engine_sizes_its_cache_from_memory_and_logs_it(caplog) -> None:
     model = tiny_model()
     per_token = kv_elements_per_token(Engine(model).shape) * 8  # float64
-    with caplog.at_level(logging.INFO, logger="runtime.engine"):
+    with caplog.at_level(logging.INFO, logger="runtime.model_runner"):
         engine = Engine(model, limits=EngineLimits(max_num_seqs=1000, kv_cache_memory="64KiB"))
-    assert engine.limits.kv_capacity_tokens == 64 * 1024 // per_token
-    assert engine.kv_cache.capacity_tokens == engine.limits.kv_capacity_tokens
+    assert engine.limits.kv_cache_tokens == 64 * 1024 // per_token
+    assert engine.kv_cache.kv_cache_tokens == engine.limits.kv_cache_tokens
     assert "KV cache capacity" in caplog.text and "GiB" in caplog.text
 
 

@@ -86,7 +86,7 @@ def test_engine_tokens_equal_with_and_without_packing(scheduler: str) -> None:
         model = small_model(seed=3)
         engine = Engine(model, None, instantiate_scheduler(scheduler, {}), scheduler,
                         linear_backend=backend)
-        assert engine.linear_kernels.backend == backend
+        assert engine.runner.linear_kernels.backend == backend
         return [r.output_token_ids for r in engine.generate(prompts(), GREEDY)]
 
     assert run("onednn") == run("torch")

@@ -8,20 +8,22 @@ import torch
 from orca_plugin import OrcaScheduler
 from orca_plugin.attention import VariantChooser
 from orca_plugin.groups import DecodeGroup, plan_groups
-from orca_plugin.masks import CAUSAL, build_orca_mask, decode_padding_mask
+from orca_plugin.masks import build_orca_mask, decode_padding_mask
 from orca_plugin.scheduler import select_batch
 from orca_plugin.slots import SlotAllocator
 from runtime import hookimpl
-from runtime.default_cache import Segment
+from runtime.api import CAUSAL, Segment
+from runtime.bench.metrics import StepRecorder
 from runtime.engine import Engine, EngineLimits
 from runtime.kv_cache import Phase
 from runtime.plugins import instantiate_scheduler
 from runtime.request import FinishReason, Request
-from runtime.sampling_params import SamplingParams
 from runtime.scheduling import StepStats
 from runtime.testing import (
     Arrival,
     check_scheduling_invariance,
+    drain,
+    greedy,
     random_arrivals,
     run_alone,
     tiny_model,
@@ -31,13 +33,7 @@ MODES = ("fused", "loop")
 ALL_MODES = ("auto", "fused", "loop")
 
 
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_model(seed=5)  # float64, 4 heads over 2 KV heads (GQA group 2)
-
-
-def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+MODEL_SEED = 5  # the tiny model: float64, 4 heads over 2 KV heads (GQA group 2)
 
 
 def engine_for(model, scheduler: object, max_num_seqs: int = 4, observers=()) -> Engine:
@@ -46,23 +42,10 @@ def engine_for(model, scheduler: object, max_num_seqs: int = 4, observers=()) ->
     )
 
 
-def run(engine: Engine, max_steps: int = 500) -> None:
-    for _ in range(max_steps):
-        if not engine.has_unfinished():
-            return
-        engine.step()
-    raise AssertionError("requests still unfinished")
-
-
 @pytest.mark.parametrize("mode", ALL_MODES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_tokens_equal_solo_under_mixed_iterations_and_aborts(model, mode: str, seed: int) -> None:
-    schedulers: list[OrcaScheduler] = []
-
-    def factory() -> OrcaScheduler:
-        schedulers.append(OrcaScheduler(attention=mode))
-        return schedulers[-1]
-
+    recorder = StepRecorder()  # a single request alone never mixes: any mixed pass is batched
     arrivals = random_arrivals(
         seed,
         num_requests=10,
@@ -72,9 +55,9 @@ def test_tokens_equal_solo_under_mixed_iterations_and_aborts(model, mode: str, s
         max_arrival_step=8,
         abort_fraction=0.25,
     )
-    check_scheduling_invariance(model, factory, arrivals, max_num_seqs=5)
-    mixed = schedulers[0].totals  # the mixed run is the first engine built
-    assert mixed.num_mixed_iterations > 0, "no iteration mixed initiation and increment"
+    check_scheduling_invariance(model, lambda: OrcaScheduler(attention=mode), arrivals,
+                                max_num_seqs=5, observers=(recorder,))
+    assert any(p.phase == "mixed" for p in recorder.passes), "no iteration mixed both kinds"
 
 
 def test_fused_groups_of_several_widths_keep_tokens(model, monkeypatch) -> None:
@@ -123,7 +106,7 @@ class _UnmaskedFused(OrcaScheduler):
 
     @hookimpl
     def build_attention_mask(self, batch, kv_cache):
-        mask = super().build_attention_mask(batch, kv_cache)
+        mask = batch.mask
         return type(mask)(mask.segments, tuple(torch.zeros_like(m) for m in mask.decode))
 
 
@@ -137,14 +120,14 @@ def test_select_batch_breaks_at_the_first_misfit() -> None:
     big = Request("big", [1] * 20, greedy(10), arrival_time=1.0)  # reserves 30
     small = Request("small", [1] * 3, greedy(2), arrival_time=2.0)  # reserves 5
     first = Request("first", [1] * 5, greedy(5), arrival_time=0.0)  # reserves 10
-    assert select_batch([big, small, first], 0, 8, 40) == (first, big)
-    assert select_batch([big, small], 1, 8, 29) == ()  # break: small would fit, but waits
-    assert select_batch([big, small], 1, 2, 100) == (big,)  # max_batch_size counts running
-    assert select_batch([big, small], 0, 8, 10) == (big,)  # larger than the budget: alone
+    assert select_batch([big, small, first], 0, 8, 40, 256) == (first, big)
+    assert select_batch([big, small], 1, 8, 29, 256) == ()  # break: small fits, but waits
+    assert select_batch([big, small], 1, 2, 100, 256) == (big,)  # max_batch_size counts running
+    assert select_batch([big, small], 0, 8, 10, 256) == (big,)  # larger than the budget: alone
 
 
 def test_admission_waits_behind_a_misfit_and_slots_return(model) -> None:
-    sched = OrcaScheduler(kv_slots=60)
+    sched = OrcaScheduler(kv_cache_tokens=60)
     engine = engine_for(model, sched)
     a = engine.add_request(list(range(1, 21)), greedy(20))  # 40 slots
     b = engine.add_request(list(range(1, 21)), greedy(10))  # 30 slots: 70 > 60
@@ -158,13 +141,13 @@ def test_admission_waits_behind_a_misfit_and_slots_return(model) -> None:
     engine.step()  # a's slots came back at its finish: b and c join together
     assert set(engine.running) == {b, c}
     assert engine.kv_cache.memory_stats().reserved_tokens == 40
-    run(engine)
+    drain(engine)
     assert engine.kv_cache.is_empty()
-    assert engine.kv_cache.num_free_tokens() == 60
+    assert engine.kv_cache.kv_free_tokens() == 60
 
 
 def test_abort_returns_slots_at_once(model) -> None:
-    engine = engine_for(model, OrcaScheduler(kv_slots=60))
+    engine = engine_for(model, OrcaScheduler(kv_cache_tokens=60))
     a = engine.add_request(list(range(1, 21)), greedy(30))  # 50 slots
     b = engine.add_request(list(range(1, 11)), greedy(10))  # 20 slots: waits
     engine.step()
@@ -174,7 +157,7 @@ def test_abort_returns_slots_at_once(model) -> None:
     engine.step()  # the abort frees a's 50 slots before admission
     assert a.finish_reason is FinishReason.ABORT and engine.running == [b]
     assert engine.kv_cache.memory_stats().reserved_tokens == 20
-    run(engine)
+    drain(engine)
     assert engine.kv_cache.is_empty() and engine.kv_cache.pool_tokens == 60
 
 
@@ -186,7 +169,7 @@ def test_fragmented_pool_compacts_and_keeps_tokens(model, mode: str) -> None:
         "c": (list(range(3, 18)), 5),
         "d": (list(range(5, 19)), 6),
     }
-    engine = engine_for(model, OrcaScheduler(kv_slots=64, attention=mode))
+    engine = engine_for(model, OrcaScheduler(kv_cache_tokens=64, attention=mode))
     reqs = {k: engine.add_request(p, greedy(n)) for k, (p, n) in list(prompts.items())[:3]}
     engine.step()  # a [0, 20), b [20, 32), c [32, 52): b finishes first and leaves a hole
     engine.step()
@@ -194,7 +177,7 @@ def test_fragmented_pool_compacts_and_keeps_tokens(model, mode: str) -> None:
     reqs["d"] = engine.add_request(prompts["d"][0], greedy(prompts["d"][1]))  # 20 slots
     engine.step()  # 24 slots free, but in two holes of 12: the pool compacts, c moves down
     assert engine.kv_cache.slots.ranges[reqs["c"]].start == 20
-    run(engine)
+    drain(engine)
     assert engine.kv_cache.is_empty()
     for key, (prompt, n) in prompts.items():
         solo = run_alone(
@@ -283,8 +266,10 @@ def test_masks_causal_within_each_request() -> None:
 def test_options_are_validated_and_selectable_by_name() -> None:
     with pytest.raises(ValueError, match="attention"):
         OrcaScheduler(attention="flash")
-    with pytest.raises(ValueError, match="kv_slots"):
-        OrcaScheduler(kv_slots=0)
+    with pytest.raises(ValueError, match="kv_cache_tokens"):
+        OrcaScheduler(kv_cache_tokens=0)
+    with pytest.warns(FutureWarning, match="'kv_slots' is now called 'kv_cache_tokens'"):
+        assert OrcaScheduler(kv_slots=48).kv_cache_tokens == 48
     sched = instantiate_scheduler("orca", {"attention": "loop", "max_batch_size": 2})
     assert isinstance(sched, OrcaScheduler) and sched.attention == "loop"
 
@@ -309,7 +294,7 @@ def test_runs_on_cuda(mode: str) -> None:
 
 def test_worked_example_of_the_docs(model) -> None:
     """docs/orca.md section 2: D fits at iteration 2 but waits behind C; iteration 5 is mixed."""
-    engine = engine_for(model, OrcaScheduler(kv_slots=32, max_batch_size=3), max_num_seqs=8)
+    engine = engine_for(model, OrcaScheduler(kv_cache_tokens=32, max_batch_size=3), max_num_seqs=8)
     for name, (prompt_len, n) in {"A": (6, 4), "B": (12, 8), "C": (3, 3)}.items():
         engine.add_request(list(range(1, prompt_len + 1)), greedy(n), request_id=name)
     rows = []

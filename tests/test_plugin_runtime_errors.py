@@ -9,30 +9,16 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from runtime import hookimpl
 from runtime.default_cache import PerRequestKVCache
 from runtime.engine import Engine, EngineLimits
 from runtime.request import FinishReason
-from runtime.sampling_params import SamplingParams
 from runtime.scheduling import AdmissionDecision, SchedulerError
-from runtime.testing import tiny_model
+from runtime.testing import drain, greedy
 
-GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_model(seed=2)
-
-
-def run(engine: Engine) -> None:
-    for _ in range(50):
-        if not engine.has_unfinished():
-            return
-        engine.step()
-    raise AssertionError("engine did not drain")
+MODEL_SEED = 2
+GREEDY = greedy(4)
 
 
 def with_layout(cache_cls: type) -> object:
@@ -52,7 +38,8 @@ def test_make_kv_cache_returning_a_non_cache_is_an_error(model) -> None:
 
     with pytest.raises(
         SchedulerError,
-        match="scheduler 'odd': make_kv_cache returned dict, expected a runtime.kv_cache.KVCache",
+        match=r"scheduler 'odd' \(class tests.test_plugin_runtime_errors.NotACache\): "
+        "make_kv_cache returned dict, expected a runtime.api.KVCache",
     ):
         Engine(model, scheduler=NotACache(), scheduler_name="odd")
 
@@ -65,7 +52,8 @@ def test_make_kv_cache_raising_names_the_scheduler(model) -> None:
 
     with pytest.raises(
         SchedulerError,
-        match="scheduler 'big': make_kv_cache raised MemoryError: cannot preallocate 80 GB",
+        match=r"scheduler 'big' \(class tests.test_plugin_runtime_errors.Raises\): "
+        "make_kv_cache failed: MemoryError: cannot preallocate 80 GB",
     ) as err:
         Engine(model, scheduler=Raises(), scheduler_name="big")
     assert isinstance(err.value.__cause__, MemoryError)
@@ -89,10 +77,11 @@ def test_admit_requests_raising_fails_the_waiting_requests_only(model) -> None:
     outs = engine.step()
     assert second.finish_reason is FinishReason.ERROR
     assert (
-        second.error == "scheduler 'flaky': admission failed: ZeroDivisionError: division by zero"
+        second.error == "scheduler 'flaky' (class tests.test_plugin_runtime_errors."
+        "RaisesOnSecondCall): admission failed: ZeroDivisionError: division by zero"
     )
     assert any(o.request_id == second.request_id and o.finished for o in outs)
-    run(engine)
+    drain(engine, 50)
     solo = Engine(model).generate([[1, 2, 3]], GREEDY)[0]
     assert first.finish_reason is FinishReason.LENGTH
     assert first.output_token_ids == solo.output_token_ids
@@ -110,7 +99,8 @@ def test_admit_requests_returning_a_list_fails_the_waiting_requests(model) -> No
     engine.step()
     assert all(r.finish_reason is FinishReason.ERROR for r in reqs)
     assert reqs[0].error == (
-        "scheduler 'listy': admit_requests returned list, expected AdmissionDecision"
+        "scheduler 'listy' (class tests.test_plugin_runtime_errors.ReturnsList): "
+        "admit_requests returned list, expected AdmissionDecision"
     )
     assert not engine.has_unfinished()
 
@@ -129,7 +119,8 @@ def test_forward_batch_with_mismatched_sample_indices_fails_the_step(model) -> N
     outs = engine.step()
     assert all(r.finish_reason is FinishReason.ERROR for r in reqs)
     assert reqs[0].error == (
-        "scheduler 'skewed': the KV cache yielded a ForwardBatch whose "
+        "scheduler 'skewed' (class tests.test_plugin_runtime_errors.Layout): the KV cache "
+        "yielded a ForwardBatch whose "
         "sample_indices (1,) do not match its 2 sampled_requests"
     )
     assert all(r.output_token_ids == [] and r.num_computed_tokens == 0 for r in reqs)
@@ -160,11 +151,12 @@ def test_forward_batch_feeding_a_finished_request_fails_the_step(model) -> None:
     )
     done = engine.add_request([1, 2, 3], GREEDY)
     late = engine.add_request([4, 5], GREEDY)
-    run(engine)
+    drain(engine, 50)
     assert done.finish_reason is FinishReason.LENGTH
     assert late.finish_reason is FinishReason.ERROR
     assert late.error == (
-        "scheduler 'ghost': the KV cache yielded a ForwardBatch with a request that is not running"
+        "scheduler 'ghost' (class tests.test_plugin_runtime_errors.Layout): the KV cache "
+        "yielded a ForwardBatch with a request that is not running"
     )
     assert done.num_output_tokens == 4  # the finished request was not touched again
 
@@ -179,9 +171,10 @@ class _RaisingLayout(PerRequestKVCache):
 def test_layout_raising_mid_run_fails_the_running_requests(model) -> None:
     engine = Engine(model, scheduler=with_layout(_RaisingLayout), scheduler_name="fragile")
     req = engine.add_request([1, 2, 3], GREEDY)
-    run(engine)
+    drain(engine, 50)
     assert req.finish_reason is FinishReason.ERROR and req.num_output_tokens == 2
-    assert req.error == "scheduler 'fragile': step failed: IndexError: row map out of sync"
+    assert req.error == ("scheduler 'fragile' (class tests.test_plugin_runtime_errors.Layout): "
+                         "step failed: IndexError: row map out of sync")
     assert engine.kv_cache.is_empty()
 
 
@@ -195,11 +188,12 @@ class _FullAfterOne(PerRequestKVCache):
 def test_cache_add_raising_fails_that_request_only(model) -> None:
     engine = Engine(model, scheduler=with_layout(_FullAfterOne), scheduler_name="narrow")
     ok, refused = (engine.add_request(p, GREEDY) for p in ([1, 2, 3], [4, 5]))
-    run(engine)
+    drain(engine, 50)
     assert ok.finish_reason is FinishReason.LENGTH
     assert refused.finish_reason is FinishReason.ERROR
     assert refused.error == (
-        "scheduler 'narrow': the KV cache failed to add the request: RuntimeError: no free row"
+        "scheduler 'narrow' (class tests.test_plugin_runtime_errors.Layout): the KV cache "
+        "failed to add the request: RuntimeError: no free row"
     )
     assert engine.kv_cache.is_empty()
 
@@ -216,7 +210,7 @@ def test_raising_observer_is_logged_not_fatal(model, caplog) -> None:
 
     engine = Engine(model, observers=(Crashes(),))
     req = engine.add_request([1, 2, 3], GREEDY)
-    run(engine)
+    drain(engine, 50)
     assert req.finish_reason is FinishReason.LENGTH and req.num_output_tokens == 4
     assert "observer hook on_request_finished raised" in caplog.text
     assert "observer hook on_step_end raised" in caplog.text

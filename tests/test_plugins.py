@@ -11,7 +11,6 @@ from runtime.plugins import (
     instantiate_scheduler,
     make_plugin_manager,
 )
-from tests.plugin_dist import install_fake_dist, uninstall_fake_dist
 
 GOOD = """
 from runtime import hookimpl
@@ -28,14 +27,12 @@ class OutsideScheduler:
 
 
 @pytest.fixture
-def outside_dist(tmp_path: Path):
-    site = tmp_path / "site"
-    install_fake_dist(site, "outside-sched", {"outside": "outside_sched:OutsideScheduler",
-                                              "broken": "outside_broken:Nope"},
-                      "outside_sched", GOOD)
+def outside_dist(install_plugin) -> Path:
+    site = install_plugin("outside-sched", {"outside": "outside_sched:OutsideScheduler",
+                                            "broken": "outside_broken:Nope"},
+                          "outside_sched", GOOD)
     (site / "outside_broken.py").write_text("raise ImportError('missing dependency foo')\n")
-    yield site
-    uninstall_fake_dist(site, "outside_sched")
+    return site
 
 
 def test_static_is_registered_like_a_third_party() -> None:
@@ -71,7 +68,8 @@ def test_import_error_names_entry_point_and_distribution(outside_dist: Path) -> 
 
 
 def test_bad_options_name_scheduler(outside_dist: Path) -> None:
-    with pytest.raises(PluginError, match="scheduler 'outside': bad scheduler_options"):
+    with pytest.raises(PluginError, match=r"scheduler 'outside' \(outside-sched 1.0\): bad "
+                                          "scheduler_options"):
         instantiate_scheduler("outside", {"nope": 1})
 
 
@@ -83,7 +81,8 @@ def test_hookimpl_with_wrong_signature_is_rejected() -> None:
         def admit_requests(self, waiting, running, budget, not_an_argument):
             return None
 
-    with pytest.raises(PluginError, match="(?s)scheduler .bad. has an invalid hook.*not_an_argument"):
+    expected = r"(?s)scheduler 'bad' \(class tests.test_plugins.Bad\) has an invalid hook.*not_an_arg"
+    with pytest.raises(PluginError, match=expected):
         make_plugin_manager(Bad(), "bad")
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from runtime.request import FinishReason, Request
-from runtime.sampler import apply_top_k_top_p, check_stop_token, sample
+from runtime.request import Request
+from runtime.sampler import apply_top_k_top_p, sample
 from runtime.sampling_params import SamplingParams
 
 V = 1000
@@ -168,21 +168,6 @@ def test_logprobs_are_raw_log_softmax() -> None:
     top_ids = [t for t, _ in first["top"]]
     assert top_ids == lp[0].topk(3).indices.tolist()
     assert out.logprobs[2] == {"token_logprob": pytest.approx(lp[2].max().item()), "top": []}
-
-
-def test_check_stop_token() -> None:
-    req = _req(max_tokens=3, stop_token_ids=(42,))
-    req.output_token_ids.append(5)
-    assert check_stop_token(req, 5, (2, 7)) is None
-    assert check_stop_token(req, 7, (2, 7)) is FinishReason.STOP
-    assert check_stop_token(req, 42, (2, 7)) is FinishReason.STOP
-    ignoring = _req(max_tokens=3, ignore_eos=True, stop_token_ids=(42,))
-    ignoring.output_token_ids.append(2)
-    assert check_stop_token(ignoring, 2, (2,)) is None
-    assert check_stop_token(ignoring, 42, (2,)) is FinishReason.STOP
-    req.output_token_ids += [5, 5]
-    assert check_stop_token(req, 5, (2,)) is FinishReason.LENGTH
-    assert check_stop_token(_req(max_tokens=9), 1, (), max_model_len=3) is FinishReason.LENGTH
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -8,16 +8,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from runtime.kv_cache import (
+from runtime.api import (
     ForwardBatch,
     KVCache,
     MemoryStats,
     PassStats,
     Phase,
+    Request,
     kv_elements_per_token,
+    padded_decode_mask,
+    padded_prefill_mask,
 )
-from runtime.masks import padded_decode_mask, padded_prefill_mask
-from runtime.request import Request
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +83,11 @@ class StaticBatchCache(KVCache):
             pos[i, pad:] = torch.arange(len(row))
             self.key_valid[i, pad:width] = True
         sample = torch.arange(len(tokens)) * width + width - 1
+        mask = padded_prefill_mask(self.key_valid[:, :width], width, self.dtype)
         return ForwardBatch(
             tuple(self.rows), ids.to(self.device), pos.to(self.device),
             tuple(len(t) for t in tokens), sample.to(self.device), tuple(self.rows),
-            Phase.PREFILL, StaticLayout(0, width, tuple(range(len(self.rows)))))
+            Phase.PREFILL, StaticLayout(0, width, tuple(range(len(self.rows)))), mask)
 
     def _decode_batch(self) -> ForwardBatch:
         live = tuple(i for i, alive in enumerate(self.live) if alive)
@@ -96,10 +98,11 @@ class StaticBatchCache(KVCache):
             pos[i, 0] = self.rows[i].num_computed_tokens
         self.key_valid[list(live), self.length] = True
         reqs = tuple(self.rows[i] for i in live)
+        mask = padded_decode_mask(self.key_valid[:, :self.length + 1], self.dtype)
         return ForwardBatch(
             reqs, ids.to(self.device), pos.to(self.device), (1,) * len(live),
             torch.tensor(live, device=self.device), reqs, Phase.DECODE,
-            StaticLayout(self.length, 1, live))
+            StaticLayout(self.length, 1, live), mask)
 
     def attention(self, batch: ForwardBatch) -> _StaticAttention:
         return _StaticAttention(self, batch.layout)
@@ -107,13 +110,6 @@ class StaticBatchCache(KVCache):
     def commit(self, batch: ForwardBatch) -> None:
         self.length = batch.layout.start + batch.layout.width
         self.prefilled = True
-
-    def build_mask(self, batch: ForwardBatch) -> torch.Tensor:
-        end = batch.layout.start + batch.layout.width
-        valid = self.key_valid[:, :end]
-        if batch.phase is Phase.DECODE:
-            return padded_decode_mask(valid, self.dtype)
-        return padded_prefill_mask(valid, batch.layout.width, self.dtype)
 
     def memory_stats(self) -> MemoryStats:
         per_token = kv_elements_per_token(self.shape)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from runtime import hookimpl
-from runtime.kv_cache import CacheLimits, KVCache, ModelShape
-from runtime.request import Request
-from runtime.scheduling import AdmissionDecision, SchedulingBudget
+from runtime.api import (
+    AdmissionDecision,
+    CacheLimits,
+    KVCache,
+    ModelShape,
+    Request,
+    SchedulingBudget,
+    hookimpl,
+)
 from static_plugin.cache import StaticBatchCache
 
 

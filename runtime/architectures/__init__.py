@@ -1,13 +1,13 @@
 """Model code: one module per architecture, Hugging Face parameter names, explicit inputs.
 
 Every model: `hidden = model(input_ids, positions, attn, mask)` on any token layout, then
-`logits = model.compute_logits(hidden_rows)`. See `attention_ref` for the attention-handle
-protocol and a cache-less reference handle.
+`logits = model.compute_logits(hidden_rows)`. The attention-handle protocol is
+`runtime.kv_cache.AttentionHandle`; `attention_ref` has a cache-less reference handle.
 """
 
 from __future__ import annotations
 
-from runtime.architectures.attention_ref import AttentionHandle, CausalSelfAttention
+from runtime.architectures.attention_ref import CausalSelfAttention
 from runtime.architectures.base import CausalLM
 from runtime.architectures.gpt2 import GPT2LMHeadModel
 from runtime.architectures.llama import LlamaForCausalLM, MistralForCausalLM
@@ -31,7 +31,6 @@ def build_model(config: ModelConfig) -> CausalLM:
 
 __all__ = [
     "ARCHITECTURES",
-    "AttentionHandle",
     "CausalLM",
     "CausalSelfAttention",
     "GPT2LMHeadModel",

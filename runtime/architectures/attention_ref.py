@@ -1,4 +1,4 @@
-"""The attention-handle protocol the models call, and two simple handles (tests, training, bench).
+"""Two simple attention handles (tests, training, bench); the protocol is `runtime.kv_cache`'s.
 
 The model computes q/k/v per token and hands them to `attn.attend(layer_idx, q, k, v, mask)`;
 the handle owns the KV cache and the attention kernel, so a scheduler can change the cache
@@ -7,22 +7,10 @@ layout without touching model code. Softmax scale is 1/sqrt(head_dim), applied b
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-
-class AttentionHandle(Protocol):
-    def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any
-    ) -> torch.Tensor:
-        """q (*tok, H, D) after RoPE/qk-norm; k, v (*tok, H_kv, D) -> out (*tok, H, D).
-
-        Writes k/v into the cache for `layer_idx` and attends over the cached keys.
-        `mask` is whatever the mask builder made; the model passes it through untouched.
-        """
-        ...
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None):

@@ -89,10 +89,6 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self.error is None and self._thread is not None and self._thread.is_alive()
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._streams)
-
     def start(self) -> None:
         """Start the engine thread; call from the event loop that will read the outputs."""
         self._loop = asyncio.get_running_loop()

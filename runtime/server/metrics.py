@@ -174,8 +174,8 @@ class ServerMetrics:
         if stats is not None and stats.step != self._last_step:
             self._last_step = stats.step
             self.preemptions.inc(stats.num_preempted)
-        capacity = engine.kv_cache.capacity_tokens
-        free = engine.kv_cache.num_free_tokens()
+        capacity = engine.kv_cache.kv_cache_tokens
+        free = engine.kv_cache.kv_free_tokens()
         usage = min(1.0, max(0.0, 1.0 - free / capacity)) if capacity else 0.0
         self._snapshot = (len(engine.running), engine.num_waiting, usage)
         self.running.set(self._snapshot[0])

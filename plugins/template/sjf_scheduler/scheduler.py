@@ -1,18 +1,16 @@
 """Shortest-prompt-first admission with an aging guard, on the runtime's default KV cache.
 
-Only public API is used: `runtime.hookimpl` and the data types in `runtime.scheduling`.
-The plugin implements one hook, `admit_requests`; `make_kv_cache` and `build_attention_mask`
-fall through to the built-in per-request layout, which reserves `prompt + max_tokens` slots
-per request at admission (capped at the context length) and runs every step as one packed pass.
+Only public API is used (`runtime.api`). The plugin implements one hook, `admit_requests`;
+`make_kv_cache` falls through to the built-in per-request layout, which reserves
+`kv_reservation(request)` tokens (`prompt + max_tokens`, capped at the context length) at
+admission and runs every step as one packed pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from runtime import hookimpl
-from runtime.request import Request
-from runtime.scheduling import AdmissionDecision, SchedulingBudget
+from runtime.api import AdmissionDecision, Request, SchedulingBudget, hookimpl, kv_reservation
 
 
 def _check_option(name: str, value: object, minimum: int) -> None:
@@ -75,9 +73,7 @@ class ShortestPromptFirst:
         for req in aged + fresh:
             if room <= 0:
                 break
-            need = min(
-                req.max_total_tokens, budget.max_model_len
-            )  # the default cache's reservation
+            need = kv_reservation(req, budget.max_model_len)  # what the default layout holds
             over_cap = (
                 self.max_prefill_tokens is not None
                 and bool(admit)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 from sjf_scheduler import ShortestPromptFirst
 
+from runtime.api import Request, SamplingParams, SchedulingBudget
 from runtime.config import build_config
 from runtime.plugins import PluginError, instantiate_scheduler
-from runtime.request import Request
-from runtime.sampling_params import SamplingParams
-from runtime.scheduling import SchedulingBudget
 from runtime.testing import make_engine, tiny_model
 
 PARAMS = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -22,7 +20,7 @@ def req(name: str, prompt_len: int, max_tokens: int = 4) -> Request:
 
 def budget(rows: int = 8, free: int = 10_000) -> SchedulingBudget:
     return SchedulingBudget(
-        max_num_seqs=rows, max_model_len=256, kv_capacity_tokens=10_000, kv_free_tokens=free
+        max_num_seqs=rows, max_model_len=256, kv_cache_tokens=10_000, kv_free_tokens=free
     )
 
 
@@ -90,7 +88,8 @@ def test_options_come_from_yaml(tmp_path) -> None:
 
 
 def test_bad_options_name_the_option() -> None:
-    with pytest.raises(ValueError, match="scheduler_options.max_wait_steps must be an integer"):
+    with pytest.raises(PluginError, match="scheduler_options.max_wait_steps must be an integer"):
         instantiate_scheduler("sjf", {"max_wait_steps": "soon"})
-    with pytest.raises(PluginError, match="scheduler 'sjf': bad scheduler_options"):
+    with pytest.raises(PluginError, match=r"scheduler 'sjf' \(baton-scheduler-template 0.1.0\): "
+                                          "bad scheduler_options"):
         instantiate_scheduler("sjf", {"max_wait": 3})

@@ -1,0 +1,68 @@
+"""The model side of the engine: the shape and KV capacity a layout is sized by, and one pass.
+
+The engine decides what runs (admission, the layout's passes, failures); the runner runs a
+pass: the model forward with the pass's mask, the logits of the sampled rows only, the
+layout's `commit`, then sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from runtime.kv_cache import CacheLimits, ForwardBatch, KVCache, ModelShape, kv_elements_per_token
+from runtime.kv_sizing import kv_capacity
+from runtime.linear_kernels import apply_linear_backend
+from runtime.sampler import SampleResult, sample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """Engine-wide limits; `None` context/capacity are derived from the model and memory.
+
+    KV capacity: `kv_cache_tokens` when given, else `kv_cache_memory` (`runtime.kv_sizing`:
+    `auto`, a fraction of available memory, or a size such as `4GiB`).
+    """
+
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    kv_cache_tokens: int | None = None
+    kv_cache_memory: str | float | None = None
+
+
+class ModelRunner:
+    """Owns the model: its GEMM kernels, the limits its KV layout gets, and running a pass."""
+
+    def __init__(self, model: torch.nn.Module, limits: EngineLimits,
+                 linear_backend: str = "auto") -> None:
+        self.model = model
+        self.linear_kernels = apply_linear_backend(model, linear_backend)
+        weight = next(model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        cfg = model.config
+        max_model_len = min(limits.max_model_len or cfg.max_position_embeddings,
+                            cfg.max_position_embeddings)
+        self.shape = ModelShape(cfg.num_hidden_layers, cfg.num_attention_heads,
+                                cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size,
+                                max_model_len)
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        self.kv_capacity = kv_capacity(
+            kv_elements_per_token(self.shape) * element_size, limits.max_num_seqs,
+            max_model_len, limits.kv_cache_tokens, limits.kv_cache_memory, self.device)
+        logger.info("KV cache capacity: %d tokens, %.2f GiB (%s)", self.kv_capacity.tokens,
+                    self.kv_capacity.gib, self.kv_capacity.reason)
+        self.cache_limits = CacheLimits(limits.max_num_seqs, max_model_len,
+                                        self.kv_capacity.tokens)
+
+    def run(self, batch: ForwardBatch, kv_cache: KVCache, mask: object) -> SampleResult:
+        """Forward `batch` over `kv_cache` with `mask`, let the layout commit, then sample."""
+        with torch.inference_mode():
+            hidden = self.model(batch.input_ids, batch.positions, kv_cache.attention(batch), mask)
+            rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.sample_indices)
+            logits = self.model.compute_logits(rows)
+        kv_cache.commit(batch)
+        return sample(logits, batch.sampled_requests)

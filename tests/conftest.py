@@ -1,0 +1,53 @@
+"""Fixtures shared by the test modules: the tiny model, one torch thread, throwaway plugins."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.testing import tiny_model
+from tests.plugin_dist import install_fake_dist, uninstall_fake_dist
+
+
+@pytest.fixture(scope="module")
+def model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    """The conformance kit's tiny float64 model, seeded by the module's `MODEL_SEED` (default 0).
+
+    Its weights are large (std 0.3), so attention is sharp: a wrong position or a leaked pad
+    key changes the argmax.
+    """
+    return tiny_model(seed=getattr(request.module, "MODEL_SEED", 0))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny shapes: OpenMP threads only contend (SDPA 12 ms instead of 10 us on a busy box).
+
+    Opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def install_plugin(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Install throwaway scheduler distributions, as a third party ships one; removed after.
+
+    `install_plugin(dist, {entry point: "module:Class"}, module, source)` returns its folder.
+    """
+    installed: list[tuple[Path, str]] = []
+
+    def install(dist: str, entry_points: dict[str, str], module: str, source: str) -> Path:
+        site = tmp_path / f"site-{dist}"
+        install_fake_dist(site, dist, entry_points, module, source)
+        installed.append((site, module))
+        return site
+
+    yield install
+    for site, module in installed:
+        uninstall_fake_dist(site, module)
