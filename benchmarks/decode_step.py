@@ -52,8 +52,10 @@ def interleaved_median_ms(fns: list[Callable[[], object]], iters: int) -> list[f
     return [1000 * statistics.median(t) for t in times]
 
 
-def make_engine(model: torch.nn.Module, scheduler: str, rows: int, backend: str) -> Engine:
-    limits = EngineLimits(max_num_seqs=max(rows, 1), max_model_len=4096)
+def make_engine(model: torch.nn.Module, scheduler: str, rows: int, backend: str,
+                max_model_len: int) -> Engine:
+    limits = EngineLimits(max_num_seqs=max(rows, 1), max_model_len=max_model_len,
+                          kv_cache_tokens=max(rows, 1) * max_model_len)
     return Engine(model, None, instantiate_scheduler(scheduler, {}), scheduler, limits,
                   linear_backend=backend)
 
@@ -97,7 +99,7 @@ def attention_alone(model: torch.nn.Module, rows: int, context: int) -> Callable
 def decode_rows(model, scheduler: str, rows: int, context: int, iters: int, backend: str):
     """(step ms, GEMMs ms, attention ms) for `rows` rows decoding at about `context`."""
     vocab = model.config.vocab_size
-    engine = make_engine(model, scheduler, rows, backend)
+    engine = make_engine(model, scheduler, rows, backend, context + 2 * iters + 16)
     params = SamplingParams(max_tokens=iters + 8, temperature=0.0, ignore_eos=True)
     for i in range(rows):
         engine.add_request([(13 * i + j) % vocab for j in range(context)], params)
@@ -110,7 +112,7 @@ def decode_rows(model, scheduler: str, rows: int, context: int, iters: int, back
 
 def prefill(model, scheduler: str, tokens: int, iters: int, backend: str):
     """(pass ms, GEMMs ms, minor faults per pass) of one prompt of `tokens` tokens."""
-    engine = make_engine(model, scheduler, 1, backend)
+    engine = make_engine(model, scheduler, 1, backend, tokens + 8)
     prompt = [(7 * j) % model.config.vocab_size for j in range(tokens)]
     faults: list[int] = []
 

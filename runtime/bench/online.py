@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -165,6 +166,7 @@ def run_online_cli(args: Any) -> int:
     spec0 = load_workload(args.workload)
     max_len = min(config.max_position_embeddings, spec0.max_total_len())
     spec, requests = _workload(args, args.workload, config.vocab_size, max_len)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     servers = {s.name: s for s in load_servers(args.servers)} if args.servers else {}
     targets = parse_targets(args.base_url) + [(s.name, s.url) for s in servers.values()]
     if not targets:
