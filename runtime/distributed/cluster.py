@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +74,19 @@ def connect(config: RuntimeConfig, threads: int) -> bool:
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), **common)
     logger.info("started a local Ray instance (%d CPUs)", max(os.cpu_count() or 1, needed))
     return True
+
+
+def keep_sigterm() -> None:
+    """Give SIGTERM back to Python's handler (the server's drain) after `ray.init`.
+
+    Ray's driver installs a C-level crash handler for SIGTERM: it prints a stack trace,
+    chains to the previous handler and leaves a 3 s SIGALRM armed that aborts the process
+    (exit 134) while it is still draining or stopping Ray. Re-setting Python's own handler
+    replaces it; only the main thread may (a server in a test thread has none to keep).
+    """
+    handler = signal.getsignal(signal.SIGTERM)  # None: not set from Python, leave it
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _options(config: RuntimeConfig, threads: int) -> dict[str, Any]:

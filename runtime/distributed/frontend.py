@@ -82,6 +82,7 @@ async def start_pool(config: RuntimeConfig, settings: ServerSettings, metrics: F
 
     tokenizer = await asyncio.to_thread(Tokenizer.from_dir, config.resolved_model())
     launched = await asyncio.to_thread(ray_cluster.launch, config, settings.model_name)
+    ray_cluster.keep_sigterm()  # on the event loop: the main thread under `runtime serve`
     try:
         infos = await ray_cluster.started(launched)
     except BaseException:

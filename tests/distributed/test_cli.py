@@ -1,5 +1,6 @@
-"""The command line: without --replicas nothing imports Ray; `runtime serve --replicas 1
---ray-address ADDR` joins a running cluster in one line and drains on SIGTERM (exit 0)."""
+"""The command line: without --replicas nothing imports Ray; `runtime serve --replicas 1`
+starts its own Ray, or joins a running cluster with `--ray-address ADDR`, and either way
+drains on SIGTERM and exits 0."""
 
 from __future__ import annotations
 
@@ -51,13 +52,18 @@ def test_missing_ray_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
         require_ray()
 
 
-def test_serve_replicas_joins_a_cluster_and_drains_on_sigterm(model_dir: Path,
-                                                              ray_local) -> None:
-    address = ray_local.get_runtime_context().gcs_address
+@pytest.mark.parametrize("ray_mode", ["join", "local"])
+def test_serve_replicas_drains_on_sigterm_and_exits_zero(model_dir: Path, ray_local,
+                                                        ray_mode: str) -> None:
+    """`join`: --ray-address of the session's cluster; `local`: the one-line command that
+    starts (and stops) its own Ray. Ray's crash handler must not take SIGTERM (it would
+    print a stack trace and abort the process 3 s later, exit 134)."""
+    joining = ["--ray-address", ray_local.get_runtime_context().gcs_address]
     port = free_port()
-    cmd = runtime_command() + ["serve", str(model_dir), "--replicas", "1", "--ray-address",
-                               address, "--port", str(port), "--num-threads", "1",
-                               "--kv-cache-tokens", "2048", "--served-model-name", "tiny"]
+    cmd = runtime_command() + ["serve", str(model_dir), "--replicas", "1", "--port", str(port),
+                               "--num-threads", "1", "--kv-cache-tokens", "2048",
+                               "--served-model-name", "tiny",
+                               *(joining if ray_mode == "join" else [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
@@ -80,10 +86,12 @@ def test_serve_replicas_joins_a_cluster_and_drains_on_sigterm(model_dir: Path,
             proc.send_signal(signal.SIGTERM)  # drains: the stream runs to its end
             rest = list(it)
         assert rest[-1] == "[DONE]" and rest[-2]["choices"][0]["finish_reason"] == "length"
-        assert proc.wait(timeout=60) == 0
+        code = proc.wait(timeout=60)
         log = proc.stdout.read()
-        assert "joined the Ray cluster" in log and "1 replicas" in log, log
-        assert "Traceback" not in log, log
+        assert code == 0, log
+        started = "joined the Ray cluster" if ray_mode == "join" else "started a local Ray"
+        assert started in log and "1 replicas" in log, log
+        assert "Traceback" not in log and "SIGTERM received" not in log, log
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -98,3 +98,22 @@ def test_a_killed_worker_costs_no_request(live: LiveServer, ray_local, baton) ->
         assert body["choices"][0]["text"] == baton(prompt, n)[0], prompt
     assert stats(ray_local, pool.slots[0].handle)["prefilled"] == before + len(PROMPTS)
     assert stats(ray_local, pool.prefill.workers[0].handle)["requests"] == len(PROMPTS)
+
+
+def test_a_scheduler_without_insert_prefilled_is_refused_at_start(ray_local,
+                                                                  model_dir: Path) -> None:
+    """The server never turns ready: its load error names the scheduler and the missing
+    method, /health is 503 with it, and the actors it launched are gone."""
+    free = ray_local.available_resources().get("CPU", 0)
+    server = start_replicas(model_dir, wait_ready=False, scheduler="orca", replicas=1,
+                            prefill_workers=1)
+    try:
+        wait_for(lambda: server.state.load_error is not None, 120, "the start to fail")
+        message = str(server.state.load_error)
+        assert "scheduler 'orca' cannot take prefilled K/V" in message, message
+        assert "insert_prefilled" in message, message
+        assert httpx.get(server.base_url + "/health", timeout=10).status_code == 503
+    finally:
+        server.stop()
+    wait_for(lambda: ray_local.available_resources().get("CPU", 0) == free, 30,
+             "the launched actors to be killed (their CPUs back)")
