@@ -1,4 +1,4 @@
-"""BATON's attention handle for one pass, and a standalone prefill worker.
+"""BATON's attention handle for one pass (a standalone prefill worker is `runtime.prefill`).
 
 A pass's tokens are packed `(N,)`: first the decode rows (one token each, bucket by bucket in
 row order), then the newcomers' prompts. Attention is split the way the layout is:
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from baton_plugin.embed import PrefilledKV
+from runtime.api import prefill_kv  # noqa: F401 - the prefill worker's pass, re-exported
 
 if TYPE_CHECKING:
     pass
@@ -122,38 +122,3 @@ class BatonAttention:
             )
             outputs.append(out[0].transpose(0, 1))  # (P, H, D)
         return outputs
-
-
-@torch.inference_mode()
-def prefill_kv(model: torch.nn.Module,
-               token_lists: Sequence[Sequence[int]]) -> tuple[PrefilledKV, torch.Tensor]:
-    """A prefill worker: the K/V of `token_lists` and the logits `(n, V)` of their last tokens.
-
-    What `BatonCache.insert_prefilled` takes, computed with nothing but the model (one packed
-    pass, each prompt causal on its own), so another process or device can do it while the
-    batch keeps decoding.
-    """
-    cfg = model.config
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
-    lengths = [len(t) for t in token_lists]
-    total, width = sum(lengths), max(lengths)
-    dims = (cfg.num_hidden_layers, total, cfg.num_key_value_heads, cfg.head_dim)
-    staging = Staging(torch.empty(dims, dtype=dtype, device=device),
-                      torch.empty(dims, dtype=dtype, device=device))
-    offsets = [sum(lengths[:i]) for i in range(len(lengths))]
-    prompts = [PromptSegment(o, n) for o, n in zip(offsets, lengths, strict=True)]
-    ids = torch.tensor([t for tokens in token_lists for t in tokens], device=device)
-    pos = torch.tensor([p for n in lengths for p in range(n)], device=device)
-    attn = BatonAttention(staging.k, staging.v, staging, (), prompts)
-    hidden = model(ids, pos, attn, None)  # (N, hidden)
-    last = torch.tensor([o + n - 1 for o, n in zip(offsets, lengths, strict=True)],
-                        device=device)
-    logits = model.compute_logits(hidden.index_select(0, last))
-    shape = (cfg.num_hidden_layers, len(lengths), cfg.num_key_value_heads, width, cfg.head_dim)
-    k = torch.zeros(shape, dtype=dtype, device=device)
-    v = torch.zeros(shape, dtype=dtype, device=device)
-    for i, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
-        k[:, i, :, width - n :] = staging.k[:, o : o + n].transpose(1, 2)
-        v[:, i, :, width - n :] = staging.v[:, o : o + n].transpose(1, 2)
-    return PrefilledKV(k, v, tuple(lengths)), logits

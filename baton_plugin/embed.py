@@ -13,31 +13,9 @@ from uninitialised memory would not be), so the buffer itself can start uninitia
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True, slots=True)
-class PrefilledKV:
-    """Keys and values of n prefilled sequences, left-padded to a common length T.
-
-    `k`, `v`: `(L, n, H_kv, T, D)`, after RoPE at positions `0..P_i-1`; sequence i is
-    right-aligned, its real keys are the last `lengths[i]` columns. Pad columns must be
-    finite (they are masked with the dtype minimum, and 0 * inf would be NaN).
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    lengths: tuple[int, ...]
-
-    @property
-    def width(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def num_rows(self) -> int:
-        return self.k.shape[1]
+from runtime.api import PrefilledKV  # the layout-neutral format a prefill worker ships
 
 
 def embed_prefilled(k_cache: torch.Tensor, v_cache: torch.Tensor, kv: PrefilledKV,

@@ -37,6 +37,7 @@ from runtime.packing import (
     segment_mask,
     segment_masks,
 )
+from runtime.prefill import PrefilledKV, prefill_kv
 from runtime.request import FinishReason, Request, RequestStatus
 from runtime.sampling_params import SamplingParams
 from runtime.scheduling import AdmissionDecision, SchedulerError, SchedulingBudget, StepStats
@@ -82,6 +83,9 @@ __all__ = [
     "additive_mask",
     "padded_decode_mask",
     "padded_prefill_mask",
+    # prompts prefilled elsewhere (a prefill worker): what `insert_prefilled` takes
+    "PrefilledKV",
+    "prefill_kv",
     # options
     "renamed_option",
 ]

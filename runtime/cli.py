@@ -99,6 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = ("host", "port", "served_model_name", "max_queued_requests", "shutdown_timeout")
     keys += ("chat_template", "log_requests", "log_interval", *SERVER_LIMITS)
     keys += ("api_key", "api_key_all_routes", "allowed_hosts")
+    keys += ("replicas", "prefill_workers", "ray_address")
     config = build_config(args.config, engine_overrides(args) | {k: getattr(args, k) for k in keys})
     config_json = json.dumps(config.redacted(), default=str)
     logging.getLogger("runtime.server").info("effective config: %s", config_json)
@@ -154,6 +155,19 @@ def add_access_options(p: argparse.ArgumentParser) -> None:
                                            "(default: loopback names when bound to loopback)")
 
 
+def add_scale_out_options(p: argparse.ArgumentParser) -> None:
+    """Ray options (docs/scale-out.md); without --replicas the server is one process."""
+    p.add_argument("--replicas", type=int,
+                   help="engine replicas on Ray behind this server, routed by load (default: "
+                        "none, one process without Ray); needs the `ray` extra")
+    p.add_argument("--prefill-workers", type=int,
+                   help="prefill workers on Ray computing prompts' K/V for the replicas "
+                        "(default 0; needs --replicas and a layout with insert_prefilled)")
+    p.add_argument("--ray-address",
+                   help="join this Ray cluster (as ray.init's address); default: start a "
+                        "local Ray instance")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runtime", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds between throughput log lines while busy (default 10)")
     add_server_limits(srv)
     add_access_options(srv)
+    add_scale_out_options(srv)
     add_engine_options(srv)
     srv.set_defaults(func=cmd_serve)
 

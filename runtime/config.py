@@ -65,6 +65,10 @@ class RuntimeConfig:
     api_key: str | None = None
     api_key_all_routes: bool = False
     allowed_hosts: str | None = None
+    # Scale-out on Ray (docs/scale-out.md); without `replicas` Ray is not imported.
+    replicas: int | None = None
+    prefill_workers: int = 0
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -85,10 +89,23 @@ class RuntimeConfig:
             raise ConfigError(f"shutdown_timeout: must be >= 0 seconds, got {self.shutdown_timeout}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key: must not be empty")
-        for key in ("max_model_len", "kv_cache_tokens", "num_threads"):
+        for key in ("max_model_len", "kv_cache_tokens", "num_threads", "replicas"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
+        self._check_scale_out()
+
+    def _check_scale_out(self) -> None:
+        """The Ray keys only mean something with `replicas`; say so rather than ignore them."""
+        if self.prefill_workers < 0:
+            raise ConfigError(f"prefill_workers: must be >= 0, got {self.prefill_workers}")
+        if self.replicas is None and self.prefill_workers:
+            raise ConfigError("prefill_workers: needs replicas (the prefill pool runs on Ray); "
+                              "add --replicas 1")
+        if self.replicas is None and self.ray_address is not None:
+            raise ConfigError("ray_address: needs replicas (without it nothing runs on Ray)")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ConfigError("ray_address: must not be empty")
 
     def resolved_model(self) -> Path:
         """The model folder: the configured one, or the demo model shipped in models/."""

@@ -22,7 +22,9 @@ from runtime.model_runner import EngineLimits, ModelRunner
 from runtime.outputs import RequestOutput, extend_output
 from runtime.plugins import call_observers, make_plugin_manager, plugin_failure
 from runtime.postprocess import TokenProcessor
+from runtime.prefill import PrefilledKV
 from runtime.request import FinishReason, Request, RequestStatus
+from runtime.sampler import sample
 from runtime.sampling_params import InvalidParameterError, SamplingParams, check_prompt
 from runtime.scheduling import AdmissionDecision, SchedulerError, SchedulingBudget, StepStats
 
@@ -61,6 +63,7 @@ class Engine:
         self._inbox: collections.deque[Request] = collections.deque()
         self._aborts: collections.deque[str] = collections.deque()
         self._by_id: dict[str, Request] = {}
+        self._prefilled: dict[Request, tuple[PrefilledKV, torch.Tensor]] = {}
         self._ids = itertools.count()
         self.num_steps = 0
         self.last_step: StepStats | None = None
@@ -88,6 +91,31 @@ class Engine:
             prompt, params or SamplingParams(), request_id, arrival_time)
         self._inbox.append(req)
         return req
+
+    @property
+    def accepts_prefilled(self) -> bool:
+        """True when the KV layout can embed K/V computed elsewhere (`insert_prefilled`)."""
+        return callable(getattr(self.kv_cache, "insert_prefilled", None))
+
+    def add_prefilled(self, request: Request, kv: PrefilledKV, logits: torch.Tensor) -> Request:
+        """Queue a request whose prompt was prefilled elsewhere (thread-safe).
+
+        `kv` holds the prompt's K/V (one row), `logits` `(1, V)` its last token's. Admission
+        is the scheduler's as for any request; once admitted, the layout embeds `kv`
+        (`insert_prefilled`) and the first token is sampled here from `logits` with the
+        request's own params and seed, so this engine never runs the prompt.
+        """
+        if not self.accepts_prefilled:
+            raise SchedulerError(
+                f"scheduler {self.scheduler_name!r} cannot take prefilled K/V: its KV layout "
+                f"({type(self.kv_cache).__name__}) has no insert_prefilled(requests, kv)")
+        if kv.lengths != (request.prompt_len,) or tuple(logits.shape[:1]) != (1,):
+            raise ValueError(f"{request.request_id}: prefilled K/V of lengths {kv.lengths} and "
+                             f"logits {tuple(logits.shape)} do not fit a {request.prompt_len}-"
+                             "token prompt")
+        self._prefilled[request] = (kv, logits)
+        self._inbox.append(request)
+        return request
 
     def abort(self, request_id: str) -> None:
         """Abort a request at the start of the next step (thread-safe); unknown ids are ignored."""
@@ -141,14 +169,35 @@ class Engine:
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
+            prefilled = self._prefilled.pop(req, None)
             try:
-                self.kv_cache.add(req)
+                if prefilled is None:
+                    self.kv_cache.add(req)
+                else:
+                    self.kv_cache.insert_prefilled([req], prefilled[0])
             except Exception as exc:
                 error = self._plugin_error(exc, "the KV cache failed to add the request")
                 self._fail((req,), outputs, error)
                 continue
             self.running.append(req)
+            if prefilled is not None:
+                self._first_token(req, prefilled[1], outputs)
         return decision
+
+    def _first_token(self, req: Request, logits: torch.Tensor, outputs: Outputs) -> None:
+        """A prefilled request's prompt is cached: sample its first token as a pass would."""
+        req.num_computed_tokens = req.prompt_len
+        try:
+            result = sample(logits.to(self.device), [req])
+        except Exception as exc:  # a bad payload fails its own request only
+            logger.exception("sampling the first token of %s failed", req.request_id)
+            self._fail((req,), outputs, f"sampling the prefilled first token failed: {exc!r}")
+            return
+        token = result.token_ids[0]
+        reason, text = self.processor.append(req, token, result.logprobs[0], self.clock())
+        outputs[req] = extend_output(outputs.get(req), req, (token,), text)
+        if reason is not None:
+            self._finish(req, reason, outputs)
 
     def _decide(self, outputs: Outputs) -> AdmissionDecision:
         """The hook's decision, checked; if it raises or is invalid, fail whom it concerns."""
@@ -226,6 +275,7 @@ class Engine:
                 error: str | None = None) -> None:
         """Leave the engine: free cache space first, then tell observers and the caller."""
         self._free(req)
+        self._prefilled.pop(req, None)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:

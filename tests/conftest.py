@@ -22,6 +22,14 @@ def model(request: pytest.FixtureRequest) -> torch.nn.Module:
     return tiny_model(seed=getattr(request.module, "MODEL_SEED", 0))
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The server tests' tiny Llama folder with its tokenizer (tests/server/conftest.py)."""
+    from tests.server.conftest import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny shapes: OpenMP threads only contend (SDPA 12 ms instead of 10 us on a busy box).

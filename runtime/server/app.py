@@ -10,13 +10,14 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
 import uvicorn
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from runtime.config import RuntimeConfig
@@ -28,34 +29,25 @@ from runtime.server.http import SHUTDOWN_MARGIN, fit_open_files, uvicorn_config
 from runtime.server.metrics import ServerMetrics
 from runtime.server.middleware import BodyGuard, InternalErrors
 from runtime.server.security import APIKeyCheck, HostCheck, allowed_host_names
-from runtime.server.state import ServerSettings, ServerState, ready_state
+from runtime.server.state import Backend, ServerSettings, ServerState, ready_state
 
 logger = logging.getLogger("runtime.server")
 
 
 async def _load(
     state: ServerState,
-    factory: Callable[[], Engine],
+    load: Callable[[ServerState], Awaitable[Backend]],
     on_error: Callable[[BaseException], None] | None,
 ) -> None:
-    """Build the engine off the event loop, then start its thread and mark the server ready."""
+    """Build and start the backend (the engine, or replicas), then mark the server ready."""
     from runtime.tokenizer import load_chat_template
 
     try:
-        engine, threads = await asyncio.to_thread(lambda: (factory(), torch.get_num_threads()))
         if state.settings.chat_template:
             state.chat_template = load_chat_template(state.settings.chat_template)
-        aengine = AsyncEngine(engine, state.settings.max_queued_requests, state.metrics, threads)
-        aengine.start()
-        state.max_model_len = engine.max_model_len
-        state.engine = aengine
-        logger.info(
-            "ready: model %r, scheduler %r, max_model_len %d, max_num_seqs %d",
-            state.settings.model_name,
-            engine.scheduler_name,
-            engine.max_model_len,
-            engine.limits.max_num_seqs,
-        )
+        backend = await load(state)
+        state.max_model_len = backend.engine.max_model_len
+        state.engine = backend
     except Exception as exc:
         logger.exception("loading the model failed")
         state.load_error = exc
@@ -69,13 +61,37 @@ def create_app(
     on_load_error: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """An app serving the engine `engine_factory` builds (called once, in a worker thread)."""
-    state = ServerState(
-        settings, ServerMetrics(settings.model_name, settings.scheduler, settings.log_interval)
-    )
+
+    async def load(state: ServerState) -> AsyncEngine:
+        engine, threads = await asyncio.to_thread(lambda: (engine_factory(), torch.get_num_threads()))
+        aengine = AsyncEngine(engine, settings.max_queued_requests, state.metrics, threads)
+        aengine.start()
+        logger.info(
+            "ready: model %r, scheduler %r, max_model_len %d, max_num_seqs %d",
+            settings.model_name,
+            engine.scheduler_name,
+            engine.max_model_len,
+            engine.limits.max_num_seqs,
+        )
+        return aengine
+
+    metrics = ServerMetrics(settings.model_name, settings.scheduler, settings.log_interval)
+    return build_app(settings, metrics, load, on_load_error)
+
+
+def build_app(
+    settings: ServerSettings,
+    metrics: Any,
+    load: Callable[[ServerState], Awaitable[Backend]],
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """The app around any backend `load` starts: one engine here, replicas in
+    `runtime.distributed`. `metrics` has the `registry` /metrics serves."""
+    state = ServerState(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(_load(state, engine_factory, on_load_error))
+        loading = asyncio.create_task(_load(state, load, on_load_error))
         try:
             yield
         finally:
@@ -93,9 +109,12 @@ def create_app(
 
     @app.get("/health")
     async def health(request: Request) -> Response:
-        """Readiness: 200 once the model is loaded and the engine loop runs, else 503."""
-        ready_state(request)
-        return Response(status_code=200)
+        """Readiness: 200 once the model is loaded and the engine loop runs, else 503.
+        With replicas, a JSON body says which are up (docs/scale-out.md)."""
+        status, body = ready_state(request).engine.health()
+        if body is None:
+            return Response(status_code=status)
+        return JSONResponse(body, status_code=status)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -111,7 +130,9 @@ def create_app(
         return {"object": "list", "data": [card]}
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics_route() -> Response:
+        if state.engine is not None:
+            await state.engine.refresh_metrics()
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -178,7 +199,13 @@ def run_server(config: RuntimeConfig) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(lambda: create_engine(config), settings, stop_on_error)
+    if config.replicas is None:
+        app = create_app(lambda: create_engine(config), settings, stop_on_error)
+    else:  # the only place Ray enters: nothing imports runtime.distributed otherwise
+        from runtime.distributed.frontend import create_distributed_app, require_ray
+
+        require_ray()
+        app = create_distributed_app(config, settings, stop_on_error)
     uv_config = uvicorn_config(app, settings, config.port, access_log=settings.log_requests)
     server = GracefulServer(uv_config, app.state.server)
     server.run()

@@ -187,6 +187,13 @@ class AsyncEngine:
             await asyncio.sleep(0.02)
         self._fail_all(NotAcceptingError("the server shut down before the engine stopped"))
 
+    def health(self) -> tuple[int, dict | None]:
+        """/health once ready: 200 with no body (a dead loop is a 503 before this is asked)."""
+        return 200, None
+
+    async def refresh_metrics(self) -> None:
+        """Nothing to fetch: the engine thread updates the metrics after every step."""
+
     async def stop(self) -> None:
         """Stop the engine thread after its current step."""
         self.accepting = False

@@ -91,11 +91,13 @@ LATENCY_BUCKETS = (
 
 
 class ServerMetrics:
-    """The server's metrics, labelled with `model_name` and `scheduler`."""
+    """The server's metrics, labelled with `model_name` and `scheduler` (and `extra_labels`,
+    such as a replica's `replica`)."""
 
-    def __init__(self, model_name: str, scheduler: str, log_interval: float = 10.0) -> None:
+    def __init__(self, model_name: str, scheduler: str, log_interval: float = 10.0,
+                 extra_labels: dict[str, str] | None = None) -> None:
         self.registry = CollectorRegistry()
-        labels = {"model_name": model_name, "scheduler": scheduler}
+        labels = {"model_name": model_name, "scheduler": scheduler, **(extra_labels or {})}
         self.labels = labels
         names = list(labels)
 
@@ -145,6 +147,11 @@ class ServerMetrics:
         self._log_prompt = 0
         self._log_generation = 0
         self._snapshot: tuple[int, int, float] = (0, 0, 0.0)
+
+    @property
+    def load(self) -> tuple[int, int, float]:
+        """Running, waiting and KV usage as of the last step."""
+        return self._snapshot
 
     def request_finished(self, reason: str) -> None:
         self._success.labels(**self.labels, finished_reason=reason).inc()

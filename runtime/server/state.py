@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from fastapi import Request as HTTPRequest
 
 from runtime.config import RuntimeConfig
 from runtime.engine import Engine
-from runtime.server.async_engine import AsyncEngine
+from runtime.request import Request
+from runtime.server.async_engine import AsyncEngine, RequestStream
 from runtime.server.errors import APIError
 from runtime.server.metrics import ServerMetrics
 
@@ -56,13 +59,31 @@ class ServerSettings:
         )
 
 
+class Backend(Protocol):
+    """What the HTTP handlers drive: `AsyncEngine` (one engine in this process), or
+    `runtime.distributed.pool.ReplicaPool` (replicas on Ray). `engine` makes and validates
+    requests (`tokenizer`, `make_request`, `max_model_len`)."""
+
+    engine: Any
+    max_queued_requests: int
+    error: BaseException | None
+
+    def submit(self, requests: Sequence[Request]) -> RequestStream: ...
+    def abort(self, request_id: str) -> None: ...
+    def health(self) -> tuple[int, dict | None]: ...
+    async def refresh_metrics(self) -> None: ...
+    async def drain(self, timeout: float) -> None: ...
+    async def stop(self) -> None: ...
+
+
 @dataclass
 class ServerState:
-    """Per-app state; `engine` is None until loading has finished."""
+    """Per-app state; `engine` is None until loading has finished. `metrics` is a
+    `ServerMetrics`, or the front's own with replicas; /metrics serves its `registry`."""
 
     settings: ServerSettings
-    metrics: ServerMetrics
-    engine: AsyncEngine | None = None
+    metrics: ServerMetrics | Any
+    engine: AsyncEngine | Backend | None = None
     load_error: BaseException | None = None
     chat_template: str | None = None
     max_model_len: int | None = None
@@ -70,6 +91,7 @@ class ServerState:
 
     @property
     def core(self) -> Engine:
+        """The engine, or with replicas the front's request maker (same methods used)."""
         assert self.engine is not None
         return self.engine.engine
 

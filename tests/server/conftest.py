@@ -65,11 +65,6 @@ def make_model_dir(path: Path, seed: int = 0, context: int = CONTEXT) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("tiny-llama"))
-
-
 @dataclass
 class LiveServer:
     """A running server; `state` gives tests the engine for white-box checks."""
