@@ -227,9 +227,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    openmp = set_openmp_defaults()  # before anything imports torch (libgomp reads it on load)
-    logging.getLogger("runtime").info("OpenMP: %s", openmp)
     args = build_parser().parse_args(argv)
+    runs_a_model = args.func in (cmd_generate, cmd_serve, cmd_bench)
+    # Before anything imports torch: libgomp reads its environment when it loads.
+    openmp = set_openmp_defaults(measure=runs_a_model)
+    logging.getLogger("runtime").info("OpenMP: %s", openmp)
     try:
         return args.func(args)
     except (ConfigError, ValueError, RuntimeError) as exc:

@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -122,20 +123,62 @@ def choose_num_threads(requested: int | None, cpu: CpuInfo | None = None) -> Thr
     return ThreadChoice(cpu.physical_cores, "one per physical core")
 
 
-def set_openmp_defaults(environ: dict[str, str] | None = None) -> str:
-    """Make idle OpenMP threads sleep instead of spinning, unless the user chose a policy.
+SPIN_COUNT = "300000"  # libgomp's own default when no policy is set: well under a millisecond
+BUSY_CPUS_FOR_PASSIVE = 0.5  # other work on at least half a CPU at start: sleep, do not spin
 
-    Must run before torch is imported (libgomp reads its environment when it loads). On a
-    shared machine, threads that spin while waiting at a barrier take the cores the other
-    threads need: two threads ran a decode step 4-5x slower than one. Passive waiting cost
-    nothing measurable on a quiet machine (docs/benchmarks.md). Returns what was decided.
+
+def _cpu_jiffies(stat_path: str) -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from `/proc/stat`; steal time (the hypervisor's) is
+    neither, so a noisy host does not count as local load."""
+    try:
+        with open(stat_path) as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:7])  # user nice system idle iowait irq softirq; not steal/guest
+    return total - idle, total
+
+
+def busy_cpus(window: float = 0.25, stat_path: str = "/proc/stat") -> float | None:
+    """CPUs' worth of work other processes run now, sampled over `window` seconds (None when
+    `/proc/stat` is unreadable). Called while this process is still idle at startup."""
+    before = _cpu_jiffies(stat_path)
+    time.sleep(window)
+    after = _cpu_jiffies(stat_path)
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
+
+
+def set_openmp_defaults(environ: dict[str, str] | None = None,
+                        busy: float | None = None, measure: bool = True) -> str:
+    """Choose how idle OpenMP threads wait, unless the user chose; returns what was decided.
+
+    Must run before torch is imported (libgomp reads its environment when it loads). Measured
+    on a 2-core machine (docs/benchmarks.md): when nothing else runs, worker threads that spin
+    briefly between the ops of a step beat sleeping ones (batch-1 TPOT over HTTP 78 against
+    91 ms; the same at 32 rows), but when another process is busy on the cores, spinning
+    threads take the cores the others need (a 32-row step 664 against 427 ms). So: sample the
+    machine's load for a quarter second (`busy`, when not given) and sleep (PASSIVE) when other
+    work uses half a CPU or more, or when the load cannot be read; otherwise spin briefly.
     """
     env = os.environ if environ is None else environ
     if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
         return f"OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', '')!s} GOMP_SPINCOUNT=" \
                f"{env.get('GOMP_SPINCOUNT', '')!s} (set by the user)"
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    return "OMP_WAIT_POLICY=PASSIVE (idle threads sleep; set it to override)"
+    if busy is None and measure:
+        busy = busy_cpus()
+    if busy is None or busy >= BUSY_CPUS_FOR_PASSIVE:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        load = "load unknown" if busy is None else f"other work on {busy:.1f} CPUs at start"
+        return f"OMP_WAIT_POLICY=PASSIVE ({load}: idle threads sleep; set it to override)"
+    env["GOMP_SPINCOUNT"] = SPIN_COUNT
+    return (f"GOMP_SPINCOUNT={SPIN_COUNT} (other work on {busy:.1f} CPUs at start: idle threads "
+            "spin briefly between ops; OMP_WAIT_POLICY=PASSIVE on a machine shared with "
+            "CPU-heavy jobs)")
 
 
 M_TRIM_THRESHOLD = -1

@@ -106,25 +106,48 @@ def test_threads_default_to_physical_cores() -> None:
     assert choose_num_threads(3, CpuInfo("x", frozenset(), 6)).num_threads == 3
 
 
-def test_openmp_policy_is_passive_unless_the_user_chose() -> None:
+def test_openmp_policy_spins_on_an_idle_machine_and_sleeps_under_load() -> None:
     env: dict[str, str] = {}
-    assert "PASSIVE" in set_openmp_defaults(env) and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "GOMP_SPINCOUNT" in set_openmp_defaults(env, busy=0.1)
+    assert env == {"GOMP_SPINCOUNT": hardware.SPIN_COUNT}
+    env = {}
+    assert "PASSIVE" in set_openmp_defaults(env, busy=1.0) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {}
+    assert "load unknown" in set_openmp_defaults(env, measure=False)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert "set by the user" in set_openmp_defaults(env) and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert "set by the user" in set_openmp_defaults(env, busy=0.0)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
     env = {"GOMP_SPINCOUNT": "1000"}
-    set_openmp_defaults(env)
-    assert "OMP_WAIT_POLICY" not in env
+    set_openmp_defaults(env, busy=3.0)
+    assert env == {"GOMP_SPINCOUNT": "1000"}
+
+
+def test_busy_cpus_reads_the_load_of_proc_stat(tmp_path, monkeypatch) -> None:
+    stat = tmp_path / "stat"
+    samples = iter(["cpu  100 0 100 800 0 0 0 0 0 0\n", "cpu  250 0 150 900 0 0 0 50 0 0\n"])
+
+    def tick(_seconds: float) -> None:
+        stat.write_text(next(samples, "cpu  250 0 150 900 0 0 0 50 0 0\n"))
+
+    tick(0)
+    monkeypatch.setattr(hardware.time, "sleep", tick)
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
+    # 200 busy of 300 jiffies on 2 CPUs (steal not counted): 1.33 CPUs busy
+    assert hardware.busy_cpus(stat_path=str(stat)) == pytest.approx(2 * 200 / 300)
+    assert hardware.busy_cpus(stat_path=str(tmp_path / "missing")) is None
 
 
 def test_cli_sets_openmp_policy_before_torch_loads() -> None:
     import subprocess
     import sys
 
-    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); import runtime.cli as c; "
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); "
+            "os.environ.pop('GOMP_SPINCOUNT', None); import runtime.cli as c; "
             "assert 'torch' not in sys.modules; c.main(['schedulers']); "
-            "print(os.environ['OMP_WAIT_POLICY'])")
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().endswith("PASSIVE")
+    assert out.stdout.strip().endswith("PASSIVE None")  # no model to run: no load sampled
 
 
 def test_keep_freed_memory_applies_on_glibc() -> None:
