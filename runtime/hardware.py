@@ -125,6 +125,9 @@ def choose_num_threads(requested: int | None, cpu: CpuInfo | None = None) -> Thr
 
 SPIN_COUNT = "300000"  # libgomp's own default when no policy is set: well under a millisecond
 BUSY_CPUS_FOR_PASSIVE = 0.5  # other work on at least half a CPU at start: sleep, do not spin
+# Names the variable our own choice set, so a `runtime` started by another (a server launched
+# by `runtime bench serve`) measures its own start instead of taking the parent's as the user's.
+AUTO_MARK = "RUNTIME_OPENMP_AUTO"
 
 
 def _cpu_jiffies(stat_path: str) -> tuple[int, int] | None:
@@ -166,16 +169,19 @@ def set_openmp_defaults(environ: dict[str, str] | None = None,
     work uses half a CPU or more, or when the load cannot be read; otherwise spin briefly.
     """
     env = os.environ if environ is None else environ
+    inherited = env.pop(AUTO_MARK, None)  # a parent `runtime` decided for its own start
+    if inherited is not None and inherited in env:
+        del env[inherited]
     if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
         return f"OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', '')!s} GOMP_SPINCOUNT=" \
                f"{env.get('GOMP_SPINCOUNT', '')!s} (set by the user)"
     if busy is None and measure:
         busy = busy_cpus()
     if busy is None or busy >= BUSY_CPUS_FOR_PASSIVE:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env["OMP_WAIT_POLICY"], env[AUTO_MARK] = "PASSIVE", "OMP_WAIT_POLICY"
         load = "load unknown" if busy is None else f"other work on {busy:.1f} CPUs at start"
         return f"OMP_WAIT_POLICY=PASSIVE ({load}: idle threads sleep; set it to override)"
-    env["GOMP_SPINCOUNT"] = SPIN_COUNT
+    env["GOMP_SPINCOUNT"], env[AUTO_MARK] = SPIN_COUNT, "GOMP_SPINCOUNT"
     return (f"GOMP_SPINCOUNT={SPIN_COUNT} (other work on {busy:.1f} CPUs at start: idle threads "
             "spin briefly between ops; OMP_WAIT_POLICY=PASSIVE on a machine shared with "
             "CPU-heavy jobs)")
