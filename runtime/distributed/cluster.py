@@ -26,6 +26,7 @@ from runtime.distributed.prefill_pool import PrefillServer
 from runtime.distributed.protocol import ReplicaInfo
 from runtime.distributed.replica import ReplicaServer
 from runtime.hardware import cpu_info
+from runtime.kv_sizing import parse_kv_memory
 
 logger = logging.getLogger("runtime.server")
 STARTUP_SECONDS = 900.0  # every actor loads the model; beyond this the start fails
@@ -56,6 +57,17 @@ def actor_threads(config: RuntimeConfig) -> int:
         return config.num_threads
     actors = (config.replicas or 1) + config.prefill_workers
     return max(1, cpu_info().physical_cores // actors)
+
+
+def replica_kv_memory(config: RuntimeConfig, local: bool) -> str | float:
+    """Each replica's `kv_cache_memory`: on one machine (a local Ray this server started), a
+    fraction of available memory (`auto` included) is split among the replicas, which all
+    start together and see the same free memory; sizes, and clusters (where placement is
+    Ray's), are passed as given."""
+    budget = parse_kv_memory(config.kv_cache_memory)
+    if not local or budget.fraction is None or config.replicas <= 1:
+        return config.kv_cache_memory
+    return budget.fraction / config.replicas
 
 
 def connect(config: RuntimeConfig, threads: int) -> bool:
@@ -112,7 +124,9 @@ def launch(config: RuntimeConfig, model_name: str) -> Cluster:
     """Connect, then create the replica and worker actors (they load the model meanwhile)."""
     threads = actor_threads(config)
     cluster = Cluster(connect(config, threads))
-    actor_config = dataclasses.replace(config, num_threads=threads)
+    actor_config = dataclasses.replace(
+        config, num_threads=threads,
+        kv_cache_memory=replica_kv_memory(config, cluster.started_ray))
     options = _options(config, threads)
     cpus = ray.cluster_resources().get("CPU", 0)
     needed = threads * (config.replicas + config.prefill_workers)
