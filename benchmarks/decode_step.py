@@ -8,7 +8,11 @@ AVX-512 BF16, or on CUDA), with the engine's fast path applied (`--linear-backen
   folded-GQA SDPA per layer over the rows' cache alone, "other" what is left (norms, RoPE,
   residuals, cache writes, sampling, Python);
 - prefill: one request's prompt of 256 and 1,024 tokens, with minor page faults per pass;
-- GEMM rate: GFLOP/s of the linears at each row count, as a fraction of their rate at 256 rows.
+- GEMM rate: GFLOP/s of the linears at each row count, as a fraction of their rate at 256 rows;
+- `--split`: the real step taken apart in place: the same step with every linear replaying its
+  output from a cache (no GEMM), then with SDPA replaying too; the differences are what the
+  GEMMs and the attention cost inside the step (including what they evict from the caches for
+  the ops around them), and the remainder is everything else.
 
 Random seeded weights; each figure is the median of interleaved repeats, so background load
 hits the step and its GEMMs alike.
@@ -19,6 +23,7 @@ hits the step and its GEMMs alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import statistics
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.architectures import build_model
+from runtime.architectures.layers import Linear
 from runtime.bench.model_spec import SPECS
 from runtime.engine import Engine, EngineLimits
 from runtime.hardware import cpu_info, keep_freed_memory
@@ -110,6 +116,53 @@ def decode_rows(model, scheduler: str, rows: int, context: int, iters: int, back
     )
 
 
+@contextlib.contextmanager
+def replayed(owner: object, name: str, key: Callable[..., object], outputs: dict):
+    """Within the block, `owner.name` returns the output `outputs` holds for `key` (computing
+    it once), so repeated steps skip the work."""
+    original = getattr(owner, name)
+
+    def replay(*args, **kwargs):
+        k = key(*args)
+        if k not in outputs:
+            outputs[k] = original(*args, **kwargs)
+        return outputs[k]
+
+    setattr(owner, name, replay)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def split_step(model, scheduler: str, rows: int, context: int, iters: int, backend: str):
+    """(step ms, GEMMs ms, SDPA ms, rest ms) inside one real step, by replaying outputs."""
+    vocab = model.config.vocab_size
+    engine = make_engine(model, scheduler, rows, backend, context + 6 * iters + 64)
+    params = SamplingParams(max_tokens=6 * iters + 32, temperature=0.0, ignore_eos=True)
+    for i in range(rows):
+        engine.add_request([(13 * i + j) % vocab for j in range(context)], params)
+    engine.step()
+    engine.step()
+    linear_key = lambda module, x: (id(module), tuple(x.shape))  # noqa: E731
+    sdpa_key = lambda q, k, v: (tuple(q.shape), tuple(k.shape))  # noqa: E731
+    linear_out: dict = {}
+    sdpa_out: dict = {}
+
+    def no_gemm() -> None:
+        with replayed(Linear, "forward", linear_key, linear_out):
+            engine.step()
+
+    def no_gemm_no_sdpa() -> None:
+        with replayed(Linear, "forward", linear_key, linear_out), \
+                replayed(F, "scaled_dot_product_attention", sdpa_key, sdpa_out):
+            engine.step()
+
+    step, without_gemm, bare = interleaved_median_ms([engine.step, no_gemm, no_gemm_no_sdpa],
+                                                     iters)
+    return step, step - without_gemm, without_gemm - bare, bare
+
+
 def prefill(model, scheduler: str, tokens: int, iters: int, backend: str):
     """(pass ms, GEMMs ms, minor faults per pass) of one prompt of `tokens` tokens."""
     engine = make_engine(model, scheduler, 1, backend, tokens + 8)
@@ -147,6 +200,14 @@ def report(model, args) -> None:
         print(f"{rows:>6} {step:>8.1f} {gemm:>8.1f} {step / gemm:>6.2f} {attn:>8.1f} "
               f"{step - gemm - attn:>8.1f} {1000 * rows / step:>7.0f} {rate:>8.0f} "
               f"{rate / rate_256:>7.2f}")
+    if args.split:
+        print(f"{'batch':>6} {'step ms':>8} {'in-step: GEMMs':>15} {'SDPA':>6} {'rest':>6} "
+              f"{'step / GEMMs':>12}")
+        for rows in args.batch_sizes:
+            step, gemm, sdpa, rest = split_step(model, args.scheduler, rows, args.context,
+                                                args.iters, args.linear_backend)
+            print(f"{rows:>6} {step:>8.1f} {gemm:>15.1f} {sdpa:>6.1f} {rest:>6.1f} "
+                  f"{step / gemm:>12.2f}")
     print(f"{'prompt':>6} {'pass ms':>8} {'GEMM ms':>8} {'ratio':>6} {'faults':>8} {'tok/s':>7}")
     for tokens in args.prefill:
         step, gemm, faults = prefill(model, args.scheduler, tokens, max(3, args.iters // 3),
@@ -167,6 +228,8 @@ def main() -> None:
     parser.add_argument("--linear-backend", default="auto", help="auto, torch or onednn")
     parser.add_argument("--dtypes", nargs="*", help="default: those this machine runs natively")
     parser.add_argument("--seed", type=int, default=0, help="weight seed")
+    parser.add_argument("--split", action="store_true",
+                        help="also take the real decode step apart: GEMMs, SDPA, the rest")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's mmap/trim thresholds alone (to count the faults)")
     args = parser.parse_args()
