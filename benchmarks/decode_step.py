@@ -58,12 +58,15 @@ def interleaved_median_ms(fns: list[Callable[[], object]], iters: int) -> list[f
     return [1000 * statistics.median(t) for t in times]
 
 
+COMPILE = False  # --compile: the engine's compiled decoder (runtime/compiled_forward.py)
+
+
 def make_engine(model: torch.nn.Module, scheduler: str, rows: int, backend: str,
                 max_model_len: int) -> Engine:
     limits = EngineLimits(max_num_seqs=max(rows, 1), max_model_len=max_model_len,
                           kv_cache_tokens=max(rows, 1) * max_model_len)
     return Engine(model, None, instantiate_scheduler(scheduler, {}), scheduler, limits,
-                  linear_backend=backend)
+                  linear_backend=backend, compile_model=COMPILE)
 
 
 def linears_alone(model: torch.nn.Module, rows: int, head_rows: int | None = None
@@ -228,11 +231,15 @@ def main() -> None:
     parser.add_argument("--linear-backend", default="auto", help="auto, torch or onednn")
     parser.add_argument("--dtypes", nargs="*", help="default: those this machine runs natively")
     parser.add_argument("--seed", type=int, default=0, help="weight seed")
+    parser.add_argument("--compile", action="store_true",
+                        help="time the compiled decoder (the first step of each size compiles)")
     parser.add_argument("--split", action="store_true",
                         help="also take the real decode step apart: GEMMs, SDPA, the rest")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's mmap/trim thresholds alone (to count the faults)")
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = args.compile
     torch.set_num_threads(args.threads)
     if not args.default_allocator:
         keep_freed_memory()

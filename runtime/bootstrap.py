@@ -39,7 +39,7 @@ def create_engine(config: RuntimeConfig, observers: tuple[object, ...] = ()) -> 
     limits = EngineLimits(config.max_num_seqs, config.max_model_len, config.kv_cache_tokens,
                           config.kv_cache_memory)
     return Engine(model, tokenizer, scheduler, config.scheduler, limits, observers,
-                  linear_backend=config.linear_backend)
+                  linear_backend=config.linear_backend, compile_model=config.compile)
 
 
 def configure_host(num_threads: int | None) -> None:

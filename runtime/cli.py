@@ -32,6 +32,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="KV capacity in tokens; overrides --kv-cache-memory")
     p.add_argument("--linear-backend", choices=LINEAR_BACKENDS,
                    help="GEMM kernels: auto (measured at startup), torch or onednn (prepacked)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="run the decoder as one torch.compile graph (the first pass compiles "
+                        "it: a minute or two; docs/configuration.md)")
     p.add_argument("--seed", type=int, help="global seed for unseeded sampling (default 0)")
     p.add_argument("--num-threads", type=int,
                    help="torch CPU threads (default: one per physical core)")
@@ -39,7 +42,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
 
 def engine_overrides(args: argparse.Namespace) -> dict:
     keys = ("scheduler", "dtype", "device", "max_model_len", "max_num_seqs", "kv_cache_tokens",
-            "kv_cache_memory", "linear_backend", "seed", "num_threads")
+            "kv_cache_memory", "linear_backend", "compile", "seed", "num_threads")
     out = {k: getattr(args, k, None) for k in keys}
     if getattr(args, "model", None):
         out["model"] = args.model

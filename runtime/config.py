@@ -41,6 +41,7 @@ class RuntimeConfig:
     kv_cache_tokens: int | None = None
     kv_cache_memory: str | float = "auto"
     linear_backend: str = "auto"
+    compile: bool = False
     seed: int = 0
     num_threads: int | None = None
     host: str = "127.0.0.1"

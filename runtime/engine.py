@@ -43,10 +43,10 @@ class Engine:
                  scheduler_name: str = "default", limits: EngineLimits = EngineLimits(),
                  observers: tuple[object, ...] = (),
                  clock: Callable[[], float] = time.monotonic,
-                 linear_backend: str = "auto") -> None:
+                 linear_backend: str = "auto", compile_model: bool = False) -> None:
         self.tokenizer, self.clock = tokenizer, clock
         self.scheduler, self.scheduler_name = scheduler, scheduler_name
-        self.runner = ModelRunner(model, limits, linear_backend)
+        self.runner = ModelRunner(model, limits, linear_backend, compile_model)
         self.model, self.device, self.dtype = model, self.runner.device, self.runner.dtype
         self.shape, self.limits = self.runner.shape, self.runner.cache_limits
         self.max_model_len = self.shape.max_model_len

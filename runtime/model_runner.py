@@ -38,9 +38,15 @@ class ModelRunner:
     """Owns the model: its GEMM kernels, the limits its KV layout gets, and running a pass."""
 
     def __init__(self, model: torch.nn.Module, limits: EngineLimits,
-                 linear_backend: str = "auto") -> None:
+                 linear_backend: str = "auto", compile_model: bool = False) -> None:
         self.model = model
         self.linear_kernels = apply_linear_backend(model, linear_backend)
+        self.forward = model
+        if compile_model:  # after the kernels are chosen: the compiled graph calls them
+            from runtime.compiled_forward import compile_decoder
+
+            self.forward = compile_decoder(model)
+            logger.info("forward: compiled decoder (the first pass compiles it)")
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         cfg = model.config
@@ -61,7 +67,8 @@ class ModelRunner:
     def run(self, batch: ForwardBatch, kv_cache: KVCache, mask: object) -> SampleResult:
         """Forward `batch` over `kv_cache` with `mask`, let the layout commit, then sample."""
         with torch.inference_mode():
-            hidden = self.model(batch.input_ids, batch.positions, kv_cache.attention(batch), mask)
+            hidden = self.forward(batch.input_ids, batch.positions, kv_cache.attention(batch),
+                                  mask)
             rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.sample_indices)
             logits = self.model.compute_logits(rows)
         kv_cache.commit(batch)
