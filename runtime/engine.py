@@ -25,7 +25,11 @@ from runtime.postprocess import TokenProcessor
 from runtime.prefill import PrefilledKV
 from runtime.request import FinishReason, Request, RequestStatus
 from runtime.sampler import sample
-from runtime.sampling_params import InvalidParameterError, SamplingParams, check_prompt
+from runtime.sampling_params import (
+    SamplingParams,
+    check_prompt,
+    prompt_token_ids,
+)
 from runtime.scheduling import AdmissionDecision, SchedulerError, SchedulingBudget, StepStats
 
 __all__ = ["Engine", "EngineLimits"]
@@ -71,12 +75,7 @@ class Engine:
     def make_request(self, prompt: str | Sequence[int], params: SamplingParams,
                      request_id: str | None = None, arrival_time: float | None = None) -> Request:
         """Tokenize and validate a request (raises InvalidParameterError) without queueing it."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidParameterError("text prompts need a tokenizer", "prompt")
-            text, token_ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, token_ids = None, [int(t) for t in prompt]
+        text, token_ids = prompt_token_ids(self.tokenizer, prompt)
         check_prompt(token_ids, params.max_tokens, self.shape.vocab_size, self.max_model_len)
         req = Request(request_id or f"req-{next(self._ids)}", token_ids, params,
                       arrival_time=self.clock() if arrival_time is None else arrival_time,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class InvalidParameterError(ValueError):
@@ -70,6 +72,16 @@ def _check_int(name: str, value: object, minimum: int | None) -> None:
         raise InvalidParameterError(f"{name} must be an integer, got {value!r}", name)
     if minimum is not None and value < minimum:
         raise InvalidParameterError(f"{name} must be >= {minimum}, got {value}", name)
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+    """(text, token ids) of a prompt given as text (tokenized) or as ids; the engine and the
+    scale-out front end share it so both reject the same prompts the same way."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise InvalidParameterError("text prompts need a tokenizer", "prompt")
+        return prompt, tokenizer.encode(prompt)
+    return None, [int(t) for t in prompt]
 
 
 def check_prompt(token_ids: list[int], max_tokens: int, vocab_size: int,

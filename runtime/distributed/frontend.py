@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from runtime.config import RuntimeConfig
 from runtime.distributed.metrics import FrontMetrics
 from runtime.request import Request
-from runtime.sampling_params import InvalidParameterError, SamplingParams, check_prompt
+from runtime.sampling_params import SamplingParams, check_prompt, prompt_token_ids
 from runtime.server.app import build_app
 from runtime.server.state import ServerSettings, ServerState
 
@@ -46,12 +46,7 @@ class FrontEngine:
     def make_request(self, prompt: str | Sequence[int], params: SamplingParams,
                      request_id: str | None = None, arrival_time: float | None = None) -> Request:
         """Tokenize and validate (raises InvalidParameterError) as `Engine.make_request`."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidParameterError("text prompts need a tokenizer", "prompt")
-            text, token_ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, token_ids = None, [int(t) for t in prompt]
+        text, token_ids = prompt_token_ids(self.tokenizer, prompt)
         check_prompt(token_ids, params.max_tokens, self.vocab_size, self.max_model_len)
         req = Request(request_id or f"req-{next(self._ids)}", token_ids, params, prompt=text)
         if arrival_time is not None:

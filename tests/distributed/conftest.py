@@ -18,10 +18,8 @@ import httpx
 import pytest
 
 from runtime.config import RuntimeConfig
-from runtime.server.app import GracefulServer
-from runtime.server.http import uvicorn_config
 from runtime.server.state import ServerSettings
-from tests.server.conftest import MODEL_NAME, LiveServer
+from tests.server.conftest import MODEL_NAME, LiveServer, serve_in_thread
 
 LONG_CONTEXT = 2048  # room for requests long enough to still run when a replica is killed
 
@@ -59,22 +57,13 @@ def serve_config(model_dir: Path, **options: Any) -> RuntimeConfig:
 
 def start_replicas(model_dir: Path, wait_ready: bool = True, **options: Any) -> LiveServer:
     """A server with `replicas` (default 2) on the session's Ray, in a thread on a free port."""
-    import threading
 
     from runtime.distributed.frontend import create_distributed_app
 
     config = serve_config(model_dir, **({"replicas": 2} | options))
     app = create_distributed_app(config, ServerSettings.from_config(config))
-    server = GracefulServer(
-        uvicorn_config(app, app.state.server.settings, 0, log_level="warning"), app.state.server)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
     deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    live = LiveServer(server, thread, app.state.server, f"http://127.0.0.1:{port}")
+    live = serve_in_thread(app, deadline)
     with live.client() as client:
         while wait_ready and client.get("/health").status_code != 200:
             assert app.state.server.load_error is None, app.state.server.load_error

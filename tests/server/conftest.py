@@ -107,6 +107,20 @@ class LiveServer:
         assert not self.thread.is_alive(), "server thread did not stop"
 
 
+def serve_in_thread(app: Any, deadline: float) -> LiveServer:
+    """Run `app` under uvicorn on a free port in a daemon thread, once it listens."""
+    server = GracefulServer(
+        uvicorn_config(app, app.state.server.settings, 0, log_level="warning"), app.state.server
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return LiveServer(server, thread, app.state.server, f"http://127.0.0.1:{port}")
+
+
 def start_server(
     model_dir: Path,
     scheduler: str = "static",
@@ -130,17 +144,8 @@ def start_server(
     app = create_app(
         engine_factory or (lambda: create_engine(config)), ServerSettings.from_config(config)
     )
-    server = GracefulServer(
-        uvicorn_config(app, app.state.server.settings, 0, log_level="warning"), app.state.server
-    )
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
     deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    live = LiveServer(server, thread, app.state.server, f"http://127.0.0.1:{port}")
+    live = serve_in_thread(app, deadline)
     with live.client() as client:
         while wait_ready and client.get("/health").status_code != 200:
             assert time.monotonic() < deadline, "model did not load"
