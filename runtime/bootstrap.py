@@ -38,8 +38,12 @@ def create_engine(config: RuntimeConfig, observers: tuple[object, ...] = ()) -> 
     tokenizer = Tokenizer.from_dir(path)
     limits = EngineLimits(config.max_num_seqs, config.max_model_len, config.kv_cache_tokens,
                           config.kv_cache_memory)
-    return Engine(model, tokenizer, scheduler, config.scheduler, limits, observers,
-                  linear_backend=config.linear_backend, compile_model=config.compile)
+    engine = Engine(model, tokenizer, scheduler, config.scheduler, limits, observers,
+                    linear_backend=config.linear_backend, compile_model=config.compile)
+    if config.compile:
+        logger.info("compiling the decoder (warm-up requests) ...")
+        logger.info("compiled in %.1f s", engine.warm_up())
+    return engine
 
 
 def configure_host(num_threads: int | None) -> None:

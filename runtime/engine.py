@@ -120,6 +120,39 @@ class Engine:
         """Abort a request at the start of the next step (thread-safe); unknown ids are ignored."""
         self._aborts.append(request_id)
 
+    def warm_up(self) -> float:
+        """Run throwaway requests through the scheduler and layout; return the seconds taken.
+
+        Lazy work (a compiled graph per pass shape: several tokens, one token, a solo row)
+        then happens before serving instead of inside the first requests' latency. Observers
+        do not see these requests, and the step count starts again at zero.
+        """
+        if self.has_unfinished():
+            raise RuntimeError("warm_up() needs an idle engine")
+        start = time.perf_counter()
+        observers = [p for p in self.pm.get_plugins()
+                     if p is not self.scheduler and self.pm.get_name(p) != "runtime-defaults"]
+        for plugin in observers:
+            self.pm.unregister(plugin)
+        vocab, ids = self.shape.vocab_size, itertools.count()
+        try:
+            # (prompt, output) lengths: a pair, one outliving the other; solos of 2 and 1 tokens
+            for lengths in (((3, 3), (2, 6)), ((2, 2),), ((1, 2),)):
+                reqs = [self.add_request([(7 * i + 1) % vocab] * prompt_len,
+                                         SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                         request_id=f"warm-up-{next(ids)}")
+                        for i, (prompt_len, max_tokens) in enumerate(lengths)]
+                while self.has_unfinished():
+                    self.step()
+                failed = [r.error for r in reqs if r.error]
+                if failed:
+                    raise RuntimeError(f"warm-up request failed: {failed[0]}")
+        finally:
+            for plugin in observers:
+                self.pm.register(plugin)
+        self.num_steps, self.last_step = 0, None
+        return time.perf_counter() - start
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._inbox or self._aborts)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runtime.api import hookimpl as runtime_hookimpl
 from runtime.architectures import build_model
 from runtime.engine import Engine
 from runtime.model_config import ModelConfig
@@ -50,3 +51,44 @@ def test_compile_is_a_config_key_and_a_flag() -> None:
     assert engine_overrides(args)["compile"] is True
     with pytest.raises(ConfigError, match="compile"):
         build_config(overrides={"compile": "yes"})
+
+
+class _StepCounter:
+    """An observer: counts the steps and finished requests it is told about."""
+
+    def __init__(self) -> None:
+        self.steps = self.finished = 0
+
+    @runtime_hookimpl
+    def on_step_end(self, stats) -> None:
+        self.steps += 1
+
+    @runtime_hookimpl
+    def on_request_finished(self, request) -> None:
+        self.finished += 1
+
+
+@pytest.mark.parametrize("scheduler", ["baton", "static"])
+def test_warm_up_compiles_every_pass_shape_before_serving(scheduler: str) -> None:
+    """After `warm_up`, mixed traffic (solo rows, pairs, long prompts) compiles nothing new,
+    and observers never saw the throwaway requests."""
+    from torch._dynamo.utils import counters
+
+    observer = _StepCounter()
+    engine = Engine(small_model(), None, instantiate_scheduler(scheduler, {}), scheduler,
+                    observers=(observer,), compile_model=True)
+    assert engine.warm_up() > 0
+    assert (observer.steps, observer.finished, engine.num_steps) == (0, 0, 0)
+    graphs = counters["stats"]["unique_graphs"]
+    engine.generate(prompts(), GREEDY)
+    engine.generate(prompts()[3:4], GREEDY)
+    engine.generate([[5]], GREEDY)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert observer.finished == 7 and observer.steps > 0
+
+
+def test_warm_up_refuses_a_busy_engine() -> None:
+    engine = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton")
+    engine.add_request([1, 2, 3], GREEDY)
+    with pytest.raises(RuntimeError, match="idle"):
+        engine.warm_up()

@@ -66,9 +66,11 @@ class EngineContender:
         limits: EngineLimits | None = None,
         options: dict | None = None,
         linear_backend: str = "auto",
+        compile_model: bool = False,
     ) -> None:
         self.label = label
         self.linear_backend = linear_backend
+        self.compile_model = compile_model
         self.scheduler_name = scheduler_name
         self.model = model
         self.tokenizer = tokenizer
@@ -91,12 +93,15 @@ class EngineContender:
             observers,
             clock=time.perf_counter,
             linear_backend=self.linear_backend,
+            compile_model=self.compile_model,
         )
 
     def warmup(self) -> None:
         """A few short requests so first-call costs (allocator, kernels) stay out of the run."""
         vocab = self.model.config.vocab_size
         engine = self.make_engine()
+        if self.compile_model:
+            engine.warm_up()
         engine.generate(
             [[(7 * i + j) % vocab for j in range(8 + 4 * i)] for i in range(3)], forced_params(4)
         )
