@@ -46,7 +46,7 @@ class ModelRunner:
             from runtime.compiled_forward import compile_decoder
 
             self.forward = compile_decoder(model)
-            logger.info("forward: compiled decoder (the first pass compiles it)")
+            logger.info("forward: compiled decoder (compiled at warm-up or by the first pass)")
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         cfg = model.config

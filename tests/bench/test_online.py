@@ -181,6 +181,18 @@ def test_bench_servers_file_errors_name_the_entry(tmp_path):
         load_servers(bad)
 
 
+@pytest.mark.parametrize("name", ["runtime-vs-vllm", "compiled-vs-vllm", "scale-out"])
+def test_shipped_servers_files_load(name):
+    from pathlib import Path
+
+    from runtime.bench.launch import load_servers
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "servers" / f"{name}.yaml"
+    servers = load_servers(path)
+    assert servers and all(s.url.startswith("http://127.0.0.1:") for s in servers)
+    assert len({s.url for s in servers}) == len(servers)  # one port each
+
+
 def test_max_concurrency_one_sends_each_request_after_the_previous(stub_url):
     reqs = [BenchRequest(i, 0.0, (20 + i,), 3) for i in range(3)]
     trace, _ = run_online(stub_url, reqs, progress=False, max_concurrency=1)
