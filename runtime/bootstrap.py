@@ -42,7 +42,13 @@ def create_engine(config: RuntimeConfig, observers: tuple[object, ...] = ()) -> 
                     linear_backend=config.linear_backend, compile_model=config.compile)
     if config.compile:
         logger.info("compiling the decoder (warm-up requests) ...")
-        logger.info("compiled in %.1f s", engine.warm_up())
+        try:
+            seconds = engine.warm_up()
+        except Exception as exc:  # no C++ compiler, an inductor bug: say which setting to drop
+            raise RuntimeError(
+                f"compile: true: compiling the decoder failed ({exc}); run without --compile "
+                "(compile: false) to use the eager forward") from exc
+        logger.info("compiled in %.1f s", seconds)
     return engine
 
 

@@ -92,3 +92,20 @@ def test_warm_up_refuses_a_busy_engine() -> None:
     engine.add_request([1, 2, 3], GREEDY)
     with pytest.raises(RuntimeError, match="idle"):
         engine.warm_up()
+
+
+def test_a_failing_compile_names_the_setting(model_dir, monkeypatch) -> None:
+    """No C++ compiler (or an inductor bug): startup fails saying to drop --compile."""
+    import runtime.compiled_forward as compiled_forward
+    from runtime.bootstrap import create_engine
+    from runtime.config import RuntimeConfig
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(compiled_forward.torch, "compile", broken_compile)
+    config = RuntimeConfig(model=str(model_dir), scheduler="baton", compile=True, num_threads=1)
+    with pytest.raises(RuntimeError, match=r"compile: true.*C\+\+ compiler.*without --compile"):
+        create_engine(config)
