@@ -55,11 +55,7 @@ class Engine:
         self.shape, self.limits = self.runner.shape, self.runner.cache_limits
         self.max_model_len = self.shape.max_model_len
         self.pm = make_plugin_manager(scheduler, scheduler_name, observers)
-        try:
-            self.kv_cache: KVCache = check_kv_cache(self.pm.hook.make_kv_cache(
-                shape=self.shape, limits=self.limits, device=self.device, dtype=self.dtype))
-        except Exception as exc:
-            raise SchedulerError(self._plugin_error(exc, "make_kv_cache failed")) from exc
+        self.kv_cache: KVCache = self._make_kv_cache()
         eos = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.processor = TokenProcessor(tokenizer, eos, self.max_model_len)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -71,6 +67,13 @@ class Engine:
         self._ids = itertools.count()
         self.num_steps = 0
         self.last_step: StepStats | None = None
+
+    def _make_kv_cache(self) -> KVCache:
+        try:
+            return check_kv_cache(self.pm.hook.make_kv_cache(
+                shape=self.shape, limits=self.limits, device=self.device, dtype=self.dtype))
+        except Exception as exc:
+            raise SchedulerError(self._plugin_error(exc, "make_kv_cache failed")) from exc
 
     def make_request(self, prompt: str | Sequence[int], params: SamplingParams,
                      request_id: str | None = None, arrival_time: float | None = None) -> Request:
@@ -125,7 +128,9 @@ class Engine:
 
         Lazy work (a compiled graph per pass shape: several tokens, one token, a solo row)
         then happens before serving instead of inside the first requests' latency. Observers
-        do not see these requests, and the step count starts again at zero.
+        do not see these requests, the step count starts again at zero, and the KV layout is
+        built afresh, so nothing it learned from the warm-up (such as Orca's timings of its
+        attention variants, inflated by compiling) carries over.
         """
         if self.has_unfinished():
             raise RuntimeError("warm_up() needs an idle engine")
@@ -151,6 +156,8 @@ class Engine:
             for plugin in observers:
                 self.pm.register(plugin)
         self.num_steps, self.last_step = 0, None
+        del self.kv_cache  # free the old layout's buffers before the new one allocates
+        self.kv_cache = self._make_kv_cache()
         return time.perf_counter() - start
 
     def has_unfinished(self) -> bool:

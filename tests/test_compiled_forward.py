@@ -109,3 +109,16 @@ def test_a_failing_compile_names_the_setting(model_dir, monkeypatch) -> None:
     config = RuntimeConfig(model=str(model_dir), scheduler="baton", compile=True, num_threads=1)
     with pytest.raises(RuntimeError, match=r"compile: true.*C\+\+ compiler.*without --compile"):
         create_engine(config)
+
+
+def test_warm_up_leaves_a_fresh_layout() -> None:
+    """Orca's variant timings from the warm-up (inflated by compiling) do not carry over."""
+    engine = Engine(small_model(), None, instantiate_scheduler("orca", {}), "orca")
+    warmed = engine.kv_cache
+    engine.warm_up()
+    assert warmed.chooser.num_choices > 0  # the warm-up did run decode passes through it
+    assert engine.kv_cache is not warmed
+    assert engine.kv_cache.is_empty() and engine.kv_cache.chooser.num_choices == 0
+    assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == [
+        r.output_token_ids for r in Engine(small_model(), None, instantiate_scheduler("orca", {}),
+                                           "orca").generate(prompts(), GREEDY)]
