@@ -122,3 +122,22 @@ def test_warm_up_leaves_a_fresh_layout() -> None:
     assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == [
         r.output_token_ids for r in Engine(small_model(), None, instantiate_scheduler("orca", {}),
                                            "orca").generate(prompts(), GREEDY)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_compiled_decoder_serves_every_architecture(arch: str, tmp_path) -> None:
+    """GPT-2 (learned positions, LayerNorm, no GQA) and Qwen3 (q/k norms, head_dim != hidden /
+    heads) compile too, with the eager tokens."""
+    from runtime.loader import load_model
+    from tests.model_factory import make_hf_model_dir
+
+    path = make_hf_model_dir(tmp_path, arch, seed=5)
+
+    def run(compile_model: bool) -> list[list[int]]:
+        model = load_model(path, dtype="float32")
+        engine = Engine(model, None, instantiate_scheduler("baton", {}), "baton",
+                        compile_model=compile_model)
+        tokens = [[(7 * i + 3 * j) % 300 for j in range(2 + 5 * i)] for i in range(4)]
+        return [r.output_token_ids for r in engine.generate(tokens, GREEDY)]
+
+    assert run(True) == run(False)
