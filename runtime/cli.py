@@ -33,8 +33,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--linear-backend", choices=LINEAR_BACKENDS,
                    help="GEMM kernels: auto (measured at startup), torch or onednn (prepacked)")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="run the decoder as one torch.compile graph (the first pass compiles "
-                        "it: a minute or two; docs/configuration.md)")
+                   help="run the decoder as one torch.compile graph, compiled at startup "
+                        "(35 s to two minutes; docs/configuration.md)")
     p.add_argument("--seed", type=int, help="global seed for unseeded sampling (default 0)")
     p.add_argument("--num-threads", type=int,
                    help="torch CPU threads (default: one per physical core)")

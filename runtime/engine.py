@@ -54,7 +54,8 @@ class Engine:
         self.model, self.device, self.dtype = model, self.runner.device, self.runner.dtype
         self.shape, self.limits = self.runner.shape, self.runner.cache_limits
         self.max_model_len = self.shape.max_model_len
-        self.pm = make_plugin_manager(scheduler, scheduler_name, observers)
+        self.observers = tuple(o for o in observers if o is not None)
+        self.pm = make_plugin_manager(scheduler, scheduler_name, self.observers)
         self.kv_cache: KVCache = self._make_kv_cache()
         eos = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.processor = TokenProcessor(tokenizer, eos, self.max_model_len)
@@ -135,9 +136,7 @@ class Engine:
         if self.has_unfinished():
             raise RuntimeError("warm_up() needs an idle engine")
         start = time.perf_counter()
-        observers = [p for p in self.pm.get_plugins()
-                     if p is not self.scheduler and self.pm.get_name(p) != "runtime-defaults"]
-        for plugin in observers:
+        for plugin in self.observers:
             self.pm.unregister(plugin)
         vocab, ids = self.shape.vocab_size, itertools.count()
         try:
@@ -153,7 +152,7 @@ class Engine:
                 if failed:
                     raise RuntimeError(f"warm-up request failed: {failed[0]}")
         finally:
-            for plugin in observers:
+            for plugin in self.observers:
                 self.pm.register(plugin)
         self.num_steps, self.last_step = 0, None
         del self.kv_cache  # free the old layout's buffers before the new one allocates
