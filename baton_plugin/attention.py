@@ -9,7 +9,9 @@ row order), then the newcomers' prompts. Attention is split the way the layout i
 - each prompt causally on its own (`is_causal`, no explicit mask, so the kernel skips the
   upper triangle), over its keys in the packed staging area `commit` embeds them from.
 
-GQA through `enable_gqa=True`: K/V are never repeated.
+GQA through `enable_gqa=True`: K/V are never repeated. When the engine has its decode kernel
+(`runtime.attention_kernels`), every bucket's decode rows go through ONE kernel call per layer
+that reads each row's real keys in place: no padding read, no mask.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from runtime.api import prefill_kv  # noqa: F401 - the prefill worker's pass, re-exported
 
 if TYPE_CHECKING:
-    pass
+    from runtime.api import DecodeKernel
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,18 @@ class Staging:
 
 
 @dataclass(frozen=True, slots=True)
+class KernelRows:
+    """The decode rows for the engine's decode kernel: where each row's real keys start in a
+    layer's buffer (elements), how many, and the buffer's strides. Same for every layer."""
+
+    offsets: torch.Tensor  # (B_dec,) int64
+    counts: torch.Tensor  # (B_dec,) int64
+    key_stride: int
+    head_stride: int
+    kv_heads: int
+
+
+@dataclass(frozen=True, slots=True)
 class BatonMask:
     """One additive mask per decode segment (None when the bucket has no padding)."""
 
@@ -66,23 +80,42 @@ class BatonAttention:
     attends as the module docstring says."""
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, staging: Staging | None,
-                 decode: Sequence[DecodeSegment], prompts: Sequence[PromptSegment]) -> None:
+                 decode: Sequence[DecodeSegment], prompts: Sequence[PromptSegment],
+                 kernel: DecodeKernel | None = None, kernel_rows: KernelRows | None = None,
+                 ) -> None:
         self.k_cache, self.v_cache = k_cache, v_cache
         self.staging = staging
         self.decode = decode
         self.prompts = prompts
         self.num_decode = sum(s.rows for s in decode)
+        self.kernel, self.kernel_rows = kernel, kernel_rows
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: BatonMask | None) -> torch.Tensor:
         """q `(N, H, D)`, k and v `(N, H_kv, D)` -> `(N, H, D)`."""
         outputs = []
-        masks = mask.decode if mask is not None else (None,) * len(self.decode)
-        for seg, seg_mask in zip(self.decode, masks, strict=True):
-            outputs.append(self._decode(layer_idx, seg, seg_mask, q, k, v))
+        if self.kernel is not None and self.decode:
+            outputs.append(self._decode_kernel(layer_idx, q, k, v))
+        else:
+            masks = mask.decode if mask is not None else (None,) * len(self.decode)
+            for seg, seg_mask in zip(self.decode, masks, strict=True):
+                outputs.append(self._decode(layer_idx, seg, seg_mask, q, k, v))
         if self.prompts:
             outputs += self._prompts(layer_idx, q, k, v)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+    def _decode_kernel(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> torch.Tensor:
+        """Every bucket's decode rows in one kernel call, each row reading its real keys only."""
+        k_layer, v_layer = self.k_cache[layer], self.v_cache[layer]  # (R, H_kv, C, D)
+        for seg in self.decode:
+            rows = slice(seg.first_row, seg.first_row + seg.rows)
+            tokens = slice(seg.offset, seg.offset + seg.rows)
+            k_layer[rows, :, seg.end] = k[tokens]
+            v_layer[rows, :, seg.end] = v[tokens]
+        r = self.kernel_rows
+        return self.kernel(q[: self.num_decode].contiguous(), k_layer, v_layer, r.offsets,
+                           r.counts, r.key_stride, r.head_stride, r.kv_heads)
 
     def _decode(self, layer: int, seg: DecodeSegment, mask: torch.Tensor | None,
                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from baton_plugin.attention import (
     BatonAttention,
     BatonMask,
     DecodeSegment,
+    KernelRows,
     PromptSegment,
     Staging,
 )
@@ -60,6 +61,7 @@ class BatonLayout:
     prompts: tuple[PromptSegment, ...]
     buckets: tuple[Bucket, ...]  # the bucket of each decode segment
     lengths: tuple[tuple[int, ...], ...]  # keys per row after this pass, per decode segment
+    kernel_rows: KernelRows | None = None  # set when the engine's decode kernel attends
 
 
 @dataclass(slots=True)
@@ -153,7 +155,9 @@ class BatonCache(KVCache):
 
     def attention(self, batch: ForwardBatch) -> BatonAttention:
         lay: BatonLayout = batch.layout
-        return BatonAttention(self.k, self.v, self.staging, lay.decode, lay.prompts)
+        return BatonAttention(self.k, self.v, self.staging, lay.decode, lay.prompts,
+                              self.decode_kernel if lay.kernel_rows is not None else None,
+                              lay.kernel_rows)
 
     def commit(self, batch: ForwardBatch) -> None:
         """After a pass: decode rows gained a key; newcomers are embedded from staging."""
@@ -191,6 +195,8 @@ class BatonCache(KVCache):
         for seg, lengths in zip(lay.decode, lay.lengths, strict=True):
             useful += sum(lengths)
             computed += seg.rows * (seg.end + 1 - seg.start)
+        if lay.kernel_rows is not None:  # the kernel reads each row's real keys only
+            computed = useful
         prompt_pairs = sum(p.length * (p.length + 1) // 2 for p in lay.prompts)
         tokens = int(batch.input_ids.numel())
         return PassStats(batch.phase, len(batch.requests), tokens, tokens, useful + prompt_pairs,
@@ -245,14 +251,34 @@ class BatonCache(KVCache):
         sample = list(range(num_decode)) + [p.offset + p.length - 1 for p in prompts]
         phase = Phase.MIXED if prompts and num_decode else Phase.PREFILL if prompts \
             else Phase.DECODE
-        layout = BatonLayout(tuple(segments), tuple(prompts), tuple(buckets), tuple(lengths))
+        layout = BatonLayout(tuple(segments), tuple(prompts), tuple(buckets), tuple(lengths),
+                             self._kernel_rows(segments, lengths))
         return ForwardBatch(
             tuple(requests), torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
             tuple([1] * num_decode + [p.length for p in prompts]),
             torch.tensor(sample, device=dev), tuple(requests), phase, layout, self._mask(layout))
 
+    def _kernel_rows(self, segments: Sequence[DecodeSegment],
+                     lengths: Sequence[tuple[int, ...]]) -> KernelRows | None:
+        """Where each decode row's real keys start in a layer's buffer, for the engine's decode
+        kernel: the last `length` columns of its bucket window (right-aligned rows)."""
+        if self.decode_kernel is None or not segments:
+            return None
+        s = self.shape
+        row_stride, col_stride = s.num_kv_heads * self.columns * s.head_dim, s.head_dim
+        offsets, counts = [], []
+        for seg, row_lengths in zip(segments, lengths, strict=True):
+            for i, n in enumerate(row_lengths):
+                offsets.append((seg.first_row + i) * row_stride + (seg.end + 1 - n) * col_stride)
+                counts.append(n)
+        return KernelRows(torch.tensor(offsets), torch.tensor(counts), col_stride,
+                          self.columns * s.head_dim, s.num_kv_heads)
+
     def _mask(self, lay: BatonLayout) -> BatonMask:
-        """Per bucket, an additive mask with the dtype minimum on padded keys."""
+        """Per bucket, an additive mask with the dtype minimum on padded keys (none needed when
+        the decode kernel reads each row's real keys only)."""
+        if lay.kernel_rows is not None:
+            return BatonMask((None,) * len(lay.decode))
         return BatonMask(tuple(
             decode_mask(list(lengths), seg.end + 1 - seg.start, self.dtype, self.device)
             for seg, lengths in zip(lay.decode, lay.lengths, strict=True)))

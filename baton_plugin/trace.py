@@ -37,13 +37,18 @@ def describe_pass(p: PassStats) -> str:
 
 
 def worked_example(max_buckets: int = 2) -> str:
-    """A and B decoding; C (short), D (equal to B) and E (long) arrive; E and A leave."""
+    """A and B decoding; C (short), D (equal to B) and E (long) arrive; E and A leave.
+
+    Attention through SDPA, as in the paper: each bucket's window is attended whole, the pad
+    columns hidden by the mask (the native decode kernel reads real keys only).
+    """
     from baton_plugin.scheduler import BatonScheduler
     from runtime.api import SamplingParams
     from runtime.testing import make_engine, tiny_model
 
     scheduler = BatonScheduler(max_buckets=max_buckets)
-    engine = make_engine(tiny_model(seed=0), scheduler, "baton", max_num_seqs=6)
+    engine = make_engine(tiny_model(seed=0), scheduler, "baton", max_num_seqs=6,
+                         attention_backend="sdpa")
     cache: BatonCache = engine.kv_cache
 
     def params(n: int) -> SamplingParams:

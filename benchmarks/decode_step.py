@@ -4,13 +4,13 @@ For each dtype this machine runs natively (float32 always; bfloat16 on a CPU wit
 AVX-512 BF16, or on CUDA), with the engine's fast path applied (`--linear-backend`):
 
 - decode: one engine step of B running rows (`--scheduler`, default baton) at each batch
-  size, against the same linears run alone on B rows with the same kernels; "attn" is one
-  folded-GQA SDPA per layer over the rows' cache alone, "other" what is left (norms, RoPE,
-  residuals, cache writes, sampling, Python);
+  size, against the same linears run alone on B rows with the same kernels; "attn" is the
+  engine's decode attention per layer (its native kernel, or a folded-GQA SDPA) over the rows'
+  cache alone, "other" what is left (norms, RoPE, residuals, cache writes, sampling, Python);
 - prefill: one request's prompt of 256 and 1,024 tokens, with minor page faults per pass;
 - GEMM rate: GFLOP/s of the linears at each row count, as a fraction of their rate at 256 rows;
 - `--split`: the real step taken apart in place: the same step with every linear replaying its
-  output from a cache (no GEMM), then with SDPA replaying too; the differences are what the
+  output from a cache (no GEMM), then with the attention (SDPA or the decode kernel) replaying too; the differences are what the
   GEMMs and the attention cost inside the step (including what they evict from the caches for
   the ops around them), and the remainder is everything else.
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from runtime.architectures import build_model
 from runtime.architectures.layers import Linear
+from runtime.attention_kernels import DecodeKernel
 from runtime.bench.model_spec import SPECS
 from runtime.engine import Engine, EngineLimits
 from runtime.hardware import cpu_info, keep_freed_memory
@@ -59,6 +60,7 @@ def interleaved_median_ms(fns: list[Callable[[], object]], iters: int) -> list[f
 
 
 COMPILE = False  # --compile: the engine's compiled decoder (runtime/compiled_forward.py)
+ATTENTION = "auto"  # --attention-backend: the engine's decode attention (runtime.attention_kernels)
 
 
 def make_engine(model: torch.nn.Module, scheduler: str, rows: int, backend: str,
@@ -66,7 +68,7 @@ def make_engine(model: torch.nn.Module, scheduler: str, rows: int, backend: str,
     limits = EngineLimits(max_num_seqs=max(rows, 1), max_model_len=max_model_len,
                           kv_cache_tokens=max(rows, 1) * max_model_len)
     return Engine(model, None, instantiate_scheduler(scheduler, {}), scheduler, limits,
-                  linear_backend=backend, compile_model=COMPILE)
+                  linear_backend=backend, compile_model=COMPILE, attention_backend=ATTENTION)
 
 
 def linears_alone(model: torch.nn.Module, rows: int, head_rows: int | None = None
@@ -91,16 +93,26 @@ def gemm_flops(model: torch.nn.Module, rows: int) -> int:
     return sum(2 * rows * m.in_features * m.out_features for m in model_linears(model))
 
 
-def attention_alone(model: torch.nn.Module, rows: int, context: int) -> Callable[[], None]:
+def attention_alone(model: torch.nn.Module, rows: int, context: int,
+                    kernel: DecodeKernel | None = None) -> Callable[[], None]:
+    """One layer's decode attention of `rows` rows over `context + 1` keys, per layer: the
+    engine's decode kernel when it has one, else a folded-GQA SDPA."""
     cfg = model.config
     dtype = next(model.parameters()).dtype
-    group = cfg.num_attention_heads // cfg.num_key_value_heads
-    q = torch.randn(rows, cfg.num_key_value_heads, group, cfg.head_dim, dtype=dtype)
-    kv = torch.randn(rows, cfg.num_key_value_heads, context + 1, cfg.head_dim, dtype=dtype)
+    kv_heads, dim = cfg.num_key_value_heads, cfg.head_dim
+    group = cfg.num_attention_heads // kv_heads
+    q = torch.randn(rows, kv_heads, group, dim, dtype=dtype)
+    kv = torch.randn(rows, kv_heads, context + 1, dim, dtype=dtype)
+    offsets = torch.arange(rows) * kv_heads * (context + 1) * dim
+    counts = torch.full((rows,), context + 1)
 
     def run() -> None:
         for _ in range(cfg.num_hidden_layers):
-            F.scaled_dot_product_attention(q, kv, kv)
+            if kernel is None:
+                F.scaled_dot_product_attention(q, kv, kv)
+            else:
+                kernel(q.view(rows, -1, dim), kv, kv, offsets, counts, dim, (context + 1) * dim,
+                       kv_heads)
 
     return run
 
@@ -114,8 +126,10 @@ def decode_rows(model, scheduler: str, rows: int, context: int, iters: int, back
         engine.add_request([(13 * i + j) % vocab for j in range(context)], params)
     engine.step()  # prefill every row and their first decode
     engine.step()
+    kernel = engine.kv_cache.decode_kernel
     return interleaved_median_ms(
-        [engine.step, linears_alone(model, rows), attention_alone(model, rows, context)], iters
+        [engine.step, linears_alone(model, rows), attention_alone(model, rows, context, kernel)],
+        iters,
     )
 
 
@@ -156,9 +170,12 @@ def split_step(model, scheduler: str, rows: int, context: int, iters: int, backe
         with replayed(Linear, "forward", linear_key, linear_out):
             engine.step()
 
+    kernel_key = lambda kernel, q, k, *rest: (tuple(q.shape), k.data_ptr())  # noqa: E731
+
     def no_gemm_no_sdpa() -> None:
         with replayed(Linear, "forward", linear_key, linear_out), \
-                replayed(F, "scaled_dot_product_attention", sdpa_key, sdpa_out):
+                replayed(F, "scaled_dot_product_attention", sdpa_key, sdpa_out), \
+                replayed(DecodeKernel, "__call__", kernel_key, sdpa_out):
             engine.step()
 
     step, without_gemm, bare = interleaved_median_ms([engine.step, no_gemm, no_gemm_no_sdpa],
@@ -204,7 +221,7 @@ def report(model, args) -> None:
               f"{step - gemm - attn:>8.1f} {1000 * rows / step:>7.0f} {rate:>8.0f} "
               f"{rate / rate_256:>7.2f}")
     if args.split:
-        print(f"{'batch':>6} {'step ms':>8} {'in-step: GEMMs':>15} {'SDPA':>6} {'rest':>6} "
+        print(f"{'batch':>6} {'step ms':>8} {'in-step: GEMMs':>15} {'attn':>6} {'rest':>6} "
               f"{'step / GEMMs':>12}")
         for rows in args.batch_sizes:
             step, gemm, sdpa, rest = split_step(model, args.scheduler, rows, args.context,
@@ -231,6 +248,8 @@ def main() -> None:
     parser.add_argument("--linear-backend", default="auto", help="auto, torch or onednn")
     parser.add_argument("--dtypes", nargs="*", help="default: those this machine runs natively")
     parser.add_argument("--seed", type=int, default=0, help="weight seed")
+    parser.add_argument("--attention-backend", default="auto",
+                        help="decode attention: auto, native (the kernel) or sdpa")
     parser.add_argument("--compile", action="store_true",
                         help="time the compiled decoder (the first step of each size compiles)")
     parser.add_argument("--split", action="store_true",
@@ -238,8 +257,8 @@ def main() -> None:
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's mmap/trim thresholds alone (to count the faults)")
     args = parser.parse_args()
-    global COMPILE
-    COMPILE = args.compile
+    global COMPILE, ATTENTION
+    COMPILE, ATTENTION = args.compile, args.attention_backend
     torch.set_num_threads(args.threads)
     if not args.default_allocator:
         keep_freed_memory()

@@ -8,6 +8,8 @@ attention is split per request and merged back. Two implementations of the split
 - `FusedAttention`: the increment (decode) requests of the iteration in ONE padded SDPA call
   per layer over keys gathered from their ranges (varlen batching of the attention op; the
   gather's padding is masked and counted as computed), initiations one call each as before.
+- `KernelAttention`: the fused variant when the engine has its decode kernel: one call per
+  layer that reads each request's range in place (no gather, no padding).
 
 Both write the iteration's keys and values into the pool in place with one `index_copy_`.
 A decode query uses the GQA fold: its `H` query heads become `G = H / H_kv` queries against
@@ -30,6 +32,7 @@ from runtime.api import segment_attention
 
 if TYPE_CHECKING:
     from orca_plugin.cache import OrcaLayout
+    from runtime.api import DecodeKernel
 
 
 @dataclass(slots=True)
@@ -189,6 +192,34 @@ class FusedAttention(LoopAttention):
             outputs.append(_fold_decode(q[g.first : g.first + g.rows], k_g, v_g, group_mask))
             offset += g.num_keys
         rows = lay.num_decode
+        split = time.perf_counter() if self.times.enabled else 0.0
+        outputs += self.attend_segments(q, keys, values, mask, rows, len(lay.segments))
+        if self.times.enabled:
+            self.times.decode_s += split - started
+            self.times.initiation_s += time.perf_counter() - split
+        return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+
+
+class KernelAttention(LoopAttention):
+    """The decode rows in ONE call per layer of the engine's decode kernel
+    (`runtime.attention_kernels`), each row reading its own pool slot range in place: the
+    fused variant without the gather or the padding. Initiations as in the loop."""
+
+    def __init__(self, pool: torch.Tensor, layout: OrcaLayout, times: AttentionTimes,
+                 kernel: DecodeKernel) -> None:
+        super().__init__(pool, layout, times)
+        self.kernel = kernel
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: OrcaMask
+    ) -> torch.Tensor:
+        keys, values = self.write(layer_idx, k, v)  # (capacity, H_kv, D) each
+        lay = self.layout
+        started = time.perf_counter() if self.times.enabled else 0.0
+        kv_heads, dim = keys.shape[1], keys.shape[2]
+        rows = lay.num_decode
+        outputs = [self.kernel(q[:rows].contiguous(), keys, values, lay.kernel_offsets,
+                               lay.decode_lengths, kv_heads * dim, dim, kv_heads)]
         split = time.perf_counter() if self.times.enabled else 0.0
         outputs += self.attend_segments(q, keys, values, mask, rows, len(lay.segments))
         if self.times.enabled:

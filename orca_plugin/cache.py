@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from orca_plugin.attention import AttentionTimes, FusedAttention, LoopAttention, VariantChooser
+from orca_plugin.attention import (
+    AttentionTimes,
+    FusedAttention,
+    KernelAttention,
+    LoopAttention,
+    VariantChooser,
+)
 from orca_plugin.groups import DecodeGroup, plan_groups
 from orca_plugin.masks import build_orca_mask
 from orca_plugin.slots import SlotAllocator
@@ -53,6 +59,7 @@ class OrcaLayout:
     decode_lengths: torch.Tensor | None = None  # (B_dec,) keys per decode row, new one included
     decode_groups: tuple[DecodeGroup, ...] = ()  # fused: rows padded together, by length
     gather_index: torch.Tensor | None = None  # (sum of rows x width,) pool slots, group by group
+    kernel_offsets: torch.Tensor | None = None  # (B_dec,) decode kernel: each row's first key
 
 
 class OrcaKVCache(KVCache):
@@ -159,7 +166,9 @@ class OrcaKVCache(KVCache):
         """Fused: the decode rows' padded groups and gather indices (pads repeat slot 0).
 
         Rows arrive sorted by length, so each group pads only to its own longest row. A pad
-        points at a slot its row has written, so masked-out values are finite.
+        points at a slot its row has written, so masked-out values are finite. With the
+        engine's decode kernel, the fused variant is one kernel call per layer instead: each
+        row's own slot range read in place (no gather, no padding).
         """
         if len(segments) < 2:
             return {}
@@ -167,9 +176,12 @@ class OrcaKVCache(KVCache):
         if variant != "fused":
             return {}
         dev = self.device
-        groups = plan_groups([s.past + 1 for s in segments])
         lengths = torch.tensor([s.past + 1 for s in segments], device=dev)
         first = torch.tensor(starts, device=dev)
+        if self.decode_kernel is not None:  # each row's slot range read in place, no padding
+            per_slot = self.shape.num_kv_heads * self.shape.head_dim
+            return {"decode_lengths": lengths, "kernel_offsets": first * per_slot}
+        groups = plan_groups([s.past + 1 for s in segments])
         index = []
         for g in groups:
             rows = slice(g.first, g.first + g.rows)
@@ -181,14 +193,18 @@ class OrcaKVCache(KVCache):
     def attention(self, batch: ForwardBatch) -> LoopAttention | FusedAttention:
         self.last_times = AttentionTimes(enabled=self.time_attention)
         self.last_layout = batch.layout
-        cls = FusedAttention if batch.layout.gather_index is not None else LoopAttention
-        return cls(self.pool, batch.layout, self.last_times)
+        lay: OrcaLayout = batch.layout
+        if lay.kernel_offsets is not None:
+            return KernelAttention(self.pool, lay, self.last_times, self.decode_kernel)
+        cls = FusedAttention if lay.gather_index is not None else LoopAttention
+        return cls(self.pool, lay, self.last_times)
 
     def commit(self, batch: ForwardBatch) -> None:
         """Feed `auto` its measurement; lengths need no update (`num_computed_tokens` is it)."""
         lay: OrcaLayout = batch.layout
         if self.mode == "auto" and lay.num_decode >= 2 and self.last_times.enabled:
-            variant = "fused" if lay.gather_index is not None else "loop"
+            fused = lay.gather_index is not None or lay.kernel_offsets is not None
+            variant = "fused" if fused else "loop"
             self.chooser.record(variant, self.last_times.decode_s, lay.num_decode)
 
     def memory_stats(self) -> MemoryStats:

@@ -39,7 +39,8 @@ def create_engine(config: RuntimeConfig, observers: tuple[object, ...] = ()) -> 
     limits = EngineLimits(config.max_num_seqs, config.max_model_len, config.kv_cache_tokens,
                           config.kv_cache_memory)
     engine = Engine(model, tokenizer, scheduler, config.scheduler, limits, observers,
-                    linear_backend=config.linear_backend, compile_model=config.compile)
+                    linear_backend=config.linear_backend, compile_model=config.compile,
+                    attention_backend=config.attention_backend)
     if config.compile:
         logger.info("compiling the decoder (warm-up requests) ...")
         try:

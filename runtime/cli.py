@@ -9,7 +9,14 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from runtime.config import DTYPES, LINEAR_BACKENDS, ConfigError, RuntimeConfig, build_config
+from runtime.config import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    LINEAR_BACKENDS,
+    ConfigError,
+    RuntimeConfig,
+    build_config,
+)
 from runtime.hardware import set_openmp_defaults
 
 if TYPE_CHECKING:  # torch is imported after `set_openmp_defaults`
@@ -32,6 +39,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="KV capacity in tokens; overrides --kv-cache-memory")
     p.add_argument("--linear-backend", choices=LINEAR_BACKENDS,
                    help="GEMM kernels: auto (measured at startup), torch or onednn (prepacked)")
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
+                   help="decode attention: auto (the native kernel on CPU where it builds), "
+                        "native or sdpa")
     p.add_argument("--compile", action="store_true", default=None,
                    help="run the decoder as one torch.compile graph, compiled at startup "
                         "(35 s to two minutes; docs/configuration.md)")
@@ -42,7 +52,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
 
 def engine_overrides(args: argparse.Namespace) -> dict:
     keys = ("scheduler", "dtype", "device", "max_model_len", "max_num_seqs", "kv_cache_tokens",
-            "kv_cache_memory", "linear_backend", "compile", "seed", "num_threads")
+            "kv_cache_memory", "linear_backend", "attention_backend", "compile", "seed", "num_threads")
     out = {k: getattr(args, k, None) for k in keys}
     if getattr(args, "model", None):
         out["model"] = args.model

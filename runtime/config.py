@@ -16,6 +16,7 @@ from runtime.kv_sizing import parse_kv_memory
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 LINEAR_BACKENDS = ("auto", "torch", "onednn")  # runtime.linear_kernels
+ATTENTION_BACKENDS = ("auto", "sdpa", "native")  # runtime.attention_kernels
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "kjv-llama-tiny"
 
 
@@ -41,6 +42,7 @@ class RuntimeConfig:
     kv_cache_tokens: int | None = None
     kv_cache_memory: str | float = "auto"
     linear_backend: str = "auto"
+    attention_backend: str = "auto"
     compile: bool = False
     seed: int = 0
     num_threads: int | None = None
@@ -74,6 +76,7 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("linear_backend", self.linear_backend, LINEAR_BACKENDS)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         try:
             parse_kv_memory(self.kv_cache_memory)
         except ValueError as exc:

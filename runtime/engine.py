@@ -47,10 +47,11 @@ class Engine:
                  scheduler_name: str = "default", limits: EngineLimits = EngineLimits(),
                  observers: tuple[object, ...] = (),
                  clock: Callable[[], float] = time.monotonic,
-                 linear_backend: str = "auto", compile_model: bool = False) -> None:
+                 linear_backend: str = "auto", compile_model: bool = False,
+                 attention_backend: str = "auto") -> None:
         self.tokenizer, self.clock = tokenizer, clock
         self.scheduler, self.scheduler_name = scheduler, scheduler_name
-        self.runner = ModelRunner(model, limits, linear_backend, compile_model)
+        self.runner = ModelRunner(model, limits, linear_backend, compile_model, attention_backend)
         self.model, self.device, self.dtype = model, self.runner.device, self.runner.dtype
         self.shape, self.limits = self.runner.shape, self.runner.cache_limits
         self.max_model_len = self.shape.max_model_len
@@ -71,10 +72,12 @@ class Engine:
 
     def _make_kv_cache(self) -> KVCache:
         try:
-            return check_kv_cache(self.pm.hook.make_kv_cache(
+            cache = check_kv_cache(self.pm.hook.make_kv_cache(
                 shape=self.shape, limits=self.limits, device=self.device, dtype=self.dtype))
         except Exception as exc:
             raise SchedulerError(self._plugin_error(exc, "make_kv_cache failed")) from exc
+        cache.decode_kernel = self.runner.attention.kernel
+        return cache
 
     def make_request(self, prompt: str | Sequence[int], params: SamplingParams,
                      request_id: str | None = None, arrival_time: float | None = None) -> Request:

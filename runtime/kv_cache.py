@@ -11,11 +11,14 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from runtime.request import Request
+
+if TYPE_CHECKING:
+    from runtime.attention_kernels import DecodeKernel
 
 
 class Phase(enum.Enum):
@@ -137,7 +140,14 @@ class KVCache(ABC):
     - `forward_batches` is a generator consumed lazily; the engine closes it when the step
       ends, also early, when a pass failed (so code after a `yield` may never run).
     - `free` may come for a request never added (aborted while waiting) or already freed.
+
+    `decode_kernel` is set by the engine right after the layout is made: the native
+    decode-attention kernel (`runtime.attention_kernels.DecodeKernel`) when the engine's
+    `attention_backend` chose it, else None (use SDPA). A layout that can address each decode
+    row's keys in place passes them to it; one that cannot ignores it.
     """
+
+    decode_kernel: DecodeKernel | None = None
 
     def __init__(self, shape: ModelShape, limits: CacheLimits, device: torch.device,
                  dtype: torch.dtype) -> None:

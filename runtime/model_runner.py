@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.attention_kernels import choose_attention_backend
 from runtime.kv_cache import CacheLimits, ForwardBatch, KVCache, ModelShape, kv_elements_per_token
 from runtime.kv_sizing import kv_capacity
 from runtime.linear_kernels import apply_linear_backend
@@ -38,7 +39,8 @@ class ModelRunner:
     """Owns the model: its GEMM kernels, the limits its KV layout gets, and running a pass."""
 
     def __init__(self, model: torch.nn.Module, limits: EngineLimits,
-                 linear_backend: str = "auto", compile_model: bool = False) -> None:
+                 linear_backend: str = "auto", compile_model: bool = False,
+                 attention_backend: str = "auto") -> None:
         self.model = model
         self.linear_kernels = apply_linear_backend(model, linear_backend)
         self.forward = model
@@ -49,6 +51,8 @@ class ModelRunner:
             logger.info("forward: compiled decoder (compiled at warm-up or by the first pass)")
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
+        self.attention = choose_attention_backend(attention_backend, self.device, self.dtype)
+        logger.info("decode attention: %s (%s)", self.attention.backend, self.attention.reason)
         cfg = model.config
         max_model_len = min(limits.max_model_len or cfg.max_position_embeddings,
                             cfg.max_position_embeddings)

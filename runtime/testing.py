@@ -79,10 +79,10 @@ def random_arrivals(seed: int, num_requests: int, vocab_size: int, prompt_len: t
 
 def make_engine(model: torch.nn.Module, scheduler: object, name: str = "under-test",
                 max_num_seqs: int = 8, kv_cache_tokens: int | None = None,
-                observers: tuple[object, ...] = ()) -> Engine:
+                observers: tuple[object, ...] = (), attention_backend: str = "auto") -> Engine:
     return Engine(model, None, scheduler, name,
                   EngineLimits(max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens),
-                  observers)
+                  observers, attention_backend=attention_backend)
 
 
 def run_alone(model: torch.nn.Module, factory: SchedulerFactory, arrival: Arrival,

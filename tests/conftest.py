@@ -59,3 +59,17 @@ def install_plugin(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     yield install
     for site, module in installed:
         uninstall_fake_dist(site, module)
+
+
+@pytest.fixture(scope="session")
+def native_kernel() -> None:
+    """Skip where the decode-attention kernel cannot be built (no C++ compiler)."""
+    from runtime.attention_kernels import NativeKernelUnavailable, load_native_kernel
+
+    try:
+        load_native_kernel()
+    except NativeKernelUnavailable as exc:
+        pytest.skip(f"native decode-attention kernel unavailable: {exc}")
+
+
+BACKENDS = ("native", "sdpa")  # attention_backend values a layout test runs under

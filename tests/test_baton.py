@@ -23,6 +23,7 @@ from runtime.testing import (
     run_alone,
     run_mix,
 )
+from tests.conftest import BACKENDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODEL_SEED = 5
@@ -37,8 +38,10 @@ def solo(model, prompt, params) -> list[int]:
     return req.output_token_ids
 
 
-def baton_engine(model, max_num_seqs: int = 4, **options) -> Engine:
-    return make_engine(model, BatonScheduler(**options), "baton", max_num_seqs=max_num_seqs)
+def baton_engine(model, max_num_seqs: int = 4, attention_backend: str = "auto",
+                 **options) -> Engine:
+    return make_engine(model, BatonScheduler(**options), "baton", max_num_seqs=max_num_seqs,
+                       attention_backend=attention_backend)
 
 
 def assert_empty(engine: Engine) -> None:
@@ -57,9 +60,11 @@ OPTION_SETS = {
 }
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
 @pytest.mark.parametrize(("seed", "max_num_seqs"), [(0, 4), (1, 3), (2, 5), (3, 2), (4, 8)])
-def test_random_mixes_match_solo(model, options: dict, seed: int, max_num_seqs: int) -> None:
+def test_random_mixes_match_solo(model, native_kernel, options: dict, seed: int,
+                                 max_num_seqs: int, backend: str) -> None:
     arrivals = random_arrivals(
         seed,
         num_requests=12,
@@ -70,7 +75,8 @@ def test_random_mixes_match_solo(model, options: dict, seed: int, max_num_seqs: 
         abort_fraction=0.25,
     )
     mixed, engine = run_mix(
-        model, lambda: BatonScheduler(**options), arrivals, max_num_seqs=max_num_seqs
+        model, lambda: BatonScheduler(**options), arrivals, max_num_seqs=max_num_seqs,
+        attention_backend=backend,
     )
     assert_empty(engine)
     for i, arr in enumerate(arrivals):
@@ -82,8 +88,10 @@ def test_random_mixes_match_solo(model, options: dict, seed: int, max_num_seqs: 
             assert got == ref, f"request {i}: {got} != solo {ref}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
-def test_pad_columns_never_read_uninitialised_memory(model, options: dict) -> None:
+def test_pad_columns_never_read_uninitialised_memory(model, native_kernel, options: dict,
+                                                     backend: str) -> None:
     """The buffer starts as NaN: a pad column the layout forgot to zero poisons the output."""
 
     class Poisoned(BatonScheduler):
@@ -96,7 +104,8 @@ def test_pad_columns_never_read_uninitialised_memory(model, options: dict) -> No
 
     arrivals = random_arrivals(11, num_requests=14, vocab_size=128, prompt_len=(1, 24),
                                max_tokens=(2, 10), max_arrival_step=12, abort_fraction=0.2)
-    mixed, engine = run_mix(model, lambda: Poisoned(**options), arrivals, max_num_seqs=5)
+    mixed, engine = run_mix(model, lambda: Poisoned(**options), arrivals, max_num_seqs=5,
+                            attention_backend=backend)
     assert_empty(engine)
     for i, arr in enumerate(arrivals):
         ref = solo(model, arr.prompt_token_ids, arr.params)
@@ -205,7 +214,7 @@ def test_buckets_bound_the_padding_of_mixed_lengths(model) -> None:
     prompts = [list(range(1, n + 1)) for n in (3, 40, 4, 42, 3, 41)]
 
     def idle_decode_pairs(**options) -> tuple[float, int]:
-        engine = baton_engine(model, max_num_seqs=6, **options)
+        engine = baton_engine(model, max_num_seqs=6, attention_backend="sdpa", **options)
         for p in prompts:
             engine.add_request(p, greedy(4))
         engine.step()
@@ -243,8 +252,10 @@ def test_seeded_sampling_is_independent_of_the_batch(model) -> None:
 
 
 def test_idle_counters_match_a_hand_computed_case(model) -> None:
+    """SDPA attends each bucket's whole window, pad columns included (masked)."""
     recorder = StepRecorder()
-    engine = make_engine(model, BatonScheduler(), "baton", observers=(recorder,))
+    engine = make_engine(model, BatonScheduler(), "baton", observers=(recorder,),
+                         attention_backend="sdpa")
     engine.add_request([1, 2, 3], greedy(3))
     passes: list[PassStats] = []
     engine.step()
@@ -289,10 +300,16 @@ HAND_TRACES = {
 }
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", HAND_TRACES.values(), ids=HAND_TRACES.keys())
-def test_passes_and_pad_columns_of_each_option_on_a_hand_built_trace(model, case) -> None:
+def test_passes_and_pad_columns_of_each_option_on_a_hand_built_trace(model, native_kernel, case,
+                                                                     backend: str) -> None:
+    """The same passes under both backends; the native kernel reads no pad column (computed
+    pairs = useful pairs), SDPA attends the padded window."""
     options, expected = case
-    engine = make_engine(model, BatonScheduler(**options), "baton")
+    if backend == "native":
+        expected = [(*p[:5], p[4]) for p in expected]
+    engine = make_engine(model, BatonScheduler(**options), "baton", attention_backend=backend)
     a = engine.add_request([1, 2, 3], greedy(3))
     passes: list[PassStats] = []
     step = 0
@@ -322,7 +339,7 @@ def test_newcomers_are_prefilled_packed_without_padding(model) -> None:
 @pytest.mark.parametrize("max_buckets", [1, 4])
 def test_decode_is_one_batched_attention_call_per_bucket_and_layer(model, monkeypatch,
                                                                    max_buckets) -> None:
-    engine = baton_engine(model, max_buckets=max_buckets)
+    engine = baton_engine(model, max_buckets=max_buckets, attention_backend="sdpa")
     for n in (2, 6, 11):
         engine.add_request(list(range(1, n + 1)), greedy(5))
     engine.step()  # the prefill pass
@@ -458,3 +475,34 @@ def test_aborts_in_the_middle_of_a_bucketed_batch_leak_nothing(model) -> None:
     for req in reqs:
         ref = solo(model, req.prompt_token_ids, greedy(8))
         assert req.output_token_ids == ref[: len(req.output_token_ids)]
+
+
+@pytest.mark.parametrize("max_buckets", [1, 4])
+def test_native_decode_is_one_kernel_call_per_layer_over_real_keys(model, native_kernel,
+                                                                   monkeypatch,
+                                                                   max_buckets) -> None:
+    """With the decode kernel, every bucket's rows go in ONE call per layer, each row reading
+    exactly its real keys (the last `length` columns of its window), and no SDPA runs."""
+    engine = baton_engine(model, max_buckets=max_buckets, attention_backend="native")
+    for n in (2, 6, 11):
+        engine.add_request(list(range(1, n + 1)), greedy(5))
+    engine.step()  # the prefill pass
+    kernel = engine.kv_cache.decode_kernel
+    calls = []
+
+    def counting(q, k, v, offsets, counts, *rest):
+        calls.append((tuple(q.shape), counts.tolist()))
+        return kernel(q, k, v, offsets, counts, *rest)
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA called for a decode step")
+
+    engine.kv_cache.decode_kernel = counting
+    monkeypatch.setattr(F, "scaled_dot_product_attention", no_sdpa)
+    engine.step()
+    assert [p.phase for p in engine.last_step.passes] == [Phase.DECODE]
+    layers = model.config.num_hidden_layers
+    assert len(calls) == layers
+    assert all(q == (3, 4, 8) and sorted(c) == [3, 7, 12] for q, c in calls)
+    stats = engine.last_step.passes[0]
+    assert stats.computed_attention_pairs == stats.useful_attention_pairs == 3 + 7 + 12

@@ -100,6 +100,8 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     bench.add_argument("--kv-cache-tokens", type=int, help="KV capacity in tokens")
     bench.add_argument("--kv-cache-memory", help="KV budget: auto, a fraction or a size (4GiB)")
     bench.add_argument("--linear-backend", default="auto", help="auto, torch or onednn")
+    bench.add_argument("--attention-backend", default="auto",
+                       help="decode attention: auto, native or sdpa")
     bench.add_argument("--compile", action="store_true",
                        help="every contender runs the compiled decoder (runtime.compiled_forward)")
     bench.add_argument("--dtype", default="float32", help="model dtype (default float32)")
@@ -261,7 +263,8 @@ def run_offline_cli(args: argparse.Namespace) -> int:
         label = label or name
         contenders.append(
             EngineContender(label, name, model, None, limits, options.get(label),
-                            args.linear_backend, args.compile)
+                            args.linear_backend, args.compile,
+                            args.attention_backend)
         )
     unavailable = {}
     for name in args.peers:

@@ -67,8 +67,10 @@ class EngineContender:
         options: dict | None = None,
         linear_backend: str = "auto",
         compile_model: bool = False,
+        attention_backend: str = "auto",
     ) -> None:
         self.label = label
+        self.attention_backend = attention_backend
         self.linear_backend = linear_backend
         self.compile_model = compile_model
         self.scheduler_name = scheduler_name
@@ -94,6 +96,7 @@ class EngineContender:
             clock=time.perf_counter,
             linear_backend=self.linear_backend,
             compile_model=self.compile_model,
+            attention_backend=self.attention_backend,
         )
 
     def warmup(self) -> None:

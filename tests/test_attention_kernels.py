@@ -1,0 +1,168 @@
+"""The native decode-attention kernel against SDPA, and the choice between them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runtime import attention_kernels
+from runtime.attention_kernels import (
+    NativeKernelUnavailable,
+    choose_attention_backend,
+    load_native_kernel,
+)
+from runtime.config import ConfigError, build_config
+from runtime.testing import check_scheduling_invariance, random_arrivals
+
+pytestmark = pytest.mark.usefixtures("native_kernel")
+
+
+def reference(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]):
+    """Per row: SDPA of its query heads over its own keys `(S_r, H_kv, D)`, GQA folded."""
+    out = []
+    for r, (k, v) in enumerate(zip(keys, values, strict=True)):
+        kv_heads = k.shape[1]
+        qr = q[r].view(kv_heads, -1, q.shape[-1])  # (H_kv, G, D)
+        out.append(F.scaled_dot_product_attention(qr, k.transpose(0, 1), v.transpose(0, 1))
+                   .reshape(q.shape[1:]))
+    return torch.stack(out)
+
+
+CASES = [  # (dtype, heads, kv_heads, head_dim): AVX2 path, its remainders, the portable loop
+    (torch.float32, 9, 3, 64),
+    (torch.float32, 4, 4, 24),
+    (torch.float32, 8, 2, 128),
+    (torch.float32, 6, 2, 12),
+    (torch.float64, 9, 3, 64),
+    (torch.float64, 4, 2, 8),
+]
+
+
+@pytest.mark.parametrize(("dtype", "heads", "kv_heads", "dim"), CASES)
+def test_rows_of_a_dense_window_match_sdpa(dtype, heads, kv_heads, dim) -> None:
+    """BATON's addressing: rows of a `(R, H_kv, C, D)` buffer, each row's keys right-aligned
+    at the window's end (its last `length` columns); pad columns hold garbage, never read."""
+    gen = torch.Generator().manual_seed(0)
+    rows, columns, end = 5, 40, 33
+    lengths = [1, 7, 33, 20, 2]
+    k = torch.randn(rows, kv_heads, columns, dim, generator=gen, dtype=dtype)
+    v = torch.randn(rows, kv_heads, columns, dim, generator=gen, dtype=dtype)
+    for r, n in enumerate(lengths):  # poison every column a row must not read
+        k[r, :, : end - n] = float("nan")
+        v[r, :, end:] = float("nan")
+    q = torch.randn(rows, heads, dim, generator=gen, dtype=dtype)
+    offsets = torch.tensor([r * kv_heads * columns * dim + (end - n) * dim
+                            for r, n in enumerate(lengths)])
+    got = load_native_kernel()(q, k, v, offsets, torch.tensor(lengths), dim, columns * dim,
+                               kv_heads)
+    keys = [k[r, :, end - n : end].transpose(0, 1) for r, n in enumerate(lengths)]
+    values = [v[r, :, end - n : end].transpose(0, 1) for r, n in enumerate(lengths)]
+    want = reference(q, keys, values)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_slot_ranges_of_a_token_major_pool_match_sdpa(dtype) -> None:
+    """Orca's addressing: each request a slot range of a `(capacity, H_kv, D)` pool."""
+    gen = torch.Generator().manual_seed(1)
+    kv_heads, dim, heads = 2, 64, 6
+    pool_k = torch.randn(300, kv_heads, dim, generator=gen, dtype=dtype)
+    pool_v = torch.randn(300, kv_heads, dim, generator=gen, dtype=dtype)
+    ranges = [(0, 5), (10, 130), (140, 141), (200, 299)]
+    q = torch.randn(len(ranges), heads, dim, generator=gen, dtype=dtype)
+    per_slot = kv_heads * dim
+    got = load_native_kernel()(q, pool_k, pool_v, torch.tensor([s * per_slot for s, _ in ranges]),
+                               torch.tensor([e - s for s, e in ranges]), per_slot, dim, kv_heads)
+    want = reference(q, [pool_k[s:e] for s, e in ranges], [pool_v[s:e] for s, e in ranges])
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_large_scores_do_not_overflow() -> None:
+    """Scores in the hundreds: the max is subtracted before the exponential."""
+    q = torch.full((1, 2, 64), 3.0)
+    k = torch.randn(1, 1, 50, 64) * 4
+    v = torch.randn(1, 1, 50, 64)
+    got = load_native_kernel()(q, k, v, torch.tensor([0]), torch.tensor([50]), 64, 50 * 64, 1)
+    want = reference(q, [k[0].transpose(0, 1)], [v[0].transpose(0, 1)])
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_reads_outside_the_storage_are_refused() -> None:
+    kernel = load_native_kernel()
+    k = torch.zeros(10, 2, 8)
+    q = torch.zeros(1, 2, 8)
+    with pytest.raises(RuntimeError, match="reads outside"):
+        kernel(q, k, k, torch.tensor([8 * 16]), torch.tensor([5]), 16, 8, 2)
+    with pytest.raises(RuntimeError, match="int64"):
+        kernel(q, k, k, torch.tensor([0], dtype=torch.int32), torch.tensor([1]), 16, 8, 2)
+    with pytest.raises(RuntimeError, match="reads outside"):
+        kernel(q, k, k, torch.tensor([0]), torch.tensor([0]), 16, 8, 2)  # no key at all
+
+
+def test_auto_takes_the_kernel_for_float_on_cpu_and_sdpa_elsewhere() -> None:
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.float64):
+        choice = choose_attention_backend("auto", cpu, dtype)
+        assert choice.backend == "native" and choice.kernel is not None
+    bf16 = choose_attention_backend("auto", cpu, torch.bfloat16)
+    assert bf16.backend == "sdpa" and "bfloat16" in bf16.reason and bf16.kernel is None
+    cuda = choose_attention_backend("auto", torch.device("cuda"), torch.float32)
+    assert cuda.backend == "sdpa" and "cuda" in cuda.reason
+    assert choose_attention_backend("sdpa", cpu, torch.float32).kernel is None
+    with pytest.raises(ValueError, match="native kernel runs float32/float64 on CPU"):
+        choose_attention_backend("native", cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="expected one of auto, sdpa, native"):
+        choose_attention_backend("flash", cpu, torch.float32)
+
+
+def test_a_kernel_that_cannot_be_built_falls_back_or_fails_clearly(monkeypatch, caplog) -> None:
+    def no_compiler() -> None:
+        raise NativeKernelUnavailable("RuntimeError: Error building extension (no c++)")
+
+    monkeypatch.setattr(attention_kernels, "load_native_kernel", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="runtime.attention_kernels"):
+        choice = choose_attention_backend("auto", torch.device("cpu"), torch.float32)
+    assert choice.backend == "sdpa" and "no c++" in choice.reason
+    assert "could not be built" in caplog.text
+    with pytest.raises(ValueError, match=r"native: the kernel could not be built .*no c\+\+"):
+        choose_attention_backend("native", torch.device("cpu"), torch.float32)
+
+
+def test_the_build_targets_this_cpu(monkeypatch) -> None:
+    from runtime import hardware
+
+    info = hardware.cpu_info()
+    avx2 = hardware.CpuInfo(info.model_name, frozenset({"avx2", "fma"}), 2)
+    monkeypatch.setattr(attention_kernels, "cpu_info", lambda: avx2)
+    assert attention_kernels.instruction_set() == ("avx2", ["-mavx2", "-mfma"])
+    plain = hardware.CpuInfo(info.model_name, frozenset({"sse4_2"}), 2)
+    monkeypatch.setattr(attention_kernels, "cpu_info", lambda: plain)
+    assert attention_kernels.instruction_set() == ("generic", [])
+
+
+def test_config_validates_the_backend() -> None:
+    assert build_config(overrides={"attention_backend": "sdpa"}).attention_backend == "sdpa"
+    with pytest.raises(ConfigError, match="attention_backend"):
+        build_config(overrides={"attention_backend": "flash"})
+
+
+@pytest.mark.parametrize("scheduler", ["baton", "orca"])
+def test_both_backends_give_the_same_tokens(model, scheduler: str) -> None:
+    """float64: the kernel and SDPA agree on every greedy token of a random mix."""
+    from runtime.plugins import instantiate_scheduler
+    from runtime.testing import run_mix
+
+    arrivals = random_arrivals(3, num_requests=10, vocab_size=128, prompt_len=(1, 30),
+                               max_tokens=(2, 10), max_arrival_step=6, abort_fraction=0.0)
+    runs = [run_mix(model, lambda: instantiate_scheduler(scheduler, {}), arrivals,
+                    max_num_seqs=6, attention_backend=backend)[0].tokens
+            for backend in ("native", "sdpa")]
+    assert runs[0] == runs[1]
+    check_scheduling_invariance(model, lambda: instantiate_scheduler(scheduler, {}), arrivals,
+                                max_num_seqs=6, attention_backend="native")
