@@ -81,7 +81,7 @@ class BatonCache(KVCache):
     def __init__(self, shape: ModelShape, limits: CacheLimits, device: torch.device,
                  dtype: torch.dtype, max_rows: int | None = None,
                  newcomer_pass: NewcomerPass = "fused", max_buckets: int = 4,
-                 bucket_pad_tolerance: float = 0.15, max_prefill_tokens: int = 8192) -> None:
+                 bucket_pad_tolerance: float = 0.15, max_prefill_tokens: int = 2048) -> None:
         super().__init__(shape, limits, device, dtype)
         self.newcomer_pass = newcomer_pass
         self.max_buckets = max_buckets

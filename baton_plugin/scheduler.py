@@ -48,7 +48,7 @@ class BatonScheduler:
         newcomer_pass: str = "fused",
         max_buckets: int = 4,
         bucket_pad_tolerance: float = 0.15,
-        max_prefill_tokens: int = 8192,
+        max_prefill_tokens: int = 2048,
         kv_budget_tokens: int | None = None,
     ) -> None:
         kv_cache_tokens = renamed_option("baton", "kv_budget_tokens", kv_budget_tokens,

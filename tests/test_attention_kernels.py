@@ -152,7 +152,7 @@ def test_config_validates_the_backend() -> None:
         build_config(overrides={"attention_backend": "flash"})
 
 
-@pytest.mark.parametrize("scheduler", ["baton", "orca"])
+@pytest.mark.parametrize("scheduler", ["baton", "orca", "static"])
 def test_both_backends_give_the_same_tokens(model, scheduler: str) -> None:
     """float64: the kernel and SDPA agree on every greedy token of a random mix."""
     from runtime.plugins import instantiate_scheduler
@@ -166,3 +166,27 @@ def test_both_backends_give_the_same_tokens(model, scheduler: str) -> None:
     assert runs[0] == runs[1]
     check_scheduling_invariance(model, lambda: instantiate_scheduler(scheduler, {}), arrivals,
                                 max_num_seqs=6, attention_backend="native")
+
+
+def test_static_decode_reads_each_rows_keys_from_its_first_real_column(model) -> None:
+    """The static batch still computes every row (finished ones too) but, with the kernel,
+    skips each row's left padding: computed pairs are the keys from each row's first real
+    column to the one the pass appends."""
+    from static_plugin import StaticScheduler
+
+    from runtime.testing import greedy, make_engine
+
+    engines = {b: make_engine(model, StaticScheduler(), "static", attention_backend=b)
+               for b in ("native", "sdpa")}
+    passes = {}
+    for backend, engine in engines.items():
+        engine.add_request([1, 2, 3], greedy(4))
+        engine.add_request(list(range(1, 8)), greedy(2))
+        engine.step()  # the padded prefill: width 7, the short prompt left-padded by 4
+        engine.step()
+        engine.step()  # the 7-token row has finished; it is still computed
+        passes[backend] = engine.last_step.passes[0]
+    native, sdpa = passes["native"], passes["sdpa"]
+    assert native.useful_attention_pairs == sdpa.useful_attention_pairs == 3 + 2
+    assert native.computed_attention_pairs == (3 + 2) + (7 + 2)  # keys 0..8, row 0 from 4
+    assert sdpa.computed_attention_pairs == 2 * 9  # both rows over the padded window

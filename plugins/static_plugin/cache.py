@@ -23,11 +23,18 @@ from runtime.api import (
 
 @dataclass(frozen=True, slots=True)
 class StaticLayout:
-    """Which cache columns a pass writes, and which rows are live (finished rows are not)."""
+    """Which cache columns a pass writes, and which rows are live (finished rows are not).
+
+    `kernel_counts` is set on decode passes when the engine has its decode kernel: keys per
+    row (every row, finished ones too: the static batch computes them all), read from the
+    row's first real column instead of the padded window.
+    """
 
     start: int
     width: int
     live_rows: tuple[int, ...]
+    kernel_offsets: torch.Tensor | None = None
+    kernel_counts: torch.Tensor | None = None
 
 
 class StaticBatchCache(KVCache):
@@ -43,6 +50,7 @@ class StaticBatchCache(KVCache):
         self.k: torch.Tensor | None = None  # (L, B, H_kv, S_cap, D)
         self.v: torch.Tensor | None = None
         self.key_valid: torch.Tensor | None = None  # (B, S_cap) bool
+        self.first_key: list[int] = []  # each row's first real column (its left padding)
         self.length = 0
         self.prefilled = False
 
@@ -82,6 +90,7 @@ class StaticBatchCache(KVCache):
             ids[i, pad:] = torch.tensor(row)
             pos[i, pad:] = torch.arange(len(row))
             self.key_valid[i, pad:width] = True
+            self.first_key.append(pad)
         sample = torch.arange(len(tokens)) * width + width - 1
         mask = padded_prefill_mask(self.key_valid[:, :width], width, self.dtype)
         return ForwardBatch(
@@ -102,7 +111,18 @@ class StaticBatchCache(KVCache):
         return ForwardBatch(
             reqs, ids.to(self.device), pos.to(self.device), (1,) * len(live),
             torch.tensor(live, device=self.device), reqs, Phase.DECODE,
-            StaticLayout(self.length, 1, live), mask)
+            StaticLayout(self.length, 1, live, *self._kernel_rows()), mask)
+
+    def _kernel_rows(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Each row's real keys for the engine's decode kernel: from its first real column to
+        the one this pass appends."""
+        if self.decode_kernel is None:
+            return None, None
+        s, cap = self.shape, self.k.shape[3]
+        row_stride = s.num_kv_heads * cap * s.head_dim
+        offsets = [i * row_stride + first * s.head_dim for i, first in enumerate(self.first_key)]
+        counts = [self.length + 1 - first for first in self.first_key]
+        return torch.tensor(offsets), torch.tensor(counts)
 
     def attention(self, batch: ForwardBatch) -> _StaticAttention:
         return _StaticAttention(self, batch.layout)
@@ -129,12 +149,16 @@ class StaticBatchCache(KVCache):
             useful_pairs = sum(n * (n + 1) // 2 for n in batch.num_new_tokens)
         else:
             useful_pairs = sum(r.num_computed_tokens + 1 for r in batch.requests)
+        computed_pairs = rows * lay.width * keys
+        if lay.kernel_counts is not None:  # the kernel skips each row's left padding
+            computed_pairs = int(lay.kernel_counts.sum())
         return PassStats(batch.phase, len(batch.requests), useful_tokens, rows * lay.width,
-                         useful_pairs, rows * lay.width * keys)
+                         useful_pairs, computed_pairs)
 
 
 class _StaticAttention:
-    """One batched SDPA call per layer over the padded cache."""
+    """One batched SDPA call per layer over the padded cache (one decode-kernel call per
+    layer on decode passes when the engine has the kernel)."""
 
     def __init__(self, cache: StaticBatchCache, layout: StaticLayout) -> None:
         self.cache = cache
@@ -145,6 +169,12 @@ class _StaticAttention:
         end = lay.start + lay.width
         c.k[layer_idx, :, :, lay.start:end] = k.transpose(1, 2)  # (B, H_kv, T, D)
         c.v[layer_idx, :, :, lay.start:end] = v.transpose(1, 2)
+        if lay.kernel_counts is not None:  # decode: q (B, 1, H, D)
+            s = c.shape
+            out = c.decode_kernel(q[:, 0].contiguous(), c.k[layer_idx], c.v[layer_idx],
+                                  lay.kernel_offsets, lay.kernel_counts, s.head_dim,
+                                  c.k.shape[3] * s.head_dim, s.num_kv_heads)
+            return out.unsqueeze(1)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), c.k[layer_idx, :, :, :end], c.v[layer_idx, :, :, :end],
             attn_mask=mask, enable_gqa=True)  # (B, H, T, D)

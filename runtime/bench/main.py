@@ -83,6 +83,15 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         help="a scheduler_options entry, e.g. static.max_batch_size=8 (YAML value)",
     )
     bench.add_argument(
+        "--engine-option",
+        action="append",
+        default=[],
+        metavar="LABEL.KEY=VAL",
+        help="an engine setting for one contender, e.g. baton-sdpa.attention_backend=sdpa "
+        f"(keys: {', '.join(PER_CONTENDER_ENGINE_OPTIONS)}; the others change the model all "
+        "contenders share, so they are global flags)",
+    )
+    bench.add_argument(
         "--peers",
         type=_csv,
         default=[],
@@ -144,6 +153,27 @@ def _scheduler_options(entries: list[str]) -> dict[str, dict]:
         if not sep or not dot:
             raise ValueError(f"--scheduler-option {entry!r}: expected NAME.KEY=VALUE")
         out.setdefault(name, {})[option] = yaml.safe_load(value)
+    return out
+
+
+PER_CONTENDER_ENGINE_OPTIONS = ("attention_backend",)
+
+
+def _engine_options(entries: list[str], labels: list[str]) -> dict[str, dict]:
+    """`--engine-option LABEL.KEY=VAL` entries by contender label, checked."""
+    out: dict[str, dict] = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        label, dot, option = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--engine-option {entry!r}: expected LABEL.KEY=VALUE")
+        if option not in PER_CONTENDER_ENGINE_OPTIONS:
+            raise ValueError(f"--engine-option {entry!r}: {option!r} cannot differ between "
+                             f"contenders (one of: {', '.join(PER_CONTENDER_ENGINE_OPTIONS)})")
+        if label not in labels:
+            raise ValueError(f"--engine-option {entry!r}: no contender {label!r} "
+                             f"(contenders: {', '.join(labels)})")
+        out.setdefault(label, {})[option] = value
     return out
 
 
@@ -257,14 +287,15 @@ def run_offline_cli(args: argparse.Namespace) -> int:
     model = load_model(model_dir, dtype=args.dtype)
     limits = EngineLimits(args.max_num_seqs, max_len, args.kv_cache_tokens, args.kv_cache_memory)
     options = _scheduler_options(args.scheduler_option)
+    entries = [e.rpartition("=") for e in args.schedulers or _default_schedulers()]
+    labels = [label or name for label, _, name in entries]  # LABEL=SCHEDULER: one runs twice
+    engine_options = _engine_options(args.engine_option, labels)
     contenders: list[Any] = []
-    for entry in args.schedulers or _default_schedulers():
-        label, _, name = entry.rpartition("=")  # LABEL=SCHEDULER runs one scheduler twice
-        label = label or name
+    for label, (_, _, name) in zip(labels, entries, strict=True):
+        attention = engine_options.get(label, {}).get("attention_backend", args.attention_backend)
         contenders.append(
             EngineContender(label, name, model, None, limits, options.get(label),
-                            args.linear_backend, args.compile,
-                            args.attention_backend)
+                            args.linear_backend, args.compile, attention)
         )
     unavailable = {}
     for name in args.peers:

@@ -136,3 +136,32 @@ def test_several_workloads_in_one_command(tmp_path, cache):
     assert json.loads((out / "smoke" / "results.json").read_text())["workload"]["name"] == "smoke"
     burst = json.loads((out / "tiny-burst" / "results.json").read_text())
     assert burst["results"]["default"]["completed"] == 2
+
+
+def test_engine_option_sets_one_contenders_attention_backend(tmp_path, cache, native_kernel):
+    """baton on the native decode kernel against baton on SDPA, in one run: the kernel reads
+    real keys only, SDPA the padded bucket windows."""
+    out = tmp_path / "out"
+    rc = main(["bench", "--model-spec", "tiny", "--workload", "smoke", "--num-requests", "8",
+               "--schedulers", "baton,baton-sdpa=baton", "--scheduler-option",
+               "baton.max_buckets=1", "--scheduler-option", "baton-sdpa.max_buckets=1",
+               "--engine-option", "baton-sdpa.attention_backend=sdpa", "--out", str(out),
+               "--no-progress", "--no-plots"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    native, sdpa = results["baton"], results["baton-sdpa"]
+    assert native["completed"] == sdpa["completed"] == 8
+    assert native["computed_attention_pairs"] == native["useful_attention_pairs"]
+    assert sdpa["computed_attention_pairs"] > sdpa["useful_attention_pairs"]
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("baton.compile=true", "cannot differ between contenders"),
+    ("orca.attention_backend=sdpa", "no contender 'orca'"),
+    ("baton-attention_backend=sdpa", "expected LABEL.KEY=VALUE"),
+])
+def test_engine_option_errors_name_the_entry(cache, capsys, option, message):
+    rc = main(["bench", "--model-spec", "tiny", "--workload", "smoke", "--schedulers", "baton",
+               "--engine-option", option, "--no-progress", "--no-plots"])
+    assert rc != 0
+    assert message in capsys.readouterr().err
