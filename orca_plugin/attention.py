@@ -131,15 +131,20 @@ class LoopAttention:
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: OrcaMask
     ) -> torch.Tensor:
         keys, values = self.write(layer_idx, k, v)
-        started = time.perf_counter() if self.times.enabled else 0.0
         lay = self.layout
-        outputs = self.attend_segments(q, keys, values, mask, 0, lay.num_decode)
+        started = time.perf_counter() if self.times.enabled else 0.0
+        outputs = self.attend_decode(q, keys, values, mask)
         split = time.perf_counter() if self.times.enabled else 0.0
         outputs += self.attend_segments(q, keys, values, mask, lay.num_decode, len(lay.segments))
         if self.times.enabled:
             self.times.decode_s += split - started
             self.times.initiation_s += time.perf_counter() - split
-        return torch.cat(outputs, dim=0)  # (N, H, D)
+        return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]  # (N, H, D)
+
+    def attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: OrcaMask) -> list[torch.Tensor]:
+        """The decode rows' outputs, in packed order: one call per request here."""
+        return self.attend_segments(q, keys, values, mask, 0, self.layout.num_decode)
 
     def attend_segments(
         self,
@@ -173,12 +178,9 @@ class FusedAttention(LoopAttention):
     """The decode rows in one gather and a few padded SDPA calls per layer (one per group of
     similar lengths, `groups.plan_groups`); initiations as in the loop."""
 
-    def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: OrcaMask
-    ) -> torch.Tensor:
-        keys, values = self.write(layer_idx, k, v)
+    def attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: OrcaMask) -> list[torch.Tensor]:
         lay = self.layout
-        started = time.perf_counter() if self.times.enabled else 0.0
         # Two dim-0 gathers: about 40% faster here than one over the (2, capacity) planes.
         k_all = keys.index_select(0, lay.gather_index)  # (sum rows x S, H_kv, D)
         v_all = values.index_select(0, lay.gather_index)
@@ -191,13 +193,7 @@ class FusedAttention(LoopAttention):
             v_g = v_all[offset : offset + g.num_keys].view(shape).transpose(1, 2)
             outputs.append(_fold_decode(q[g.first : g.first + g.rows], k_g, v_g, group_mask))
             offset += g.num_keys
-        rows = lay.num_decode
-        split = time.perf_counter() if self.times.enabled else 0.0
-        outputs += self.attend_segments(q, keys, values, mask, rows, len(lay.segments))
-        if self.times.enabled:
-            self.times.decode_s += split - started
-            self.times.initiation_s += time.perf_counter() - split
-        return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+        return outputs
 
 
 class KernelAttention(LoopAttention):
@@ -210,19 +206,9 @@ class KernelAttention(LoopAttention):
         super().__init__(pool, layout, times)
         self.kernel = kernel
 
-    def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: OrcaMask
-    ) -> torch.Tensor:
-        keys, values = self.write(layer_idx, k, v)  # (capacity, H_kv, D) each
+    def attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: OrcaMask) -> list[torch.Tensor]:
+        kv_heads, dim = keys.shape[1], keys.shape[2]  # keys: (capacity, H_kv, D)
         lay = self.layout
-        started = time.perf_counter() if self.times.enabled else 0.0
-        kv_heads, dim = keys.shape[1], keys.shape[2]
-        rows = lay.num_decode
-        outputs = [self.kernel(q[:rows].contiguous(), keys, values, lay.kernel_offsets,
-                               lay.decode_lengths, kv_heads * dim, dim, kv_heads)]
-        split = time.perf_counter() if self.times.enabled else 0.0
-        outputs += self.attend_segments(q, keys, values, mask, rows, len(lay.segments))
-        if self.times.enabled:
-            self.times.decode_s += split - started
-            self.times.initiation_s += time.perf_counter() - split
-        return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+        return [self.kernel(q[: lay.num_decode].contiguous(), keys, values, lay.kernel_offsets,
+                            lay.decode_lengths, kv_heads * dim, dim, kv_heads)]

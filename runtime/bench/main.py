@@ -145,13 +145,19 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     return bench
 
 
+def _split_option(flag: str, entry: str, form: str) -> tuple[str, str, str]:
+    """`NAME.KEY=VALUE` -> (NAME, KEY, VALUE), or an error naming the flag and the entry."""
+    key, sep, value = entry.partition("=")
+    name, dot, option = key.partition(".")
+    if not sep or not dot:
+        raise ValueError(f"{flag} {entry!r}: expected {form}")
+    return name, option, value
+
+
 def _scheduler_options(entries: list[str]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for entry in entries:
-        key, sep, value = entry.partition("=")
-        name, dot, option = key.partition(".")
-        if not sep or not dot:
-            raise ValueError(f"--scheduler-option {entry!r}: expected NAME.KEY=VALUE")
+        name, option, value = _split_option("--scheduler-option", entry, "NAME.KEY=VALUE")
         out.setdefault(name, {})[option] = yaml.safe_load(value)
     return out
 
@@ -163,10 +169,7 @@ def _engine_options(entries: list[str], labels: list[str]) -> dict[str, dict]:
     """`--engine-option LABEL.KEY=VAL` entries by contender label, checked."""
     out: dict[str, dict] = {}
     for entry in entries:
-        key, sep, value = entry.partition("=")
-        label, dot, option = key.partition(".")
-        if not sep or not dot:
-            raise ValueError(f"--engine-option {entry!r}: expected LABEL.KEY=VALUE")
+        label, option, value = _split_option("--engine-option", entry, "LABEL.KEY=VALUE")
         if option not in PER_CONTENDER_ENGINE_OPTIONS:
             raise ValueError(f"--engine-option {entry!r}: {option!r} cannot differ between "
                              f"contenders (one of: {', '.join(PER_CONTENDER_ENGINE_OPTIONS)})")
