@@ -106,16 +106,14 @@ class BatonAttention:
 
     def _decode_kernel(self, layer: int, q: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor) -> torch.Tensor:
-        """Every bucket's decode rows in one kernel call, each row reading its real keys only."""
-        k_layer, v_layer = self.k_cache[layer], self.v_cache[layer]  # (R, H_kv, C, D)
-        for seg in self.decode:
-            rows = slice(seg.first_row, seg.first_row + seg.rows)
-            tokens = slice(seg.offset, seg.offset + seg.rows)
-            k_layer[rows, :, seg.end] = k[tokens]
-            v_layer[rows, :, seg.end] = v[tokens]
-        r = self.kernel_rows
-        return self.kernel(q[: self.num_decode].contiguous(), k_layer, v_layer, r.offsets,
-                           r.counts, r.key_stride, r.head_stride, r.kv_heads)
+        """Every bucket's decode rows in one kernel call, each row reading its real keys only.
+
+        The kernel also writes each row's new key and value at its bucket's `end` column (the
+        row's last real key): no indexed copy per bucket."""
+        n, r = self.num_decode, self.kernel_rows
+        return self.kernel(q[:n].contiguous(), self.k_cache[layer], self.v_cache[layer],
+                           r.offsets, r.counts, r.key_stride, r.head_stride, r.kv_heads,
+                           k[:n], v[:n])
 
     def _decode(self, layer: int, seg: DecodeSegment, mask: torch.Tensor | None,
                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,11 @@ AVX-512 BF16, or on CUDA), with the engine's fast path applied (`--linear-backen
 - prefill: one request's prompt of 256 and 1,024 tokens, with minor page faults per pass;
 - GEMM rate: GFLOP/s of the linears at each row count, as a fraction of their rate at 256 rows;
 - `--split`: the real step taken apart in place: the same step with every linear replaying its
-  output from a cache (no GEMM), then with the attention (SDPA or the decode kernel) replaying too; the differences are what the
-  GEMMs and the attention cost inside the step (including what they evict from the caches for
-  the ops around them), and the remainder is everything else.
+  output from a cache (no GEMM), then with the attention (SDPA or the decode kernel) replaying
+  too; the differences are what the GEMMs and the attention cost inside the step (including
+  what they evict from the caches for the ops around them), and the remainder is everything
+  else. With `--compile` the linears then go through the compiled decoder's Python op, which
+  can be replayed, rather than its C++ op (about 50 us more per call).
 
 Random seeded weights; each figure is the median of interleaved repeats, so background load
 hits the step and its GEMMs alike.
@@ -33,6 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from runtime import compiled_forward
 from runtime.architectures import build_model
 from runtime.architectures.layers import Linear
 from runtime.attention_kernels import DecodeKernel
@@ -259,6 +262,10 @@ def main() -> None:
     args = parser.parse_args()
     global COMPILE, ATTENTION
     COMPILE, ATTENTION = args.compile, args.attention_backend
+    if args.split and args.compile:  # the C++ linear op cannot be replayed from Python
+        compiled_forward.use_python_linear_op()
+        print("--split --compile: linears run through the Python op (about 50 us more per "
+              "call than the engine's C++ op) so that they can be replayed")
     torch.set_num_threads(args.threads)
     if not args.default_allocator:
         keep_freed_memory()

@@ -10,7 +10,8 @@ no padding, no mask), so BATON's dense rows and Orca's slot ranges use the same 
 
 It is compiled for this CPU's instruction set on first use (`torch.utils.cpp_extension`, about
 15 s on 2 cores, then cached under `~/.cache/torch_extensions`) and used for float32 and
-float64 on CPU. `attention_backend`:
+float64 on CPU. The same extension holds the compiled decoder's C++ linear op
+(`kernels/linear_slots.cpp`, see `runtime.compiled_forward`). `attention_backend`:
 
 - `auto` (default): the kernel where it applies and builds; otherwise SDPA, with the reason
   logged (CUDA, bfloat16, no C++ compiler);
@@ -34,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "native")
 NATIVE_DTYPES = (torch.float32, torch.float64)
-SOURCE = Path(__file__).parent / "kernels" / "decode_attention.cpp"
+SOURCES = tuple(Path(__file__).parent / "kernels" / name
+                for name in ("decode_attention.cpp", "linear_slots.cpp"))
 
 
 class DecodeKernel:
@@ -43,16 +45,25 @@ class DecodeKernel:
     q `(n, H, D)` contiguous; `k`/`v` a layer's contiguous K/V storage; row r reads
     `counts[r]` keys from element `offsets[r]`, key j of KV head h at
     `offsets[r] + j * key_stride + h * head_stride`. Returns `(n, H, D)`, scaled by `D**-0.5`.
+
+    With `new_k`/`new_v` (`(n, H_kv, D)`, unit last stride), row r's decode key and value are
+    first written to its last key position (`offsets[r] + (counts[r] - 1) * key_stride`): the
+    layer's cache write folded into the call.
     """
 
     def __init__(self, isa: str) -> None:
         self.isa = isa
-        self._op = torch.ops.baton_kernels.decode_attention
+        self._op = torch.ops.baton_kernels.decode_attention.default  # no overload lookup
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  offsets: torch.Tensor, counts: torch.Tensor, key_stride: int,
-                 head_stride: int, kv_heads: int) -> torch.Tensor:
-        return self._op(q, k, v, offsets, counts, key_stride, head_stride, kv_heads)
+                 head_stride: int, kv_heads: int, new_k: torch.Tensor | None = None,
+                 new_v: torch.Tensor | None = None) -> torch.Tensor:
+        if new_k is not None and new_k.stride(-1) != 1:  # the kernel needs dense vectors
+            new_k = new_k.contiguous()
+        if new_v is not None and new_v.stride(-1) != 1:
+            new_v = new_v.contiguous()
+        return self._op(q, k, v, offsets, counts, key_stride, head_stride, kv_heads, new_k, new_v)
 
 
 class NativeKernelUnavailable(RuntimeError):
@@ -97,7 +108,7 @@ def load_native_kernel() -> DecodeKernel:
             from torch.utils import cpp_extension
 
             cpp_extension.load(
-                name=f"baton_decode_attention_{isa}", sources=[str(SOURCE)],
+                name=f"baton_kernels_{isa}", sources=[str(s) for s in SOURCES],
                 extra_cflags=["-O3", "-fopenmp", *isa_flags], extra_ldflags=["-fopenmp"],
                 is_python_module=False, verbose=False)
             _LOADED = DecodeKernel(isa)

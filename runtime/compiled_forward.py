@@ -6,11 +6,18 @@ stay opaque custom ops so the graph neither breaks per layer nor loses the fast 
 
 - attention (`baton_runtime::attend`): it runs the pass's attention handle, which belongs to
   the scheduler's KV layout and changes every pass, so it cannot be traced;
-- each linear (`baton_runtime::linear`): it runs `Linear.forward` on its own kernel (oneDNN
-  prepacked weights, which inductor cannot trace, or `F.linear`);
+- each linear: it runs the kernel `Linear.forward` runs (oneDNN prepacked weights, which
+  inductor cannot trace, or `F.linear`). Where the engine's C++ kernels build
+  (`runtime.attention_kernels`), the op is `baton_kernels::linear`, which looks the slot's
+  weight up in a C++ table and calls the GEMM with no Python in between (the Python op,
+  `baton_runtime::linear`, cost ~50 us per call: ~6 ms of a 55 ms one-row step here);
 - the rotary tables (`baton_runtime::rope`): computed once per pass. Traced, inductor fused
   their `cos`/`sin` into every layer's RoPE kernel and recomputed them there (30 times per
   pass): 211 us per layer at 64 decode rows on a 2-core AVX2 host.
+
+On CPU the graph is built with inductor's `cpp_wrapper`: the code that calls its kernels and
+ops is C++ rather than Python (3-6% of a decode step at 1-32 rows on a 2-core AVX2 host, for
+about 25 s more of the first, uncached compile).
 
 The token count is a dynamic dimension, so one graph serves decode, prefill and mixed passes
 of any size (one more for a one-token pass). `runtime.bootstrap` compiles both at startup
@@ -21,6 +28,7 @@ eager, throughput at 32-64 rows within 0-4%.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +38,10 @@ from torch import nn
 from torch.library import Library
 
 from runtime.architectures.layers import Linear, RotaryEmbedding
+from runtime.attention_kernels import NativeKernelUnavailable, load_native_kernel
+from runtime.linear_kernels import packing_generation
+
+logger = logging.getLogger(__name__)
 
 
 class _PassState(threading.local):
@@ -98,8 +110,52 @@ class _OpaqueAttention:
 _OPAQUE = _OpaqueAttention()
 
 
-def _opaque_linear_forward(slot: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _opaque_linear_forward(slot: int, native: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    if native:
+        return lambda x: torch.ops.baton_kernels.linear(slot, x)
     return lambda x: torch.ops.baton_runtime.linear(slot, x)
+
+
+class _NativeSlots:
+    """The C++ linear op's slot table, kept in step with `_LINEARS` and their packing."""
+
+    def __init__(self) -> None:
+        self.available: bool | None = None  # None: not tried yet
+        self.state: tuple[int, int] = (-1, 0)  # (packing generation, slots) last registered
+
+    def load(self) -> bool:
+        """Build/load the kernels extension once; False (logged) where it cannot be built."""
+        if self.available is None:
+            try:
+                load_native_kernel()
+                torch.library.register_fake(
+                    "baton_kernels::linear",
+                    lambda slot, x: x.new_empty((*x.shape[:-1], _LINEARS[slot].out_features)))
+                self.available = True
+            except NativeKernelUnavailable as exc:
+                logger.info("compiled linears: Python op (C++ kernels unavailable: %s)", exc)
+                self.available = False
+        return self.available
+
+    def refresh(self) -> None:
+        """Register every slot's current kernel tensor when packing or the slots changed."""
+        state = (packing_generation(), len(_LINEARS))
+        if state == self.state:
+            return
+        for slot, linear in enumerate(_LINEARS):
+            packed = linear.packed is not None
+            torch.ops.baton_kernels.set_linear(
+                slot, linear.packed if packed else linear.weight, linear.bias, packed)
+        self.state = state
+
+
+_NATIVE_SLOTS = _NativeSlots()
+
+
+def use_python_linear_op() -> None:
+    """Decoders compiled from now on call `Linear.forward` through the Python op (which a
+    benchmark can patch to replay the GEMMs) instead of the C++ one."""
+    _NATIVE_SLOTS.available = False
 
 
 def _opaque_rope_forward(slot: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -118,18 +174,23 @@ def compile_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, A
     shared = getattr(model, "_compiled_decoder", None)
     if shared is not None:
         return shared
+    native = _NATIVE_SLOTS.load()
     for module in model.modules():
         if isinstance(module, Linear) and module is not getattr(model, "lm_head", None):
             slot = len(_LINEARS)
             _LINEARS.append(module)
-            module.forward = _opaque_linear_forward(slot)
+            module.forward = _opaque_linear_forward(slot, native)
         elif isinstance(module, RotaryEmbedding):
             _ROTARIES.append(module)
             module.forward = _opaque_rope_forward(len(_ROTARIES) - 1)
-    compiled = torch.compile(lambda ids, pos: model(ids, pos, _OPAQUE, None), dynamic=True)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    compiled = torch.compile(lambda ids, pos: model(ids, pos, _OPAQUE, None), dynamic=True,
+                             options={"cpp_wrapper": on_cpu})
 
     def forward(input_ids: torch.Tensor, positions: torch.Tensor, attn: Any,
                 mask: Any) -> torch.Tensor:
+        if native:
+            _NATIVE_SLOTS.refresh()
         _PASS.attn, _PASS.mask = attn, mask
         try:
             return compiled(input_ids, positions)

@@ -47,6 +47,15 @@ class LinearChoice:
     extra_bytes: int = 0
 
 
+_PACKING_GENERATION = 0  # bumped whenever any linear's packed weight changes
+
+
+def packing_generation() -> int:
+    """Changes whenever `pack_linears` or `unpack_linears` changed a weight: holders of a
+    linear's kernel tensor (the compiled decoder's C++ slot table) refresh on a change."""
+    return _PACKING_GENERATION
+
+
 def onednn_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     """True when oneDNN can pack a weight of `dtype` here (bf16 needs AVX-512 or AVX-NE)."""
     if device.type != "cpu" or dtype not in PACKABLE_DTYPES:
@@ -85,11 +94,13 @@ def pack_linears(model: nn.Module) -> int:
 
     Idempotent: linears already packed are left alone.
     """
+    global _PACKING_GENERATION
     shared = _shared_weights(model)
     extra = 0
     for linear in model_linears(model):
         if linear.packed is not None:
             continue
+        _PACKING_GENERATION += 1
         weight = linear.weight
         linear.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
         if id(weight) in shared:
@@ -102,9 +113,11 @@ def pack_linears(model: nn.Module) -> int:
 @torch.no_grad()
 def unpack_linears(model: nn.Module) -> None:
     """Back to dense weights and `F.linear` (exactly the weights that were packed)."""
+    global _PACKING_GENERATION
     for linear in model_linears(model):
         if linear.packed is None:
             continue
+        _PACKING_GENERATION += 1
         if linear.weight.numel() == 0:
             linear.weight.data = linear.packed.to_dense()
         linear.packed = None

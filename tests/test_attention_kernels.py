@@ -82,6 +82,46 @@ def test_slot_ranges_of_a_token_major_pool_match_sdpa(dtype) -> None:
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_appended_key_and_value_are_written_then_attended(dtype) -> None:
+    """`new_k`/`new_v` (strided, as a fused QKV projection leaves them) land at each row's
+    last key position, nowhere else, and the row attends to them as if written beforehand."""
+    gen = torch.Generator().manual_seed(2)
+    rows, kv_heads, columns, dim, heads = 4, 3, 12, 64, 9
+    lengths = [1, 12, 5, 8]
+    k = torch.randn(rows, kv_heads, columns, dim, generator=gen, dtype=dtype)
+    v = torch.randn(rows, kv_heads, columns, dim, generator=gen, dtype=dtype)
+    q = torch.randn(rows, heads, dim, generator=gen, dtype=dtype)
+    fused = torch.randn(rows, 2 * kv_heads + 1, dim, generator=gen, dtype=dtype)
+    new_k, new_v = fused[:, :kv_heads], fused[:, kv_heads + 1:]  # row stride != kv_heads * dim
+    want_k, want_v = k.clone(), v.clone()
+    want_k[:, :, -1], want_v[:, :, -1] = new_k, new_v
+    offsets = torch.tensor([r * kv_heads * columns * dim + (columns - n) * dim
+                            for r, n in enumerate(lengths)])
+    kernel = load_native_kernel()
+    want = kernel(q, want_k.clone(), want_v.clone(), offsets, torch.tensor(lengths), dim,
+                  columns * dim, kv_heads)
+    got = kernel(q, k, v, offsets, torch.tensor(lengths), dim, columns * dim, kv_heads,
+                 new_k, new_v)
+    assert torch.equal(got, want)
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
+
+
+def test_a_malformed_append_is_refused() -> None:
+    kernel = load_native_kernel()
+    k, v = torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4, 8)
+    q, new = torch.zeros(2, 2, 8), torch.zeros(2, 1, 8)
+    args = (q, k, v, torch.tensor([0, 32]), torch.tensor([4, 4]), 8, 32, 1)
+    with pytest.raises(RuntimeError, match="go together"):
+        kernel(*args, new_k=new)
+    with pytest.raises(RuntimeError, match="kv_heads, D"):
+        kernel(*args, torch.zeros(2, 2, 8), torch.zeros(2, 2, 8))
+    with pytest.raises(RuntimeError, match="dtype"):
+        kernel(*args, new.double(), new.double())
+    with pytest.raises(RuntimeError, match="KV storage"):
+        kernel(*args, new, v[:, :, 0])  # a view into the cache it writes
+
+
 def test_large_scores_do_not_overflow() -> None:
     """Scores in the hundreds: the max is subtracted before the exponential."""
     q = torch.full((1, 2, 64), 3.0)

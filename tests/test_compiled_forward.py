@@ -141,3 +141,65 @@ def test_compiled_decoder_serves_every_architecture(arch: str, tmp_path) -> None
         return [r.output_token_ids for r in engine.generate(tokens, GREEDY)]
 
     assert run(True) == run(False)
+
+
+def _ops_run(engine: Engine) -> set[str]:
+    """Names of the ops one decode-heavy generate ran (from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.generate(prompts()[:2], GREEDY)
+    return {event.key for event in prof.key_averages()}
+
+
+def test_compiled_linears_run_as_one_cpp_op_with_the_eager_tokens(native_kernel) -> None:
+    """Where the C++ kernels build, every decoder linear is `baton_kernels::linear` (no
+    Python per call); the tokens are the eager engine's."""
+    eager = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton")
+    compiled = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton",
+                      compile_model=True)
+    ops = _ops_run(compiled)
+    assert "baton_kernels::linear" in ops and "baton_runtime::linear" not in ops
+    want = [r.output_token_ids for r in eager.generate(prompts(), GREEDY)]
+    assert [r.output_token_ids for r in compiled.generate(prompts(), GREEDY)] == want
+
+
+def test_the_cpp_linear_table_follows_packing_changes(native_kernel) -> None:
+    """Packing after compiling empties the dense weights the C++ table held: the table is
+    refreshed before the next pass (a stale entry would fail on a 0-element weight)."""
+    from runtime.linear_kernels import onednn_packing_supported, pack_linears, unpack_linears
+
+    if not onednn_packing_supported(torch.float32, torch.device("cpu")):
+        pytest.skip("oneDNN cannot pack float32 weights here")
+    want = [r.output_token_ids for r in Engine(
+        small_model(), None, instantiate_scheduler("baton", {}), "baton",
+        linear_backend="torch").generate(prompts(), GREEDY)]
+    model = small_model()
+    engine = Engine(model, None, instantiate_scheduler("baton", {}), "baton",
+                    linear_backend="torch", compile_model=True)
+    assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == want
+    pack_linears(model)
+    assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == want
+    unpack_linears(model)
+    assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == want
+
+
+def test_without_the_cpp_kernels_the_linears_take_the_python_op(monkeypatch, caplog) -> None:
+    """No C++ compiler: the compiled decoder still runs, its linears through the Python op."""
+    import runtime.compiled_forward as compiled_forward
+    from runtime.attention_kernels import NativeKernelUnavailable
+
+    def no_compiler() -> None:
+        raise NativeKernelUnavailable("RuntimeError: no C++ compiler")
+
+    monkeypatch.setattr(compiled_forward, "_NATIVE_SLOTS", compiled_forward._NativeSlots())
+    monkeypatch.setattr(compiled_forward, "load_native_kernel", no_compiler)
+    caplog.set_level("INFO", logger="runtime.compiled_forward")
+    engine = Engine(small_model(), None, instantiate_scheduler("static", {}), "static",
+                    compile_model=True)
+    ops = _ops_run(engine)
+    assert "baton_runtime::linear" in ops and "baton_kernels::linear" not in ops
+    assert "Python op (C++ kernels unavailable: RuntimeError: no C++ compiler)" in caplog.text
+    want = Engine(small_model(), None, instantiate_scheduler("static", {}), "static")
+    assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == [
+        r.output_token_ids for r in want.generate(prompts(), GREEDY)]

@@ -167,14 +167,14 @@ class _StaticAttention:
     def attend(self, layer_idx: int, q, k, v, mask) -> torch.Tensor:
         c, lay = self.cache, self.layout
         end = lay.start + lay.width
-        c.k[layer_idx, :, :, lay.start:end] = k.transpose(1, 2)  # (B, H_kv, T, D)
-        c.v[layer_idx, :, :, lay.start:end] = v.transpose(1, 2)
-        if lay.kernel_counts is not None:  # decode: q (B, 1, H, D)
+        if lay.kernel_counts is not None:  # decode: q (B, 1, H, D); the kernel writes k, v
             s = c.shape
             out = c.decode_kernel(q[:, 0].contiguous(), c.k[layer_idx], c.v[layer_idx],
                                   lay.kernel_offsets, lay.kernel_counts, s.head_dim,
-                                  c.k.shape[3] * s.head_dim, s.num_kv_heads)
+                                  c.k.shape[3] * s.head_dim, s.num_kv_heads, k[:, 0], v[:, 0])
             return out.unsqueeze(1)
+        c.k[layer_idx, :, :, lay.start:end] = k.transpose(1, 2)  # (B, H_kv, T, D)
+        c.v[layer_idx, :, :, lay.start:end] = v.transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), c.k[layer_idx, :, :, :end], c.v[layer_idx, :, :, :end],
             attn_mask=mask, enable_gqa=True)  # (B, H, T, D)

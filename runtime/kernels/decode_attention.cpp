@@ -12,6 +12,10 @@
 // serves float64 (exact tests) and other CPUs. Why hand-written: torch's CPU flash kernel
 // runs tiny per-block GEMMs for one query row and reached a third of this machine's memory
 // bandwidth on decode; this loop reaches most of it (docs/benchmarks.md).
+//
+// Optionally (`new_k`, `new_v`) each row's decode token's key and value are first written to
+// the row's last key position, inside the same task: the layout's per-layer cache write
+// without a separate indexed copy per bucket.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -21,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -231,23 +236,38 @@ void attend_one(const T* q, const T* k, const T* v, int64_t group, int64_t dim,
   std::copy(acc, acc + group * dim, out);
 }
 
+// The decode token's own key and value, `(n, H_kv, D)` with any row/head strides, written to
+// each row's last key position before the row attends: the layout's per-layer cache write
+// done inside the same task instead of as separate indexed copies.
 template <typename T>
-void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-            const int64_t* offsets, const int64_t* counts, int64_t key_stride,
-            int64_t head_stride, int64_t kv_heads, at::Tensor& out) {
+struct Appended {
+  const T* k = nullptr;
+  const T* v = nullptr;
+  int64_t k_row = 0, k_head = 0, v_row = 0, v_head = 0;
+};
+
+template <typename T>
+void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* offsets,
+            const int64_t* counts, int64_t key_stride, int64_t head_stride, int64_t kv_heads,
+            const Appended<T>& appended, at::Tensor& out) {
   const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t group = heads / kv_heads;
   const int64_t widest = n ? *std::max_element(counts, counts + n) : 0;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(dim)));
   const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
+  T* kp = k.data_ptr<T>();
+  T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(group * widest), acc(group * dim);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, h = task % kv_heads;
       const int64_t first = offsets[r] + h * head_stride;
+      if (appended.k != nullptr) {  // only this task touches row r's head h
+        const int64_t last = first + (counts[r] - 1) * key_stride;
+        std::copy_n(appended.k + r * appended.k_row + h * appended.k_head, dim, kp + last);
+        std::copy_n(appended.v + r * appended.v_row + h * appended.v_head, dim, vp + last);
+      }
       const int64_t at = (r * heads + h * group) * dim;
       attend_one<T>(qp + at, kp + first, vp + first, group, dim, key_stride, counts[r], scale,
                     scores.data(), acc.data(), op + at);
@@ -255,9 +275,46 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+template <typename T>
+Appended<T> appended_of(const std::optional<at::Tensor>& new_k,
+                        const std::optional<at::Tensor>& new_v) {
+  Appended<T> a;
+  if (new_k.has_value()) {
+    a.k = new_k->data_ptr<T>();
+    a.v = new_v->data_ptr<T>();
+    a.k_row = new_k->stride(0), a.k_head = new_k->stride(1);
+    a.v_row = new_v->stride(0), a.v_head = new_v->stride(1);
+  }
+  return a;
+}
+
+void check_appended(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    int64_t kv_heads,
+                    const std::optional<at::Tensor>& new_k,
+                    const std::optional<at::Tensor>& new_v) {
+  TORCH_CHECK(new_k.has_value() == new_v.has_value(),
+              "decode_attention: new_k and new_v go together");
+  if (!new_k.has_value()) return;
+  for (const at::Tensor* t : {&*new_k, &*new_v}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == q.size(0) && t->size(1) == kv_heads &&
+                    t->size(2) == q.size(2) && t->stride(2) == 1,
+                "decode_attention: new_k/new_v must be (n, kv_heads, D) with unit last stride");
+    TORCH_CHECK(t->scalar_type() == k.scalar_type(),
+                "decode_attention: new_k/new_v must share the cache's dtype");
+    const auto* p = static_cast<const char*>(t->data_ptr());
+    for (const at::Tensor* cache : {&k, &v}) {
+      const auto* lo = static_cast<const char*>(cache->data_ptr());
+      const auto* hi = lo + cache->numel() * cache->element_size();
+      TORCH_CHECK(p >= hi || p < lo, "decode_attention: new_k/new_v may not live in the KV storage");
+    }
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, at::Tensor& k, at::Tensor& v,
                             const at::Tensor& offsets, const at::Tensor& counts,
-                            int64_t key_stride, int64_t head_stride, int64_t kv_heads) {
+                            int64_t key_stride, int64_t head_stride, int64_t kv_heads,
+                            const std::optional<at::Tensor>& new_k,
+                            const std::optional<at::Tensor>& new_v) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "decode_attention: q must be a contiguous (n, H, D)");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.numel() == v.numel(),
               "decode_attention: k and v must be contiguous and the same size");
@@ -271,9 +328,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                   offsets.is_contiguous() && counts.is_contiguous() &&
                   offsets.numel() == n && counts.numel() == n,
               "decode_attention: offsets and counts must be int64, one per query row");
+  check_appended(q, k, v, kv_heads, new_k, new_v);
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* cnt = counts.data_ptr<int64_t>();
-  for (int64_t r = 0; r < n; ++r) {  // every read stays inside K and V
+  for (int64_t r = 0; r < n; ++r) {  // every read (and the appended write) stays inside K and V
     TORCH_CHECK(cnt[r] >= 1 && off[r] >= 0 &&
                     off[r] + (cnt[r] - 1) * key_stride + (kv_heads - 1) * head_stride + dim <=
                         k.numel(),
@@ -281,10 +339,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   }
   at::Tensor out = at::empty_like(q);
   if (q.scalar_type() == at::kFloat) {
-    attend<float>(q, k, v, off, cnt, key_stride, head_stride, kv_heads, out);
+    attend<float>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
+                  appended_of<float>(new_k, new_v), out);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kDouble, "decode_attention: float32 or float64 only");
-    attend<double>(q, k, v, off, cnt, key_stride, head_stride, kv_heads, out);
+    attend<double>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
+                   appended_of<double>(new_k, new_v), out);
   }
   return out;
 }
@@ -292,7 +352,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }  // namespace
 
 TORCH_LIBRARY(baton_kernels, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor offsets, Tensor counts, "
-        "int key_stride, int head_stride, int kv_heads) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor(a!) k, Tensor(b!) v, Tensor offsets, Tensor counts, "
+        "int key_stride, int head_stride, int kv_heads, Tensor? new_k=None, "
+        "Tensor? new_v=None) -> Tensor");
   m.impl("decode_attention", c10::DispatchKey::CPU, TORCH_FN(decode_attention));
 }
