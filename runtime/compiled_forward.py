@@ -174,7 +174,8 @@ def compile_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, A
     shared = getattr(model, "_compiled_decoder", None)
     if shared is not None:
         return shared
-    native = _NATIVE_SLOTS.load()
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    native = on_cpu and _NATIVE_SLOTS.load()  # CUDA keeps the Python op (not measured there)
     for module in model.modules():
         if isinstance(module, Linear) and module is not getattr(model, "lm_head", None):
             slot = len(_LINEARS)
@@ -183,7 +184,6 @@ def compile_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, A
         elif isinstance(module, RotaryEmbedding):
             _ROTARIES.append(module)
             module.forward = _opaque_rope_forward(len(_ROTARIES) - 1)
-    on_cpu = next(model.parameters()).device.type == "cpu"
     compiled = torch.compile(lambda ids, pos: model(ids, pos, _OPAQUE, None), dynamic=True,
                              options={"cpp_wrapper": on_cpu})
 
