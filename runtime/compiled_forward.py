@@ -184,8 +184,11 @@ def compile_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, A
         elif isinstance(module, RotaryEmbedding):
             _ROTARIES.append(module)
             module.forward = _opaque_rope_forward(len(_ROTARIES) - 1)
+    # Every model's decoder is this same lambda, one code object: without isolation dynamo
+    # keeps one graph cache for all of them, and past `recompile_limit` (8 graphs, about four
+    # models: a test run, a script comparing models) silently runs the rest eagerly.
     compiled = torch.compile(lambda ids, pos: model(ids, pos, _OPAQUE, None), dynamic=True,
-                             options={"cpp_wrapper": on_cpu})
+                             options={"cpp_wrapper": on_cpu}, isolate_recompiles=True)
 
     def forward(input_ids: torch.Tensor, positions: torch.Tensor, attn: Any,
                 mask: Any) -> torch.Tensor:
