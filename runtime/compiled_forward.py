@@ -28,6 +28,7 @@ eager, throughput at 32-64 rows within 0-4%.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -116,6 +117,13 @@ def _opaque_linear_forward(slot: int, native: bool) -> Callable[[torch.Tensor], 
     return lambda x: torch.ops.baton_runtime.linear(slot, x)
 
 
+@functools.cache  # once per process, however many slot tables load the extension
+def _register_native_linear_fake() -> None:
+    torch.library.register_fake(
+        "baton_kernels::linear",
+        lambda slot, x: x.new_empty((*x.shape[:-1], _LINEARS[slot].out_features)))
+
+
 class _NativeSlots:
     """The C++ linear op's slot table, kept in step with `_LINEARS` and their packing."""
 
@@ -128,9 +136,7 @@ class _NativeSlots:
         if self.available is None:
             try:
                 load_native_kernel()
-                torch.library.register_fake(
-                    "baton_kernels::linear",
-                    lambda slot, x: x.new_empty((*x.shape[:-1], _LINEARS[slot].out_features)))
+                _register_native_linear_fake()
                 self.available = True
             except NativeKernelUnavailable as exc:
                 logger.info("compiled linears: Python op (C++ kernels unavailable: %s)", exc)
@@ -167,8 +173,8 @@ def compile_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, A
     """A drop-in for `model(input_ids, positions, attn, mask)` that runs the compiled graph.
 
     The decoder's linears are routed through the linear op (the LM head, outside the decoder,
-    stays eager), its rotary embedding through the rope op. Call after the linear backend is applied: the op runs whatever kernel each
-    `Linear` has then. One compiled graph per model: engines built over the same model (the
+    stays eager), its rotary embedding through the rope op. Call after the linear backend is
+    applied: the op runs whatever kernel each `Linear` has then. One compiled graph per model: engines built over the same model (the
     bench's contenders) share it and its compiled shapes.
     """
     shared = getattr(model, "_compiled_decoder", None)
