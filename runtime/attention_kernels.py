@@ -9,12 +9,14 @@ keys and values; the kernel 21.5 ms). `kernels/decode_attention.cpp` is a plain 
 no padding, no mask), so BATON's dense rows and Orca's slot ranges use the same kernel.
 
 It is compiled for this CPU's instruction set on first use (`torch.utils.cpp_extension`, about
-15 s on 2 cores, then cached under `~/.cache/torch_extensions`) and used for float32 and
-float64 on CPU. The same extension holds the compiled decoder's C++ linear op
+15 s on 2 cores, then cached under `~/.cache/torch_extensions`) and used on CPU for float32,
+float64, bfloat16 and float16 models: arithmetic is float32 (float64 for float64), 16-bit
+keys and values are widened as they are loaded. For a bfloat16 model it is about 8x faster
+than torch's bfloat16 SDPA on an AVX2 host (docs/benchmarks.md). The same extension holds the compiled decoder's C++ linear op
 (`kernels/linear_slots.cpp`, see `runtime.compiled_forward`). `attention_backend`:
 
 - `auto` (default): the kernel where it applies and builds; otherwise SDPA, with the reason
-  logged (CUDA, bfloat16, no C++ compiler);
+  logged (CUDA, no C++ compiler);
 - `native`: the kernel, or an error saying why it cannot run;
 - `sdpa`: torch's SDPA everywhere (the reference the kernel is tested against).
 """
@@ -34,7 +36,7 @@ from runtime.hardware import cpu_info
 logger = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "native")
-NATIVE_DTYPES = (torch.float32, torch.float64)
+NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 SOURCES = tuple(Path(__file__).parent / "kernels" / name
                 for name in ("decode_attention.cpp", "linear_slots.cpp"))
 
@@ -42,7 +44,7 @@ SOURCES = tuple(Path(__file__).parent / "kernels" / name
 class DecodeKernel:
     """Single-query attention over keys addressed in place (see the C++ file's header).
 
-    q `(n, H, D)` contiguous; `k`/`v` a layer's contiguous K/V storage; row r reads
+    q `(n, H, D)` contiguous; `k`/`v` a layer's contiguous K/V storage (q's dtype); row r reads
     `counts[r]` keys from element `offsets[r]`, key j of KV head h at
     `offsets[r] + j * key_stride + h * head_stride`. Returns `(n, H, D)`, scaled by `D**-0.5`.
 
@@ -78,10 +80,11 @@ class AttentionChoice:
 
 
 def instruction_set() -> tuple[str, list[str]]:
-    """The ISA to build for and its compiler flags: AVX2+FMA when this CPU has both."""
+    """The ISA to build for and its compiler flags: AVX2+FMA+F16C when this CPU has them
+    (every AVX2 CPU does; F16C widens float16 keys)."""
     flags = cpu_info().flags
-    if {"avx2", "fma"} <= flags:
-        return "avx2", ["-mavx2", "-mfma"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "avx2", ["-mavx2", "-mfma", "-mf16c"]
     return "generic", []
 
 
@@ -131,7 +134,7 @@ def choose_attention_backend(requested: str, device: torch.device,
         return AttentionChoice("sdpa", "requested")
     applies = torch.device(device).type == "cpu" and dtype in NATIVE_DTYPES
     if not applies:
-        why = f"the native kernel runs float32/float64 on CPU, not {dtype} on {device}"
+        why = f"the native kernel runs on CPU, not {dtype} on {device}"
         if requested == "native":
             raise ValueError(f"attention_backend native: {why}; use auto or sdpa")
         return AttentionChoice("sdpa", why)

@@ -16,9 +16,16 @@
 // Optionally (`new_k`, `new_v`) each row's decode token's key and value are first written to
 // the row's last key position, inside the same task: the layout's per-layer cache write
 // without a separate indexed copy per bucket.
+//
+// Dtypes: q, K/V, new_k/new_v and the output share the model's dtype: float32, float64,
+// bfloat16 or float16. Arithmetic is float32 (float64 for float64): a 16-bit model's query is
+// widened once per task and its keys and values block by block (a shift for bfloat16, F16C
+// for float16), and its output rounded back to nearest even, as `Tensor.to` does.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,12 +36,16 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define BATON_AVX2 1
 #endif
 
 namespace {
+
+// The arithmetic type for a query dtype: float64 stays float64, everything else is float32.
+template <typename QT>
+using acc_t = std::conditional_t<std::is_same_v<QT, double>, double, float>;
 
 // e^x for x <= 0 (softmax after its max is subtracted): 2^(x log2 e) = 2^i 2^f with f in
 // [-0.5, 0.5] and 2^f from the degree-6 Taylor series of e^(f ln 2) (relative error ~1e-7).
@@ -61,15 +72,15 @@ inline double exp_nonpositive(double x) { return std::exp(x); }
 
 // --- portable loops (any dtype, any head size) ---------------------------------------------
 
-template <typename T>
-void scores_portable(const T* q, int64_t group, int64_t dim, const T* k, int64_t key_stride,
+template <typename T, typename KT>
+void scores_portable(const T* q, int64_t group, int64_t dim, const KT* k, int64_t key_stride,
                      int64_t count, T scale, T* scores) {
   for (int64_t j = 0; j < count; ++j) {
-    const T* kj = k + j * key_stride;
+    const KT* kj = k + j * key_stride;
     for (int64_t g = 0; g < group; ++g) {
       const T* qg = q + g * dim;
       T dot = 0;
-      for (int64_t d = 0; d < dim; ++d) dot += qg[d] * kj[d];
+      for (int64_t d = 0; d < dim; ++d) dot += qg[d] * static_cast<T>(kj[d]);
       scores[g * count + j] = dot * scale;
     }
   }
@@ -87,21 +98,38 @@ T softmax_numerators_portable(T* s, int64_t count) {
   return sum;
 }
 
-template <typename T>
-void weighted_values_portable(const T* probs, int64_t group, int64_t count, const T* v,
+template <typename T, typename KT>
+void weighted_values_portable(const T* probs, int64_t group, int64_t count, const KT* v,
                               int64_t key_stride, int64_t dim, T* acc) {
   for (int64_t j = 0; j < count; ++j) {
-    const T* vj = v + j * key_stride;
+    const KT* vj = v + j * key_stride;
     for (int64_t g = 0; g < group; ++g) {
       const T p = probs[g * count + j];
       T* ag = acc + g * dim;
-      for (int64_t d = 0; d < dim; ++d) ag[d] += p * vj[d];
+      for (int64_t d = 0; d < dim; ++d) ag[d] += p * static_cast<T>(vj[d]);
     }
   }
 }
 
+// Keys per block of the AVX2 path, small enough to stay in L1 while every query head of a
+// group passes over them (a widened 16-bit block is made once per block). Blocks of 8-64
+// were measured within noise of each other; these were the best.
+constexpr int64_t kScoreBlock = 16;
+constexpr int64_t kValueBlock = 64;
+constexpr int64_t kKeyBlock = std::max(kScoreBlock, kValueBlock);
+
 #ifdef BATON_AVX2
 // --- AVX2/FMA float loops (head size a multiple of 8) ---------------------------------------
+
+// Eight keys' or values' elements widened to float32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // bfloat16 is float32's upper half
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 
 inline float horizontal_sum(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -126,21 +154,60 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
 
-void scores_avx2(const float* q, int64_t group, int64_t dim, const float* k,
-                 int64_t key_stride, int64_t count, float scale, float* scores) {
-  for (int64_t j = 0; j < count; ++j) {
-    const float* kj = k + j * key_stride;
+// Four consecutive keys' dot products with one query (dim a multiple of 8): each query chunk
+// is loaded once for the four keys, and the four sums are reduced together by three `hadd`s
+// instead of a horizontal sum per key.
+inline __m128 dot4(const float* qg, const float* k, int64_t key_stride, int64_t dim) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  const float* k1 = k + key_stride;
+  const float* k2 = k1 + key_stride;
+  const float* k3 = k2 + key_stride;
+  for (int64_t d = 0; d < dim; d += 8) {
+    const __m256 x = _mm256_loadu_ps(qg + d);
+    a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k + d), a0);
+    a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k1 + d), a1);
+    a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k2 + d), a2);
+    a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k3 + d), a3);
+  }
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+inline float dot1(const float* qg, const float* k, int64_t dim) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= dim; d += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(k + d), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d + 8), _mm256_loadu_ps(k + d + 8), a1);
+  }
+  if (d < dim) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(k + d), a0);
+  return horizontal_sum(_mm256_add_ps(a0, a1));
+}
+
+// The scores of `n` float32 keys (dim a multiple of 8); row g of `scores` at
+// `g * score_stride`. Keys read in place from memory go key by key, every query head in turn,
+// so each is streamed once (the faster order when memory is the bound). Keys already in L1
+// (a widened 16-bit block) go four at a time per query head (`kFourKeys`), the faster order
+// when arithmetic is the bound. Measured on an AVX2 host: docs/benchmarks.md.
+template <bool kFourKeys>
+void scores_block_avx2(const float* q, int64_t group, int64_t dim, const float* k,
+                       int64_t key_stride, int64_t n, float scale, float* scores,
+                       int64_t score_stride) {
+  if constexpr (kFourKeys) {
+    const __m128 s4 = _mm_set1_ps(scale);
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = q + g * dim;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      int64_t d = 0;
-      for (; d + 16 <= dim; d += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kj + d), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d + 8), _mm256_loadu_ps(kj + d + 8), a1);
-      }
-      if (d < dim) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kj + d), a0);
-      scores[g * count + j] = horizontal_sum(_mm256_add_ps(a0, a1)) * scale;
+      float* sg = scores + g * score_stride;
+      int64_t j = 0;
+      for (; j + 4 <= n; j += 4)
+        _mm_storeu_ps(sg + j, _mm_mul_ps(dot4(qg, k + j * key_stride, key_stride, dim), s4));
+      for (; j < n; ++j) sg[j] = dot1(qg, k + j * key_stride, dim) * scale;
     }
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t g = 0; g < group; ++g)
+        scores[g * score_stride + j] = dot1(q + g * dim, k + j * key_stride, dim) * scale;
   }
 }
 
@@ -167,65 +234,106 @@ float softmax_numerators_avx2(float* s, int64_t count) {
   return sum;
 }
 
-// acc_g[d0, d0 + 8 NV) += sum_j p[g, j] v_j[d0, d0 + 8 NV), accumulators held in registers
-// over blocks of keys small enough for their values to stay in L1 across the group.
+// acc_g[d0, d0 + 8 NV) += sum_j p[g, j] v_j[d0, d0 + 8 NV) over a block of `n` float32
+// values (small enough to stay in L1 across the group), accumulators held in registers.
 template <int NV>
-void weighted_values_chunk(const float* probs, int64_t group, int64_t count, const float* v,
-                           int64_t key_stride, int64_t d0, int64_t dim, float* acc) {
-  constexpr int64_t kBlock = 64;
-  for (int64_t j0 = 0; j0 < count; j0 += kBlock) {
-    const int64_t j1 = std::min(count, j0 + kBlock);
-    for (int64_t g = 0; g < group; ++g) {
-      __m256 a[NV];
-      float* ag = acc + g * dim + d0;
-      for (int i = 0; i < NV; ++i) a[i] = _mm256_loadu_ps(ag + 8 * i);
-      const float* pg = probs + g * count;
-      for (int64_t j = j0; j < j1; ++j) {
-        const __m256 p = _mm256_broadcast_ss(pg + j);
-        const float* vj = v + j * key_stride + d0;
-        for (int i = 0; i < NV; ++i) a[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * i), a[i]);
-      }
-      for (int i = 0; i < NV; ++i) _mm256_storeu_ps(ag + 8 * i, a[i]);
+void weighted_values_chunk(const float* probs, int64_t prob_stride, int64_t group, int64_t n,
+                           const float* v, int64_t key_stride, int64_t d0, int64_t dim,
+                           float* acc) {
+  for (int64_t g = 0; g < group; ++g) {
+    __m256 a[NV];
+    float* ag = acc + g * dim + d0;
+    for (int i = 0; i < NV; ++i) a[i] = _mm256_loadu_ps(ag + 8 * i);
+    const float* pg = probs + g * prob_stride;
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 p = _mm256_broadcast_ss(pg + j);
+      const float* vj = v + j * key_stride + d0;
+      for (int i = 0; i < NV; ++i) a[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * i), a[i]);
     }
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(ag + 8 * i, a[i]);
   }
 }
 
-void weighted_values_avx2(const float* probs, int64_t group, int64_t count, const float* v,
-                          int64_t key_stride, int64_t dim, float* acc) {
+void weighted_values_block_avx2(const float* probs, int64_t prob_stride, int64_t group,
+                                int64_t n, const float* v, int64_t key_stride, int64_t dim,
+                                float* acc) {
   int64_t d0 = 0;
   for (; d0 + 64 <= dim; d0 += 64)
-    weighted_values_chunk<8>(probs, group, count, v, key_stride, d0, dim, acc);
+    weighted_values_chunk<8>(probs, prob_stride, group, n, v, key_stride, d0, dim, acc);
+#define BATON_VALUES_REST(NV)                                                              \
+  case NV:                                                                                 \
+    weighted_values_chunk<NV>(probs, prob_stride, group, n, v, key_stride, d0, dim, acc); \
+    break;
   switch ((dim - d0) / 8) {
-    case 1: weighted_values_chunk<1>(probs, group, count, v, key_stride, d0, dim, acc); break;
-    case 2: weighted_values_chunk<2>(probs, group, count, v, key_stride, d0, dim, acc); break;
-    case 3: weighted_values_chunk<3>(probs, group, count, v, key_stride, d0, dim, acc); break;
-    case 4: weighted_values_chunk<4>(probs, group, count, v, key_stride, d0, dim, acc); break;
-    case 5: weighted_values_chunk<5>(probs, group, count, v, key_stride, d0, dim, acc); break;
-    case 6: weighted_values_chunk<6>(probs, group, count, v, key_stride, d0, dim, acc); break;
-    case 7: weighted_values_chunk<7>(probs, group, count, v, key_stride, d0, dim, acc); break;
+    BATON_VALUES_REST(1)
+    BATON_VALUES_REST(2)
+    BATON_VALUES_REST(3)
+    BATON_VALUES_REST(4)
+    BATON_VALUES_REST(5)
+    BATON_VALUES_REST(6)
+    BATON_VALUES_REST(7)
     default: break;
+  }
+#undef BATON_VALUES_REST
+}
+
+// A block of `n` keys (or values) as float32 rows: 16-bit storage is widened once into `buf`
+// (`n * dim` floats) so every query head of the group reuses it; float32 is read in place.
+template <typename KT>
+const float* widened(const KT* src, int64_t key_stride, int64_t n, int64_t dim, float* buf,
+                     int64_t& stride) {
+  if constexpr (std::is_same_v<KT, float>) {
+    stride = key_stride;
+    return src;
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t d = 0; d < dim; d += 8)
+        _mm256_storeu_ps(buf + j * dim + d, load8(src + j * key_stride + d));
+    stride = dim;
+    return buf;
+  }
+}
+
+// attend_one's float32 path (dim a multiple of 8), block by block over the keys.
+template <typename KT>
+void attend_one_avx2(const float* q, const KT* k, const KT* v, int64_t group, int64_t dim,
+                     int64_t key_stride, int64_t count, float scale, float* scores,
+                     float* acc, float* wide) {
+  int64_t stride = 0;
+  for (int64_t j0 = 0; j0 < count; j0 += kScoreBlock) {
+    const int64_t n = std::min(kScoreBlock, count - j0);
+    const float* kb = widened(k + j0 * key_stride, key_stride, n, dim, wide, stride);
+    scores_block_avx2<!std::is_same_v<KT, float>>(q, group, dim, kb, stride, n, scale,
+                                                   scores + j0, count);
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float norm = 1.0f / softmax_numerators_avx2(scores + g * count, count);
+    for (int64_t j = 0; j < count; ++j) scores[g * count + j] *= norm;
+  }
+  for (int64_t j0 = 0; j0 < count; j0 += kValueBlock) {
+    const int64_t n = std::min(kValueBlock, count - j0);
+    const float* vb = widened(v + j0 * key_stride, key_stride, n, dim, wide, stride);
+    weighted_values_block_avx2(scores + j0, count, group, n, vb, stride, dim, acc);
   }
 }
 #endif  // BATON_AVX2
 
-// One (row, KV head): out_g = softmax(scale q_g K^T) V for the group's query heads.
-template <typename T>
-void attend_one(const T* q, const T* k, const T* v, int64_t group, int64_t dim,
-                int64_t key_stride, int64_t count, T scale, T* scores, T* acc, T* out) {
+// One (row, KV head): acc_g = softmax(scale q_g K^T) V for the group's query heads, in the
+// arithmetic type T over keys and values stored as KT.
+// `wide` is scratch for kKeyBlock * dim floats (the AVX2 path's widened blocks).
+template <typename T, typename KT>
+void attend_one(const T* q, const KT* k, const KT* v, int64_t group, int64_t dim,
+                int64_t key_stride, int64_t count, T scale, T* scores, T* acc, float* wide) {
   std::fill(acc, acc + group * dim, T(0));
 #ifdef BATON_AVX2
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float> && !std::is_same_v<KT, double>) {
     if (dim % 8 == 0) {
-      scores_avx2(q, group, dim, k, key_stride, count, scale, scores);
-      for (int64_t g = 0; g < group; ++g) {
-        const float norm = 1.0f / softmax_numerators_avx2(scores + g * count, count);
-        for (int64_t j = 0; j < count; ++j) scores[g * count + j] *= norm;
-      }
-      weighted_values_avx2(scores, group, count, v, key_stride, dim, acc);
-      std::copy(acc, acc + group * dim, out);
+      attend_one_avx2(q, k, v, group, dim, key_stride, count, scale, scores, acc, wide);
       return;
     }
   }
+#else
+  (void)wide;
 #endif
   scores_portable(q, group, dim, k, key_stride, count, scale, scores);
   for (int64_t g = 0; g < group; ++g) {
@@ -233,33 +341,36 @@ void attend_one(const T* q, const T* k, const T* v, int64_t group, int64_t dim,
     for (int64_t j = 0; j < count; ++j) scores[g * count + j] *= norm;
   }
   weighted_values_portable(scores, group, count, v, key_stride, dim, acc);
-  std::copy(acc, acc + group * dim, out);
 }
 
 // The decode token's own key and value, `(n, H_kv, D)` with any row/head strides, written to
-// each row's last key position before the row attends: the layout's per-layer cache write
-// done inside the same task instead of as separate indexed copies.
-template <typename T>
+// each row's last key position before the row attends: the layout's per-layer cache write done inside the same task instead of as
+// separate indexed copies.
+template <typename QT>
 struct Appended {
-  const T* k = nullptr;
-  const T* v = nullptr;
+  const QT* k = nullptr;
+  const QT* v = nullptr;
   int64_t k_row = 0, k_head = 0, v_row = 0, v_head = 0;
 };
 
-template <typename T>
+template <typename QT>
 void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* offsets,
             const int64_t* counts, int64_t key_stride, int64_t head_stride, int64_t kv_heads,
-            const Appended<T>& appended, at::Tensor& out) {
+            const Appended<QT>& appended, at::Tensor& out) {
+  using T = acc_t<QT>;
+  using KT = QT;
+  constexpr bool kWidenQ = !std::is_same_v<QT, T>;  // a 16-bit model attends in float32
   const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t group = heads / kv_heads;
   const int64_t widest = n ? *std::max_element(counts, counts + n) : 0;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(dim)));
-  const T* qp = q.data_ptr<T>();
-  T* kp = k.data_ptr<T>();
-  T* vp = v.data_ptr<T>();
-  T* op = out.data_ptr<T>();
+  const QT* qp = q.data_ptr<QT>();
+  KT* kp = k.data_ptr<KT>();
+  KT* vp = v.data_ptr<KT>();
+  QT* op = out.data_ptr<QT>();
   at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(group * widest), acc(group * dim);
+    std::vector<T> scores(group * widest), acc(group * dim), wide_q(kWidenQ ? group * dim : 0);
+    std::vector<float> wide(std::is_same_v<KT, float> ? 0 : kKeyBlock * dim);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, h = task % kv_heads;
       const int64_t first = offsets[r] + h * head_stride;
@@ -269,19 +380,27 @@ void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* of
         std::copy_n(appended.v + r * appended.v_row + h * appended.v_head, dim, vp + last);
       }
       const int64_t at = (r * heads + h * group) * dim;
-      attend_one<T>(qp + at, kp + first, vp + first, group, dim, key_stride, counts[r], scale,
-                    scores.data(), acc.data(), op + at);
+      const T* qt;
+      if constexpr (kWidenQ) {
+        for (int64_t i = 0; i < group * dim; ++i) wide_q[i] = static_cast<T>(qp[at + i]);
+        qt = wide_q.data();
+      } else {
+        qt = qp + at;
+      }
+      attend_one<T, KT>(qt, kp + first, vp + first, group, dim, key_stride, counts[r], scale,
+                        scores.data(), acc.data(), wide.data());
+      for (int64_t i = 0; i < group * dim; ++i) op[at + i] = static_cast<QT>(acc[i]);
     }
   });
 }
 
-template <typename T>
-Appended<T> appended_of(const std::optional<at::Tensor>& new_k,
-                        const std::optional<at::Tensor>& new_v) {
-  Appended<T> a;
+template <typename QT>
+Appended<QT> appended_of(const std::optional<at::Tensor>& new_k,
+                         const std::optional<at::Tensor>& new_v) {
+  Appended<QT> a;
   if (new_k.has_value()) {
-    a.k = new_k->data_ptr<T>();
-    a.v = new_v->data_ptr<T>();
+    a.k = new_k->data_ptr<QT>();
+    a.v = new_v->data_ptr<QT>();
     a.k_row = new_k->stride(0), a.k_head = new_k->stride(1);
     a.v_row = new_v->stride(0), a.v_head = new_v->stride(1);
   }
@@ -338,13 +457,25 @@ at::Tensor decode_attention(const at::Tensor& q, at::Tensor& k, at::Tensor& v,
                 "decode_attention: row ", r, " reads outside the KV storage");
   }
   at::Tensor out = at::empty_like(q);
-  if (q.scalar_type() == at::kFloat) {
-    attend<float>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
-                  appended_of<float>(new_k, new_v), out);
-  } else {
-    TORCH_CHECK(q.scalar_type() == at::kDouble, "decode_attention: float32 or float64 only");
-    attend<double>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
-                   appended_of<double>(new_k, new_v), out);
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      attend<float>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
+                    appended_of<float>(new_k, new_v), out);
+      break;
+    case at::kDouble:
+      attend<double>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
+                     appended_of<double>(new_k, new_v), out);
+      break;
+    case at::kBFloat16:
+      attend<c10::BFloat16>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
+                            appended_of<c10::BFloat16>(new_k, new_v), out);
+      break;
+    case at::kHalf:
+      attend<c10::Half>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
+                        appended_of<c10::Half>(new_k, new_v), out);
+      break;
+    default:
+      TORCH_CHECK(false, "decode_attention: q must be float32, float64, bfloat16 or float16");
   }
   return out;
 }

@@ -1,0 +1,84 @@
+"""Decode attention alone: the native kernel against torch's SDPA, per dtype.
+
+One decode step's attention over every layer of a model shape (default: smollm2-135m's 30
+layers, 9 query and 3 KV heads of 64), each layer its own K/V buffer so the keys stream from
+memory as in a real step. The contenders run interleaved, round after round, and each figure
+is a median, so machine noise hits them alike.
+
+    python benchmarks/decode_attention.py --dtypes float32 bfloat16 --shapes 1x100 32x211 64x300
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from runtime.attention_kernels import load_native_kernel
+
+
+def contenders(rows: int, keys: int, dtype: torch.dtype, layers: int, heads: int,
+               kv_heads: int, dim: int) -> dict[str, Callable[[], None]]:
+    """The timed closures for one shape: each attends (or reads) every layer once."""
+    kernel = load_native_kernel()
+    columns = keys + 16  # a window with a few pad columns on the left, as BATON's buffer
+    ks = [torch.randn(rows, kv_heads, columns, dim).to(dtype) for _ in range(layers)]
+    vs = [torch.randn(rows, kv_heads, columns, dim).to(dtype) for _ in range(layers)]
+    q = torch.randn(rows, heads, dim).to(dtype)
+    counts = torch.full((rows,), keys)
+    offsets = torch.tensor([r * kv_heads * columns * dim + (columns - keys) * dim
+                            for r in range(rows)])
+    real = slice(columns - keys, columns)
+
+    def native() -> None:
+        for k, v in zip(ks, vs, strict=True):
+            kernel(q, k, v, offsets, counts, dim, columns * dim, kv_heads)
+
+    def sdpa() -> None:
+        for k, v in zip(ks, vs, strict=True):
+            F.scaled_dot_product_attention(q[:, :, None], k[:, :, real], v[:, :, real],
+                                           enable_gqa=True)
+
+    return {"native": native, "sdpa": sdpa}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--shapes", nargs="+", default=["1x100", "8x200", "32x211", "64x300"],
+                        help="ROWSxKEYS: decode rows and keys per row")
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--heads", type=int, default=9)
+    parser.add_argument("--kv-heads", type=int, default=3)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds per figure")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{args.layers} layers, {args.heads} q / {args.kv_heads} KV heads of {args.head_dim}; "
+          f"{args.threads} threads; median of {args.rounds} interleaved rounds, ms per step")
+    print("| dtype | rows x keys | native | SDPA | SDPA / native |")
+    print("|---|---|---|---|---|")
+    for name in args.dtypes:
+        dtype = getattr(torch, name)
+        for shape in args.shapes:
+            rows, keys = (int(x) for x in shape.split("x"))
+            runs = contenders(rows, keys, dtype, args.layers, args.heads, args.kv_heads,
+                              args.head_dim)
+            times: dict[str, list[float]] = {label: [] for label in runs}
+            for _ in range(args.rounds):
+                for label, run in runs.items():
+                    started = time.perf_counter()
+                    run()
+                    times[label].append(time.perf_counter() - started)
+            ms = {label: 1e3 * statistics.median(t) for label, t in times.items()}
+            print(f"| {name} | {shape} | {ms['native']:.2f} | {ms['sdpa']:.2f} | "
+                  f"{ms['sdpa'] / ms['native']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
