@@ -12,8 +12,9 @@ It is compiled for this CPU's instruction set on first use (`torch.utils.cpp_ext
 15 s on 2 cores, then cached under `~/.cache/torch_extensions`) and used on CPU for float32,
 float64, bfloat16 and float16 models: arithmetic is float32 (float64 for float64), 16-bit
 keys and values are widened as they are loaded. For a bfloat16 model it is about 8x faster
-than torch's bfloat16 SDPA on an AVX2 host (docs/benchmarks.md). The same extension holds the compiled decoder's C++ linear op
-(`kernels/linear_slots.cpp`, see `runtime.compiled_forward`). `attention_backend`:
+than torch's bfloat16 SDPA on an AVX2 host (docs/benchmarks.md). The same extension holds the
+compiled decoder's C++ linear op (`kernels/linear_slots.cpp`, see `runtime.compiled_forward`).
+`attention_backend`:
 
 - `auto` (default): the kernel where it applies and builds; otherwise SDPA, with the reason
   logged (CUDA, no C++ compiler);

@@ -174,8 +174,9 @@ def compile_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, A
 
     The decoder's linears are routed through the linear op (the LM head, outside the decoder,
     stays eager), its rotary embedding through the rope op. Call after the linear backend is
-    applied: the op runs whatever kernel each `Linear` has then. One compiled graph per model: engines built over the same model (the
-    bench's contenders) share it and its compiled shapes.
+    applied: the op runs whatever kernel each `Linear` has then. One compiled graph per model:
+    engines built over the same model (the bench's contenders) share it and its compiled
+    shapes.
     """
     shared = getattr(model, "_compiled_decoder", None)
     if shared is not None:

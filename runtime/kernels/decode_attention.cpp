@@ -326,7 +326,7 @@ void attend_one(const T* q, const KT* k, const KT* v, int64_t group, int64_t dim
                 int64_t key_stride, int64_t count, T scale, T* scores, T* acc, float* wide) {
   std::fill(acc, acc + group * dim, T(0));
 #ifdef BATON_AVX2
-  if constexpr (std::is_same_v<T, float> && !std::is_same_v<KT, double>) {
+  if constexpr (std::is_same_v<T, float>) {
     if (dim % 8 == 0) {
       attend_one_avx2(q, k, v, group, dim, key_stride, count, scale, scores, acc, wide);
       return;
@@ -344,8 +344,8 @@ void attend_one(const T* q, const KT* k, const KT* v, int64_t group, int64_t dim
 }
 
 // The decode token's own key and value, `(n, H_kv, D)` with any row/head strides, written to
-// each row's last key position before the row attends: the layout's per-layer cache write done inside the same task instead of as
-// separate indexed copies.
+// each row's last key position before the row attends: the layout's per-layer cache write
+// done inside the same task instead of as separate indexed copies.
 template <typename QT>
 struct Appended {
   const QT* k = nullptr;
@@ -358,19 +358,18 @@ void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* of
             const int64_t* counts, int64_t key_stride, int64_t head_stride, int64_t kv_heads,
             const Appended<QT>& appended, at::Tensor& out) {
   using T = acc_t<QT>;
-  using KT = QT;
-  constexpr bool kWidenQ = !std::is_same_v<QT, T>;  // a 16-bit model attends in float32
+  constexpr bool k16Bit = !std::is_same_v<QT, T>;  // a 16-bit model attends in float32
   const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t group = heads / kv_heads;
   const int64_t widest = n ? *std::max_element(counts, counts + n) : 0;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(dim)));
   const QT* qp = q.data_ptr<QT>();
-  KT* kp = k.data_ptr<KT>();
-  KT* vp = v.data_ptr<KT>();
+  QT* kp = k.data_ptr<QT>();
+  QT* vp = v.data_ptr<QT>();
   QT* op = out.data_ptr<QT>();
   at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(group * widest), acc(group * dim), wide_q(kWidenQ ? group * dim : 0);
-    std::vector<float> wide(std::is_same_v<KT, float> ? 0 : kKeyBlock * dim);
+    std::vector<T> scores(group * widest), acc(group * dim), wide_q(k16Bit ? group * dim : 0);
+    std::vector<float> wide(k16Bit ? kKeyBlock * dim : 0);  // widened key/value blocks
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, h = task % kv_heads;
       const int64_t first = offsets[r] + h * head_stride;
@@ -381,13 +380,13 @@ void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* of
       }
       const int64_t at = (r * heads + h * group) * dim;
       const T* qt;
-      if constexpr (kWidenQ) {
+      if constexpr (k16Bit) {
         for (int64_t i = 0; i < group * dim; ++i) wide_q[i] = static_cast<T>(qp[at + i]);
         qt = wide_q.data();
       } else {
         qt = qp + at;
       }
-      attend_one<T, KT>(qt, kp + first, vp + first, group, dim, key_stride, counts[r], scale,
+      attend_one<T, QT>(qt, kp + first, vp + first, group, dim, key_stride, counts[r], scale,
                         scores.data(), acc.data(), wide.data());
       for (int64_t i = 0; i < group * dim; ++i) op[at + i] = static_cast<QT>(acc[i]);
     }
