@@ -41,7 +41,7 @@ def create_engine(config: RuntimeConfig, observers: tuple[object, ...] = ()) -> 
     engine = Engine(model, tokenizer, scheduler, config.scheduler, limits, observers,
                     linear_backend=config.linear_backend, compile_model=config.compile,
                     attention_backend=config.attention_backend)
-    if config.compile:
+    if config.compile is True:
         logger.info("compiling the decoder (warm-up requests) ...")
         try:
             seconds = engine.warm_up()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from runtime.config import (
     ATTENTION_BACKENDS,
+    COMPILE_MODES,
     DTYPES,
     LINEAR_BACKENDS,
     ConfigError,
@@ -42,12 +43,22 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                    help="decode attention: auto (the native kernel on CPU where it builds), "
                         "native or sdpa")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="run the decoder as one torch.compile graph, compiled at startup "
-                        "(35 s to two minutes; docs/configuration.md)")
+    p.add_argument("--compile", nargs="?", const=True, type=compile_flag, metavar="MODE",
+                   help="run the decoder as one torch.compile graph: alone or `true` compiles "
+                        "at startup (35 s to two minutes), `background` while serving eagerly "
+                        "(docs/configuration.md); default false")
     p.add_argument("--seed", type=int, help="global seed for unseeded sampling (default 0)")
     p.add_argument("--num-threads", type=int,
                    help="torch CPU threads (default: one per physical core)")
+
+
+def compile_flag(text: str) -> bool | str:
+    """`--compile MODE`: true/false as booleans, background as itself."""
+    value = {"true": True, "false": False}.get(text.lower(), text.lower())
+    if value not in (True, False, *COMPILE_MODES):
+        raise argparse.ArgumentTypeError(
+            f"expected true, false or background, got {text!r}")
+    return value
 
 
 def engine_overrides(args: argparse.Namespace) -> dict:

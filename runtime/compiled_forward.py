@@ -1,4 +1,4 @@
-"""Opt-in compiled forward (`compile: true`): the decoder as one `torch.compile` graph.
+"""The compiled forward (`compile:`, docs/configuration.md): the decoder as one compiled graph.
 
 In eager mode a decode step spends 15-25 ms on ~35 small ops per layer (norms, RoPE, SiLU,
 residual adds, views) between the GEMMs. Compiling the whole decoder fuses them; two things
@@ -20,10 +20,13 @@ ops is C++ rather than Python (3-6% of a decode step at 1-32 rows on a 2-core AV
 about 25 s more of the first, uncached compile).
 
 The token count is a dynamic dimension, so one graph serves decode, prefill and mixed passes
-of any size (one more for a one-token pass). `runtime.bootstrap` compiles both at startup
-through `Engine.warm_up`: 35 s to two minutes for a 30-layer model on 2 cores, hence opt-in.
-Measured on a 2-core AVX2 CPU (docs/benchmarks.md): batch-1 TPOT over HTTP 15% lower than
-eager, throughput at 32-64 rows within 0-4%.
+of any size (one more for a one-token pass). Compiling both takes 35 s to two minutes for a
+30-layer model on 2 cores, so it happens either at startup (`compile: true`, through
+`Engine.warm_up`, before the server is ready) or in the background (`compile: background`,
+`BackgroundCompile`: the engine serves with the eager forward at once and switches to the
+compiled graph between two passes once both are built). Measured on a 2-core AVX2 CPU
+(docs/benchmarks.md): batch-1 TPOT over HTTP 13-15% lower than eager, throughput at 32-64 rows
+within 0-4%.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -207,5 +211,156 @@ def compile_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, A
         finally:
             _PASS.attn = _PASS.mask = None
 
+    if native:  # before any pass: the engine may run the routed eager forward at once
+        _NATIVE_SLOTS.refresh()
     model._compiled_decoder = forward
     return forward
+
+
+def routed_eager_forward(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, Any, Any],
+                                                       torch.Tensor]:
+    """`model` run eagerly after `compile_decoder` routed its linears through the linear op:
+    what serves while the graph compiles in the background (the same kernels, so the same
+    numbers), keeping the op's slot table in step with packing as the compiled forward does."""
+    native = bool(_NATIVE_SLOTS.available)
+
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor, attn: Any,
+                mask: Any) -> torch.Tensor:
+        if native:
+            _NATIVE_SLOTS.refresh()
+        return model(input_ids, positions, attn, mask)
+
+    return forward
+
+
+class _ZeroAttention:
+    """A pass's attention handle for compiling without an engine: zeros shaped like q."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: Any) -> torch.Tensor:
+        return torch.zeros_like(q)
+
+
+# What selects a compiled graph: per tensor its dtype and, per dimension, 1 or "more"
+# (dynamo specialises sizes 0 and 1 and keeps the rest symbolic), for input_ids and positions.
+PassShape = tuple[tuple[torch.dtype, tuple[int, ...]], ...]
+
+
+def pass_shape(input_ids: torch.Tensor, positions: torch.Tensor) -> PassShape:
+    """The key of the graph a pass with these tensors runs."""
+    return tuple((t.dtype, tuple(min(size, 2) for size in t.shape))
+                 for t in (input_ids, positions))
+
+
+# The packed layouts' passes (BATON, Orca, the template): several tokens (prefill, mixed and
+# multi-row decode passes share the dynamic graph) and one token. Others are built when seen.
+PACKED_PASS_SHAPES: tuple[PassShape, ...] = tuple(
+    ((torch.long, (n,)), (torch.long, (n,))) for n in (2, 1))
+
+
+def build_graph(forward: Callable[..., torch.Tensor], shape: PassShape,
+                device: torch.device) -> None:
+    """Compile `forward` (from `compile_decoder`) for one pass shape on throwaway tokens,
+    touching no engine state: no KV layout, no scheduler, no request."""
+    (ids_dtype, ids_sizes), (pos_dtype, pos_sizes) = shape
+    # 3 for "more than one"; made outside inference mode, as a layout makes a pass's tensors
+    # (dynamo guards on their dispatch keys: an inference tensor builds graphs no pass matches).
+    ids = torch.ones([3 if n > 1 else n for n in ids_sizes], dtype=ids_dtype, device=device)
+    pos_sizes = [3 if n > 1 else n for n in pos_sizes]
+    positions = torch.zeros(pos_sizes, dtype=pos_dtype, device=device)
+    if pos_sizes:
+        positions += torch.arange(pos_sizes[-1], dtype=pos_dtype, device=device)
+    with torch.inference_mode():  # as `ModelRunner.run` runs the forward
+        forward(ids, positions, _ZeroAttention(), None)
+
+
+class BackgroundCompile:
+    """The compiled decoder built on a daemon thread while the engine serves eagerly.
+
+    `forward` stands for the model: a pass whose shape (`pass_shape`) has its graph built runs
+    the compiled decoder, any other runs the eager one and, the first time its shape is seen,
+    queues that graph. The packed layouts' shapes are queued at start. So the serving thread
+    never waits on a compile, a layout with other shapes (the static batch's `(B, T)`) still
+    gets its graphs, and a pass never mixes the two forwards. A failed build (no C++ compiler,
+    an inductor bug) is logged once, and that shape stays eager.
+    """
+
+    def __init__(self, model: nn.Module, compiled: Callable[..., torch.Tensor],
+                 eager: Callable[..., torch.Tensor],
+                 shapes: tuple[PassShape, ...] = PACKED_PASS_SHAPES) -> None:
+        self.built: dict[PassShape, float] = {}  # shape -> seconds its graph took
+        self.failed: dict[PassShape, str] = {}  # shape -> why
+        self.passes = {"compiled": 0, "eager": 0}  # how the engine's passes ran
+        self._compiled, self._eager = compiled, eager
+        self._device = next(model.parameters()).device
+        self._seen: set[PassShape] = set()
+        self._queue: list[PassShape] = []
+        self._changed = threading.Condition()
+        self._initial = shapes
+        self._thread = threading.Thread(target=self._run, name="compile-decoder", daemon=True)
+
+    def start(self) -> BackgroundCompile:
+        logger.info("compile: background: compiling the decoder; the eager forward serves "
+                    "until it is ready")
+        for shape in self._initial:
+            self._request(shape)
+        self._thread.start()
+        return self
+
+    @property
+    def state(self) -> str:
+        """`compiling` while a graph is queued or building, else `ready` or `failed`."""
+        with self._changed:
+            if self._queue:
+                return "compiling"
+            return "failed" if self.failed else "ready"
+
+    @property
+    def pending(self) -> int:
+        """Pass shapes whose graph is queued or building."""
+        with self._changed:
+            return len(self._queue)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once every queued graph is built (or failed) within `timeout` seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._queue, timeout)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: Any,
+                mask: Any) -> torch.Tensor:
+        shape = pass_shape(input_ids, positions)
+        if shape in self.built:
+            self.passes["compiled"] += 1
+            return self._compiled(input_ids, positions, attn, mask)
+        if shape not in self._seen:
+            self._request(shape)
+        self.passes["eager"] += 1
+        return self._eager(input_ids, positions, attn, mask)
+
+    def _request(self, shape: PassShape) -> None:
+        with self._changed:
+            if shape not in self._seen:
+                self._seen.add(shape)
+                self._queue.append(shape)
+                self._changed.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: bool(self._queue))
+                shape = self._queue[0]
+            start = time.perf_counter()
+            try:
+                build_graph(self._compiled, shape, self._device)
+            except Exception as exc:  # anything inductor raises: this shape stays eager
+                self.failed[shape] = f"{type(exc).__name__}: {exc}"
+                logger.warning("compile: background: compiling the decoder failed (%s); the "
+                               "eager forward keeps serving", self.failed[shape])
+            else:
+                self.built[shape] = time.perf_counter() - start
+            with self._changed:
+                self._queue.pop(0)
+                if not self._queue and self.built:
+                    logger.info("compile: background: the compiled decoder serves (%d graph(s) "
+                                "built in %.1f s)", len(self.built), sum(self.built.values()))
+                self._changed.notify_all()

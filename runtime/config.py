@@ -17,6 +17,7 @@ from runtime.kv_sizing import parse_kv_memory
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 LINEAR_BACKENDS = ("auto", "torch", "onednn")  # runtime.linear_kernels
 ATTENTION_BACKENDS = ("auto", "sdpa", "native")  # runtime.attention_kernels
+COMPILE_MODES = ("background",)  # besides true and false: runtime.compiled_forward
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "kjv-llama-tiny"
 
 
@@ -43,7 +44,7 @@ class RuntimeConfig:
     kv_cache_memory: str | float = "auto"
     linear_backend: str = "auto"
     attention_backend: str = "auto"
-    compile: bool = False
+    compile: bool | str = False  # true, false or background (runtime.compiled_forward)
     seed: int = 0
     num_threads: int | None = None
     host: str = "127.0.0.1"
@@ -77,6 +78,9 @@ class RuntimeConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("linear_backend", self.linear_backend, LINEAR_BACKENDS)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if isinstance(self.compile, str) and self.compile not in COMPILE_MODES:
+            raise ConfigError("compile: expected true, false or "
+                              f"{', '.join(COMPILE_MODES)}, got {self.compile!r}")
         try:
             parse_kv_memory(self.kv_cache_memory)
         except ValueError as exc:

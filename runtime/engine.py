@@ -47,7 +47,7 @@ class Engine:
                  scheduler_name: str = "default", limits: EngineLimits = EngineLimits(),
                  observers: tuple[object, ...] = (),
                  clock: Callable[[], float] = time.monotonic,
-                 linear_backend: str = "auto", compile_model: bool = False,
+                 linear_backend: str = "auto", compile_model: bool | str = False,
                  attention_backend: str = "auto") -> None:
         self.tokenizer, self.clock = tokenizer, clock
         self.scheduler, self.scheduler_name = scheduler, scheduler_name

@@ -39,16 +39,25 @@ class ModelRunner:
     """Owns the model: its GEMM kernels, the limits its KV layout gets, and running a pass."""
 
     def __init__(self, model: torch.nn.Module, limits: EngineLimits,
-                 linear_backend: str = "auto", compile_model: bool = False,
+                 linear_backend: str = "auto", compile_model: bool | str = False,
                  attention_backend: str = "auto") -> None:
+        """`compile_model`: False (eager), True (the compiled decoder, compiled at warm-up or
+        by the first pass) or "background" (eager until `background_compile` has built it)."""
         self.model = model
         self.linear_kernels = apply_linear_backend(model, linear_backend)
         self.forward = model
+        self.background_compile = None
         if compile_model:  # after the kernels are chosen: the compiled graph calls them
-            from runtime.compiled_forward import compile_decoder
+            from runtime import compiled_forward
 
-            self.forward = compile_decoder(model)
-            logger.info("forward: compiled decoder (compiled at warm-up or by the first pass)")
+            compiled = compiled_forward.compile_decoder(model)
+            if compile_model == "background":
+                self.background_compile = compiled_forward.BackgroundCompile(
+                    model, compiled, compiled_forward.routed_eager_forward(model)).start()
+                self.forward = self.background_compile.forward
+            else:
+                self.forward = compiled
+                logger.info("forward: compiled decoder (compiled at warm-up or by the first pass)")
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         self.attention = choose_attention_backend(attention_backend, self.device, self.dtype)

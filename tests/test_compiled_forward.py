@@ -42,15 +42,75 @@ def test_compiled_decoder_gives_the_eager_tokens(scheduler: str) -> None:
     assert compiled == run(False)
 
 
-def test_compile_is_a_config_key_and_a_flag() -> None:
+def test_compile_is_a_config_key_and_a_flag(tmp_path) -> None:
     from runtime.cli import build_parser, engine_overrides
     from runtime.config import ConfigError, RuntimeConfig, build_config
 
     assert RuntimeConfig().compile is False
-    args = build_parser().parse_args(["generate", "--compile", "--prompt", "x"])
-    assert engine_overrides(args)["compile"] is True
-    with pytest.raises(ConfigError, match="compile"):
+    parse = build_parser().parse_args
+    assert engine_overrides(parse(["generate", "--compile", "--prompt", "x"]))["compile"] is True
+    assert engine_overrides(parse(["serve", "m", "--compile", "false"]))["compile"] is False
+    assert engine_overrides(parse(["serve", "--compile", "background"]))["compile"] == "background"
+    assert engine_overrides(parse(["serve"]))["compile"] is None  # the config decides
+    with pytest.raises(SystemExit):
+        parse(["serve", "--compile", "yes"])
+    config = tmp_path / "c.yaml"
+    config.write_text("compile: background\n")
+    assert build_config(config).compile == "background"
+    config.write_text("compile: true\n")
+    assert build_config(config).compile is True
+    with pytest.raises(ConfigError, match="compile: expected true, false or background"):
         build_config(overrides={"compile": "yes"})
+
+
+@pytest.mark.parametrize("scheduler", ["baton", "static"])
+def test_background_compile_serves_eagerly_then_compiled(scheduler: str) -> None:
+    """`compile: background`: the engine serves at once with the eager forward, then with the
+    compiled graphs, with the eager tokens throughout. Shapes the packed layouts make are
+    built from the start, others (the static batch's `(B, T)`) when first seen; once built,
+    traffic compiles nothing more (the serving thread never compiles)."""
+    from torch._dynamo.utils import counters
+
+    eager = [r.output_token_ids for r in Engine(
+        small_model(), None, instantiate_scheduler(scheduler, {}), scheduler,
+    ).generate(prompts(), GREEDY)]
+    engine = Engine(small_model(), None, instantiate_scheduler(scheduler, {}), scheduler,
+                    compile_model="background")
+    background = engine.runner.background_compile
+
+    def traffic() -> list[list[int]]:  # pairs, long prompts, then a one-token solo
+        tokens = [r.output_token_ids for r in engine.generate(prompts(), GREEDY)]
+        engine.generate([[5]], GREEDY)
+        return tokens
+
+    assert traffic() == eager
+    assert background.wait(300) and background.state == "ready" and not background.failed
+    assert traffic() == eager
+    assert background.wait(300)  # shapes first seen by that traffic
+    graphs, passes = counters["stats"]["unique_graphs"], dict(background.passes)
+    assert traffic() == eager
+    assert counters["stats"]["unique_graphs"] == graphs and background.state == "ready"
+    assert background.passes["compiled"] > passes["compiled"]
+    assert background.passes["eager"] == passes["eager"]  # every later pass ran compiled
+
+
+def test_a_failing_background_compile_keeps_serving_eagerly(monkeypatch, caplog) -> None:
+    import runtime.compiled_forward as compiled_forward
+
+    def broken(forward, shape, device):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    monkeypatch.setattr(compiled_forward, "build_graph", broken)
+    engine = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton",
+                    compile_model="background")
+    background = engine.runner.background_compile
+    assert background.wait(60) and background.state == "failed"
+    assert "C++ compiler" in caplog.text and "eager forward keeps serving" in caplog.text
+    tokens = [r.output_token_ids for r in engine.generate(prompts(), GREEDY)]
+    assert tokens == [r.output_token_ids for r in Engine(
+        small_model(), None, instantiate_scheduler("baton", {}), "baton",
+    ).generate(prompts(), GREEDY)]
+    assert background.passes["compiled"] == 0 and background.passes["eager"] > 0
 
 
 class _StepCounter:
@@ -231,3 +291,28 @@ def test_many_compiled_models_in_one_process_all_stay_compiled(monkeypatch) -> N
     finally:
         dynamo_log.removeHandler(collect)
     assert not [m for m in collect.messages if "recompile_limit" in m]
+
+
+def test_pending_graphs_are_a_metric_read_at_scrape_time() -> None:
+    """`runtime:compile_pending_graphs` follows the background compile's queue even while the
+    engine is idle (no step updates it), and is 0 without a background compile."""
+    from prometheus_client import generate_latest
+
+    from runtime.server.metrics import ServerMetrics
+
+    class Queue:
+        pending = 2
+
+    def scraped(metrics: ServerMetrics) -> float:
+        for line in generate_latest(metrics.registry).decode().splitlines():
+            if line.startswith("runtime:compile_pending_graphs{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError("metric missing")
+
+    metrics = ServerMetrics("m", "baton")
+    assert scraped(metrics) == 0
+    queue = Queue()
+    metrics.watch_compile(queue)
+    assert scraped(metrics) == 2
+    queue.pending = 0
+    assert scraped(metrics) == 0

@@ -64,19 +64,38 @@ def load_servers(path: str | Path) -> list[ServerSpec]:
     return servers
 
 
+def pending_graphs(url: str) -> float | None:
+    """`runtime:compile_pending_graphs` from `GET /metrics`: graphs a `compile: background`
+    server is still building; None where the server does not report it (vLLM, a locked
+    /metrics)."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=2.0).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("runtime:compile_pending_graphs"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    """Poll `GET /health` until 200; fail early if the process exits."""
+    """Poll `GET /health` until 200, then until a background compile has built its graphs
+    (so the run measures the server it will be, as vLLM's compile before ready does); fail
+    early if the process exits."""
     deadline = time.monotonic() + timeout
+    healthy = False
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode} before it was ready")
         try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                return
+            healthy = healthy or httpx.get(f"{url}/health", timeout=2.0).status_code == 200
         except httpx.HTTPError:
             pass
+        if healthy and not pending_graphs(url):
+            return
         time.sleep(0.5)
-    raise RuntimeError(f"{url}/health not ready after {timeout:.0f} s")
+    what = "compiled its graphs" if healthy else "ready (/health)"
+    raise RuntimeError(f"{url} not {what} after {timeout:.0f} s")
 
 
 def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:

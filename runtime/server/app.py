@@ -65,6 +65,7 @@ def create_app(
     async def load(state: ServerState) -> AsyncEngine:
         engine, threads = await asyncio.to_thread(lambda: (engine_factory(), torch.get_num_threads()))
         aengine = AsyncEngine(engine, settings.max_queued_requests, state.metrics, threads)
+        state.metrics.watch_compile(engine.runner.background_compile)
         aengine.start()
         logger.info(
             "ready: model %r, scheduler %r, max_model_len %d, max_num_seqs %d",

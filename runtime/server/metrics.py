@@ -10,11 +10,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from runtime.engine import Engine
 from runtime.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from runtime.compiled_forward import BackgroundCompile
 
 logger = logging.getLogger("runtime.server")
 disable_created_metrics()  # no `_created` series, as vLLM: they double the scrape for no use
@@ -117,6 +121,11 @@ class ServerMetrics:
         self.kv_usage = gauge(
             "runtime:kv_cache_usage_perc", "Fraction of KV capacity reserved or used (1 = full)."
         )
+        self.compile_pending = gauge(
+            "runtime:compile_pending_graphs",
+            "Pass shapes whose compiled decoder is queued or building (compile: background); "
+            "0 when every pass shape seen runs compiled or compiling is off.",
+        )
         self.preemptions = counter("runtime:num_preemptions", "Preempted requests.")
         self.prompt_tokens = counter("runtime:prompt_tokens", "Prefilled prompt tokens.")
         self.generation_tokens = counter("runtime:generation_tokens", "Generated tokens.")
@@ -147,6 +156,11 @@ class ServerMetrics:
         self._log_prompt = 0
         self._log_generation = 0
         self._snapshot: tuple[int, int, float] = (0, 0, 0.0)
+
+    def watch_compile(self, background: BackgroundCompile | None) -> None:
+        """Report a `BackgroundCompile`'s queue at every scrape (it drains while idle too)."""
+        if background is not None:
+            self.compile_pending.set_function(lambda: background.pending)
 
     @property
     def load(self) -> tuple[int, int, float]:

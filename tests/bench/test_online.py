@@ -199,3 +199,48 @@ def test_max_concurrency_one_sends_each_request_after_the_previous(stub_url):
     spans = sorted((r.arrival, r.token_times[-1]) for r in trace.requests)
     assert all(r.success for r in trace.requests)
     assert all(spans[i + 1][0] >= spans[i][1] for i in range(2))  # no overlap
+
+
+def test_launch_waits_for_a_background_compile(tmp_path):
+    """A `compile: background` server is healthy at once; the bench waits until its
+    `runtime:compile_pending_graphs` reads 0 before replaying (a server without the metric,
+    such as vLLM, is used as soon as it is healthy)."""
+    from fastapi.responses import PlainTextResponse
+
+    from runtime.bench.launch import pending_graphs, wait_healthy
+
+    scrapes: list[int] = []
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {}
+
+    @app.get("/metrics")
+    async def metrics():
+        scrapes.append(1)
+        pending = max(0, 3 - len(scrapes))
+        return PlainTextResponse(
+            "# HELP runtime:compile_pending_graphs ...\n"
+            f'runtime:compile_pending_graphs{{model_name="m",scheduler="baton"}} {pending}.0\n')
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+
+    class Alive:
+        returncode = None
+
+        def poll(self):
+            return None
+
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, Alive(), timeout=30)
+        assert len(scrapes) == 3  # polled until the queue drained
+        assert pending_graphs(url) == 0
+        assert pending_graphs("http://127.0.0.1:9") is None  # nothing there: not reported
+    finally:
+        server.should_exit = True
+        thread.join(10)
