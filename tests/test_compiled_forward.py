@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -74,6 +76,7 @@ def test_background_compile_serves_eagerly_then_compiled(scheduler: str) -> None
     eager = [r.output_token_ids for r in Engine(
         small_model(), None, instantiate_scheduler(scheduler, {}), scheduler,
     ).generate(prompts(), GREEDY)]
+    switch_interval = sys.getswitchinterval()
     engine = Engine(small_model(), None, instantiate_scheduler(scheduler, {}), scheduler,
                     compile_model="background")
     background = engine.runner.background_compile
@@ -92,6 +95,7 @@ def test_background_compile_serves_eagerly_then_compiled(scheduler: str) -> None
     assert counters["stats"]["unique_graphs"] == graphs and background.state == "ready"
     assert background.passes["compiled"] > passes["compiled"]
     assert background.passes["eager"] == passes["eager"]  # every later pass ran compiled
+    assert sys.getswitchinterval() == switch_interval  # shortened only while building
 
 
 def test_a_failing_background_compile_keeps_serving_eagerly(monkeypatch, caplog) -> None:
