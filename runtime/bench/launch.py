@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +70,13 @@ def pending_graphs(url: str) -> float | None:
     server is still building; None where the server does not report it (vLLM, a locked
     /metrics)."""
     try:
-        text = httpx.get(f"{url}/metrics", timeout=2.0).text
-    except httpx.HTTPError:
+        families = text_string_to_metric_families(
+            httpx.get(f"{url}/metrics", timeout=2.0).text)
+        for family in families:
+            if family.name == "runtime:compile_pending_graphs" and family.samples:
+                return family.samples[0].value
+    except (httpx.HTTPError, ValueError):  # unreachable, or not Prometheus text (a 401 body)
         return None
-    for line in text.splitlines():
-        if line.startswith("runtime:compile_pending_graphs"):
-            return float(line.rsplit(" ", 1)[1])
     return None
 
 

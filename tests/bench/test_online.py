@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import uvicorn
@@ -53,23 +54,30 @@ def make_app() -> FastAPI:
     return app
 
 
-@pytest.fixture(scope="module")
-def stub_url():
+@contextmanager
+def serving(app: FastAPI):
+    """`app` on a free local port in a thread; yields its URL once it accepts connections."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(make_app(), host="127.0.0.1", port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not server.started:
         assert time.time() < deadline, "stub server did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=5)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def stub_url():
+    with serving(make_app()) as url:
+        yield url
 
 
 def test_replay_streams_and_times_every_chunk(stub_url):
@@ -224,23 +232,14 @@ def test_launch_waits_for_a_background_compile(tmp_path):
             "# HELP runtime:compile_pending_graphs ...\n"
             f'runtime:compile_pending_graphs{{model_name="m",scheduler="baton"}} {pending}.0\n')
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-
     class Alive:
         returncode = None
 
         def poll(self):
             return None
 
-    try:
-        url = f"http://127.0.0.1:{port}"
+    with serving(app) as url:
         wait_healthy(url, Alive(), timeout=30)
         assert len(scrapes) == 3  # polled until the queue drained
         assert pending_graphs(url) == 0
-        assert pending_graphs("http://127.0.0.1:9") is None  # nothing there: not reported
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    assert pending_graphs(url) is None  # nothing there any more: not reported
