@@ -6,8 +6,8 @@ stay opaque custom ops so the graph neither breaks per layer nor loses the fast 
 
 - attention (`baton_runtime::attend`): it runs the pass's attention handle, which belongs to
   the scheduler's KV layout and changes every pass, so it cannot be traced;
-- each linear: it runs the kernel `Linear.forward` runs (oneDNN prepacked weights, which
-  inductor cannot trace, or `F.linear`). Where the engine's C++ kernels build
+- each linear: it runs the kernel `Linear.forward` runs (oneDNN or MKL prepacked weights,
+  which inductor cannot trace, or `F.linear`). Where the engine's C++ kernels build
   (`runtime.attention_kernels`), the op is `baton_kernels::linear`, which looks the slot's
   weight up in a C++ table and calls the GEMM with no Python in between (the Python op,
   `baton_runtime::linear`, cost ~50 us per call: ~6 ms of a 55 ms one-row step here);
@@ -129,6 +129,9 @@ def _register_native_linear_fake() -> None:
         lambda slot, x: x.new_empty((*x.shape[:-1], _LINEARS[slot].out_features)))
 
 
+_SLOT_KINDS = {None: 0, "onednn": 1, "mkl": 2}  # linear_slots.cpp's `Kind`
+
+
 class _NativeSlots:
     """The C++ linear op's slot table, kept in step with `_LINEARS` and their packing."""
 
@@ -154,9 +157,10 @@ class _NativeSlots:
         if state == self.state:
             return
         for slot, linear in enumerate(_LINEARS):
-            packed = linear.packed is not None
+            kind = _SLOT_KINDS[linear.packed_by if linear.packed is not None else None]
             torch.ops.baton_kernels.set_linear(
-                slot, linear.packed if packed else linear.weight, linear.bias, packed)
+                slot, linear.weight if kind == 0 else linear.packed, linear.bias, kind,
+                linear.out_features)
         self.state = state
 
 

@@ -1,22 +1,33 @@
-"""Which GEMM kernel the model's linears run on: plain `F.linear` or oneDNN prepacked weights.
+"""Which GEMM kernel the model's linears run on: plain `F.linear`, or prepacked weights.
 
 At decode sizes (a few to a few dozen rows) `F.linear` spends much of its time re-laying the
-weight out for the kernel on every call. oneDNN can do that once: `_reorder_linear_weight`
-packs the weight into its blocked layout, and `_linear_pointwise` multiplies any number of rows
-by it. One packed copy serves every row count (measured: a copy packed for 64 rows runs 1 row as
-fast as one packed for 1), so no row bucketing or padding is needed.
+weight out for the kernel on every call. Two libraries can do that once, and one packed copy
+serves every row count in both (no row bucketing or padding):
+
+- `onednn` (float32, bfloat16): `_reorder_linear_weight` packs the weight into oneDNN's
+  blocked layout, and `_linear_pointwise` multiplies any number of rows by it (measured: a
+  copy packed for 64 rows runs 1 row as fast as one packed for 1).
+- `mkl` (float32, where torch links MKL and the engine's C++ kernels build): MKL's packed
+  sgemm (`kernels/mkl_linear.cpp`). On a 2-core AVX-512 Xeon it ran a SmolLM2-135M-shaped
+  model's linears 1.15-1.6x faster than oneDNN's packed ones at 1-128 rows; on a 2-core
+  AVX2 EPYC oneDNN was the faster. Hence the probe.
+
+`auto` measures the candidates at startup (`probe_speedups`) and takes the fastest.
 
 Memory: packing moves a weight into the packed copy and frees the dense one (memory-neutral),
 except where the dense weight is shared (a tied LM head is also the input embedding), which
-costs its size again. `unpack_linears` restores the dense weights exactly.
+costs its size again. `unpack_linears` restores the dense weights exactly (an MKL-packed
+weight is read back as identity x W^T: every product is by 1 or 0, so every value is exact,
+though a -0.0 weight comes back as +0.0).
 
-Exactness: the packed kernel sums in another order than `F.linear` (float32 logits differ by
-about 1e-6 relative), so it only runs for float32 and bfloat16; float64, the dtype of the
+Exactness: the packed kernels sum in another order than `F.linear` (float32 logits differ by
+about 1e-6 relative), so they only run for float32 and bfloat16; float64, the dtype of the
 bit-exact parity and invariance tests, always takes the plain path.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
@@ -29,11 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.architectures.layers import Linear
+from runtime.attention_kernels import NativeKernelUnavailable, load_native_kernel
 
 logger = logging.getLogger(__name__)
 
-LinearBackend = Literal["auto", "torch", "onednn"]
-LINEAR_BACKENDS: tuple[str, ...] = ("auto", "torch", "onednn")
+LinearBackend = Literal["auto", "torch", "onednn", "mkl"]
+LINEAR_BACKENDS: tuple[str, ...] = ("auto", "torch", "onednn", "mkl")
+PACKED_BACKENDS: tuple[str, ...] = ("onednn", "mkl")
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 PROBE_ROWS = (1, 8, 32, 64)  # decode batch sizes the choice must hold at
 
@@ -71,6 +84,49 @@ def onednn_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     return True
 
 
+def mkl_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """True when MKL's packed sgemm can run a weight of `dtype` here (float32 on a CPU whose
+    torch links MKL, with the engine's C++ kernels built)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return False
+    try:
+        load_native_kernel()
+    except NativeKernelUnavailable:
+        return False
+    return bool(torch.ops.baton_kernels.mkl_available())
+
+
+def packing_supported(backend: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the packed `backend` ("onednn" or "mkl") can run `dtype` weights here."""
+    if backend == "mkl":
+        return mkl_packing_supported(dtype, device)
+    return onednn_packing_supported(dtype, device)
+
+
+def pack_weight(weight: torch.Tensor, backend: str) -> torch.Tensor:
+    """`weight` (out, in) in the packed layout of `backend`; the dense tensor is not changed."""
+    if backend == "mkl":
+        return torch.ops.baton_kernels.mkl_pack(weight.detach())
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, linear: Linear, backend: str
+                  ) -> torch.Tensor:
+    """`linear` applied to `x` through a weight packed by `pack_weight(..., backend)`."""
+    if backend == "mkl":
+        return torch.ops.baton_kernels.mkl_linear(x, packed, linear.out_features, linear.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
+
+
+def _dense_weight(linear: Linear) -> torch.Tensor:
+    """The dense (out, in) weight read back from `linear.packed`."""
+    if linear.packed_by == "mkl":  # identity x W^T, without the bias
+        eye = torch.eye(linear.in_features, dtype=torch.float32)
+        return torch.ops.baton_kernels.mkl_linear(eye, linear.packed, linear.out_features,
+                                                  None).t().contiguous()
+    return linear.packed.to_dense()
+
+
 def model_linears(model: nn.Module) -> list[Linear]:
     """Every `Linear` of the model once (a tied head is listed once, as the head)."""
     seen: set[int] = set()
@@ -89,12 +145,18 @@ def _shared_weights(model: nn.Module) -> set[int]:
 
 
 @torch.no_grad()
-def pack_linears(model: nn.Module) -> int:
-    """Pack every linear's weight for oneDNN; returns the extra bytes held (shared weights).
+def pack_linears(model: nn.Module, backend: str = "onednn") -> int:
+    """Pack every linear's weight for `backend` ("onednn" or "mkl"); returns the extra bytes
+    held (shared weights).
 
-    Idempotent: linears already packed are left alone.
+    Idempotent: linears already packed for `backend` are left alone; those packed for the
+    other one are unpacked first.
     """
     global _PACKING_GENERATION
+    if backend not in PACKED_BACKENDS:
+        raise ValueError(f"pack_linears: backend must be one of {PACKED_BACKENDS}, got {backend!r}")
+    if any(m.packed is not None and m.packed_by != backend for m in model_linears(model)):
+        unpack_linears(model)
     shared = _shared_weights(model)
     extra = 0
     for linear in model_linears(model):
@@ -102,7 +164,8 @@ def pack_linears(model: nn.Module) -> int:
             continue
         _PACKING_GENERATION += 1
         weight = linear.weight
-        linear.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        linear.packed = pack_weight(weight, backend)
+        linear.packed_by = backend
         if id(weight) in shared:
             extra += weight.numel() * weight.element_size()
         else:  # the packed copy replaces the dense one
@@ -119,8 +182,9 @@ def unpack_linears(model: nn.Module) -> None:
             continue
         _PACKING_GENERATION += 1
         if linear.weight.numel() == 0:
-            linear.weight.data = linear.packed.to_dense()
+            linear.weight.data = _dense_weight(linear)
         linear.packed = None
+        linear.packed_by = None
 
 
 def _median_seconds(fn, rounds: int) -> float:
@@ -133,18 +197,20 @@ def _median_seconds(fn, rounds: int) -> float:
 
 
 @torch.inference_mode()
-def probe_speedup(model: nn.Module, rounds: int = 5) -> float:
-    """Measured `F.linear` time over packed time for one decoder layer's linears and the head.
+def probe_speedups(model: nn.Module, backends: tuple[str, ...], rounds: int = 5
+                   ) -> dict[str, float]:
+    """Measured `F.linear` time over each packed backend's, for one decoder layer's linears
+    and the head.
 
-    Interleaved rounds at each of `PROBE_ROWS`, so a burst of background load hits both alike;
+    Interleaved rounds at each of `PROBE_ROWS`, so a burst of background load hits all alike;
     the sum over row counts weighs batch 1 and batch 64 equally in relative terms.
     """
     linears = [m for m in model_linears(model) if m.packed is None]
     head = max(linears, key=lambda m: m.weight.numel())
     in_first_layer = [m for m in linears[:8] if m is not head]
     sample = [*in_first_layer[:4], head]
-    packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach()) for m in sample]
-    plain_total = packed_total = 0.0
+    packed = {b: [pack_weight(m.weight, b) for m in sample] for b in backends}
+    totals = dict.fromkeys(("torch", *backends), 0.0)
     for rows in PROBE_ROWS:
         xs = [torch.randn(rows, m.in_features, dtype=m.weight.dtype) for m in sample]
 
@@ -152,26 +218,32 @@ def probe_speedup(model: nn.Module, rounds: int = 5) -> float:
             for x, m in zip(xs, sample, strict=True):
                 F.linear(x, m.weight, m.bias)
 
-        def onednn(xs=xs) -> None:
-            for x, m, p in zip(xs, sample, packed, strict=True):
-                torch.ops.mkldnn._linear_pointwise(x, p, m.bias, "none", [], "")
+        def run_packed(backend: str, xs=xs) -> None:
+            for x, m, p in zip(xs, sample, packed[backend], strict=True):
+                packed_linear(x, p, m, backend)
 
-        plain(), onednn()  # warm-up: first calls build kernels
-        plain_s = [_median_seconds(plain, 1) for _ in range(rounds)]
-        onednn_s = [_median_seconds(onednn, 1) for _ in range(rounds)]
-        plain_total += statistics.median(plain_s) / rows
-        packed_total += statistics.median(onednn_s) / rows
-    return plain_total / packed_total
+        runs = {"torch": plain, **{b: functools.partial(run_packed, b) for b in backends}}
+        for run in runs.values():  # warm-up: first calls build kernels
+            run()
+        seconds: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, run in runs.items():
+                seconds[name].append(_median_seconds(run, 1))
+        for name in runs:
+            totals[name] += statistics.median(seconds[name]) / rows
+    return {b: totals["torch"] / totals[b] for b in backends}
 
 
-_PROBE_CACHE: dict[tuple, float] = {}
+_PROBE_CACHE: dict[tuple, dict[str, float]] = {}
+MIN_SPEEDUP = 1.05  # a packed kernel must beat `F.linear` by this much to be chosen
 
 
 def choose_linear_backend(model: nn.Module, requested: str = "auto") -> LinearChoice:
     """Decide the linears' kernel for this model, device and dtype (see the module docstring).
 
-    `auto` packs when oneDNN supports the dtype here and a short probe (well under a second
-    on a 135M model; cached per process and shape) measures packed faster than `F.linear`.
+    `auto` packs when a packed kernel supports the dtype here and a short probe (about a
+    second on a 135M model; cached per process and shape) measures it the fastest, and
+    faster than `F.linear` by `MIN_SPEEDUP`.
     """
     if requested not in LINEAR_BACKENDS:
         raise ValueError(f"linear_backend: expected one of {', '.join(LINEAR_BACKENDS)}, "
@@ -180,31 +252,36 @@ def choose_linear_backend(model: nn.Module, requested: str = "auto") -> LinearCh
     dtype, device = param.dtype, param.device
     if requested == "torch":
         return LinearChoice("torch", "requested")
-    supported = onednn_packing_supported(dtype, device)
-    if requested == "onednn":
-        if not supported:
-            raise ValueError(f"linear_backend onednn: oneDNN cannot pack {dtype} weights on "
-                             f"{device.type} here; use auto or torch")
-        return LinearChoice("onednn", "requested")
-    if not supported:
-        return LinearChoice("torch", f"oneDNN packing unavailable for {dtype} on {device.type}")
+    if requested in PACKED_BACKENDS:
+        if not packing_supported(requested, dtype, device):
+            library = {"onednn": "oneDNN", "mkl": "MKL"}[requested]
+            raise ValueError(f"linear_backend {requested}: {library} cannot pack {dtype} "
+                             f"weights on {device.type} here; use auto or torch")
+        return LinearChoice(requested, "requested")
+    candidates = tuple(b for b in PACKED_BACKENDS if packing_supported(b, dtype, device))
+    if not candidates:
+        return LinearChoice("torch", f"no packed kernel for {dtype} on {device.type}")
     linears = model_linears(model)
-    if all(m.packed is not None for m in linears):
-        return LinearChoice("onednn", "already packed")
-    key = (dtype, torch.get_num_threads(), tuple(tuple(m.weight.shape) for m in linears[:8]))
+    if all(m.packed is not None for m in linears) and linears[0].packed_by in candidates:
+        return LinearChoice(linears[0].packed_by, "already packed")
+    unpack_linears(model)  # the probe reads the dense weights
+    key = (dtype, torch.get_num_threads(), candidates,
+           tuple(tuple(m.weight.shape) for m in linears[:8]))
     if key not in _PROBE_CACHE:
-        _PROBE_CACHE[key] = probe_speedup(model)
-    speedup = _PROBE_CACHE[key]
-    if speedup > 1.05:
-        return LinearChoice("onednn", f"probe: prepacked {speedup:.2f}x F.linear")
-    return LinearChoice("torch", f"probe: prepacked only {speedup:.2f}x F.linear")
+        _PROBE_CACHE[key] = probe_speedups(model, candidates)
+    speedups = _PROBE_CACHE[key]
+    measured = ", ".join(f"{b} {x:.2f}x" for b, x in speedups.items())
+    best = max(speedups, key=speedups.__getitem__)
+    if speedups[best] > MIN_SPEEDUP:
+        return LinearChoice(best, f"probe, against F.linear: {measured}")
+    return LinearChoice("torch", f"probe, no packed kernel faster than F.linear: {measured}")
 
 
 def apply_linear_backend(model: nn.Module, requested: str = "auto") -> LinearChoice:
     """Choose and apply the kernel; logs the choice and its memory cost."""
     choice = choose_linear_backend(model, requested)
-    if choice.backend == "onednn":
-        extra = pack_linears(model)
+    if choice.backend in PACKED_BACKENDS:
+        extra = pack_linears(model, choice.backend)
         choice = LinearChoice(choice.backend, choice.reason, extra)
     else:
         unpack_linears(model)

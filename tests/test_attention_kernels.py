@@ -36,6 +36,8 @@ CASES = [  # (dtype, heads, kv_heads, head_dim): AVX2 path, its remainders, the 
     (torch.float32, 4, 4, 24),
     (torch.float32, 8, 2, 128),
     (torch.float32, 6, 2, 12),
+    (torch.float32, 4, 2, 80),  # 16-lane builds: a 64-wide chunk, then one of 16
+    (torch.bfloat16, 4, 2, 48),  # 16-lane builds: three 16-wide value vectors
     (torch.float64, 9, 3, 64),
     (torch.float64, 4, 2, 8),
     (torch.bfloat16, 9, 3, 64),  # widened block by block, arithmetic in float32
@@ -210,6 +212,10 @@ def test_the_build_targets_this_cpu(monkeypatch) -> None:
     avx2 = hardware.CpuInfo(info.model_name, frozenset({"avx2", "fma", "f16c"}), 2)
     monkeypatch.setattr(attention_kernels, "cpu_info", lambda: avx2)
     assert attention_kernels.instruction_set() == ("avx2", ["-mavx2", "-mfma", "-mf16c"])
+    avx512 = hardware.CpuInfo(info.model_name, frozenset({"avx2", "fma", "f16c", "avx512f"}), 2)
+    monkeypatch.setattr(attention_kernels, "cpu_info", lambda: avx512)
+    assert attention_kernels.instruction_set() == (
+        "avx512", ["-mavx2", "-mfma", "-mf16c", "-mavx512f"])
     plain = hardware.CpuInfo(info.model_name, frozenset({"sse4_2"}), 2)
     monkeypatch.setattr(attention_kernels, "cpu_info", lambda: plain)
     assert attention_kernels.instruction_set() == ("generic", [])

@@ -228,13 +228,14 @@ def test_compiled_linears_run_as_one_cpp_op_with_the_eager_tokens(native_kernel)
     assert [r.output_token_ids for r in compiled.generate(prompts(), GREEDY)] == want
 
 
-def test_the_cpp_linear_table_follows_packing_changes(native_kernel) -> None:
+@pytest.mark.parametrize("backend", ["onednn", "mkl"])
+def test_the_cpp_linear_table_follows_packing_changes(native_kernel, backend: str) -> None:
     """Packing after compiling empties the dense weights the C++ table held: the table is
     refreshed before the next pass (a stale entry would fail on a 0-element weight)."""
-    from runtime.linear_kernels import onednn_packing_supported, pack_linears, unpack_linears
+    from runtime.linear_kernels import pack_linears, packing_supported, unpack_linears
 
-    if not onednn_packing_supported(torch.float32, torch.device("cpu")):
-        pytest.skip("oneDNN cannot pack float32 weights here")
+    if not packing_supported(backend, torch.float32, torch.device("cpu")):
+        pytest.skip(f"{backend} cannot pack float32 weights here")
     want = [r.output_token_ids for r in Engine(
         small_model(), None, instantiate_scheduler("baton", {}), "baton",
         linear_backend="torch").generate(prompts(), GREEDY)]
@@ -242,7 +243,7 @@ def test_the_cpp_linear_table_follows_packing_changes(native_kernel) -> None:
     engine = Engine(model, None, instantiate_scheduler("baton", {}), "baton",
                     linear_backend="torch", compile_model=True)
     assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == want
-    pack_linears(model)
+    pack_linears(model, backend)
     assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == want
     unpack_linears(model)
     assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == want

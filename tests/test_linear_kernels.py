@@ -1,4 +1,5 @@
-"""oneDNN prepacked linears: same tokens as `F.linear`, exact unpacking, float64 untouched."""
+"""Prepacked linears (oneDNN, MKL): same tokens as `F.linear`, exact unpacking, float64
+untouched, and the startup probe's choice."""
 
 import pytest
 import torch
@@ -11,14 +12,19 @@ from runtime.linear_kernels import (
     model_linears,
     onednn_packing_supported,
     pack_linears,
+    packing_supported,
     unpack_linears,
 )
 from runtime.model_config import ModelConfig
 from runtime.sampling_params import SamplingParams
 from runtime.testing import tiny_model
 
-FP32_PACKING = onednn_packing_supported(torch.float32, torch.device("cpu"))
+CPU = torch.device("cpu")
+FP32_PACKING = onednn_packing_supported(torch.float32, CPU)
 needs_onednn = pytest.mark.skipif(not FP32_PACKING, reason="oneDNN cannot pack float32 here")
+PACKED = [pytest.param(b, marks=pytest.mark.skipif(
+    not packing_supported(b, torch.float32, CPU), reason=f"{b} cannot pack float32 here"))
+    for b in ("onednn", "mkl")]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
@@ -36,8 +42,9 @@ def prompts():
 def test_float64_always_runs_plain() -> None:
     model = tiny_model()
     assert choose_linear_backend(model, "auto").backend == "torch"
-    with pytest.raises(ValueError, match="cannot pack"):
-        choose_linear_backend(model, "onednn")
+    for backend in ("onednn", "mkl"):
+        with pytest.raises(ValueError, match=f"linear_backend {backend}: .* cannot pack"):
+            choose_linear_backend(model, backend)
     Engine(model)
     assert all(m.packed is None for m in model_linears(model))
 
@@ -47,14 +54,14 @@ def test_unknown_backend_is_rejected() -> None:
         choose_linear_backend(small_model(), "mkl-magic")
 
 
-@needs_onednn
+@pytest.mark.parametrize("backend", PACKED)
 @pytest.mark.parametrize("tied", [True, False])
-def test_unpack_restores_the_exact_weights(tied: bool) -> None:
+def test_unpack_restores_the_exact_weights(tied: bool, backend: str) -> None:
     model = small_model(tied=tied)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    extra = pack_linears(model)
-    assert all(m.packed is not None for m in model_linears(model))
-    assert pack_linears(model) == 0  # idempotent
+    extra = pack_linears(model, backend)
+    assert all(m.packed is not None and m.packed_by == backend for m in model_linears(model))
+    assert pack_linears(model, backend) == 0  # idempotent
     head = model.lm_head.weight
     assert extra == (head.numel() * 4 if tied else 0)  # only a shared weight costs memory
     assert model.model.layers[0].mlp.down_proj.weight.numel() == 0  # dense copy freed
@@ -63,23 +70,23 @@ def test_unpack_restores_the_exact_weights(tied: bool) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@needs_onednn
+@pytest.mark.parametrize("backend", PACKED)
 @pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "GPT2LMHeadModel"])
-def test_packed_logits_match_plain(architecture: str) -> None:
+def test_packed_logits_match_plain(architecture: str, backend: str) -> None:
     model = small_model(architecture=architecture)
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
     from runtime.architectures import CausalSelfAttention
 
     with torch.inference_mode():
         plain = model.compute_logits(model(ids, torch.arange(6)[None], CausalSelfAttention()))
-        pack_linears(model)
+        pack_linears(model, backend)
         packed = model.compute_logits(model(ids, torch.arange(6)[None], CausalSelfAttention()))
     assert (packed - plain).abs().max() <= 1e-4 * plain.abs().max()
 
 
-@needs_onednn
+@pytest.mark.parametrize("backend", PACKED)
 @pytest.mark.parametrize("scheduler", ["baton", "orca", "static"])
-def test_engine_tokens_equal_with_and_without_packing(scheduler: str) -> None:
+def test_engine_tokens_equal_with_and_without_packing(scheduler: str, backend: str) -> None:
     from runtime.plugins import instantiate_scheduler
 
     def run(backend: str) -> list[list[int]]:
@@ -89,7 +96,44 @@ def test_engine_tokens_equal_with_and_without_packing(scheduler: str) -> None:
         assert engine.runner.linear_kernels.backend == backend
         return [r.output_token_ids for r in engine.generate(prompts(), GREEDY)]
 
-    assert run("onednn") == run("torch")
+    assert run(backend) == run("torch")
+
+
+@pytest.mark.skipif(not all(packing_supported(b, torch.float32, CPU) for b in ("onednn", "mkl")),
+                    reason="needs both packed kernels")
+def test_repacking_for_the_other_kernel_goes_through_the_dense_weights() -> None:
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    from runtime.architectures import CausalSelfAttention
+
+    def logits() -> torch.Tensor:
+        with torch.inference_mode():
+            return model.compute_logits(model(ids, torch.arange(6)[None], CausalSelfAttention()))
+
+    plain = logits()
+    pack_linears(model, "onednn")
+    pack_linears(model, "mkl")
+    assert {m.packed_by for m in model_linears(model)} == {"mkl"}
+    assert (logits() - plain).abs().max() <= 1e-4 * plain.abs().max()
+    unpack_linears(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_auto_takes_the_fastest_measured_kernel(monkeypatch) -> None:
+    """The probe's figures decide: the fastest packed kernel if it beats `F.linear` by 5%."""
+    import runtime.linear_kernels as lk
+
+    monkeypatch.setattr(lk, "packing_supported", lambda backend, dtype, device: True)
+    monkeypatch.setattr(lk, "_PROBE_CACHE", {})
+    for speedups, want in (({"onednn": 1.3, "mkl": 1.6}, "mkl"),
+                           ({"onednn": 1.3, "mkl": 0.9}, "onednn"),
+                           ({"onednn": 1.02, "mkl": 1.04}, "torch")):
+        monkeypatch.setattr(lk, "probe_speedups", lambda model, backends, s=speedups: s)
+        lk._PROBE_CACHE.clear()
+        choice = choose_linear_backend(small_model(), "auto")
+        assert choice.backend == want, (speedups, choice)
+        assert "onednn" in choice.reason and "mkl" in choice.reason
 
 
 @needs_onednn
@@ -98,7 +142,7 @@ def test_auto_logs_its_choice(caplog) -> None:
 
     with caplog.at_level(logging.INFO, logger="runtime.linear_kernels"):
         choice = apply_linear_backend(small_model(), "auto")
-    assert choice.backend in ("torch", "onednn") and "probe" in choice.reason
+    assert choice.backend in ("torch", "onednn", "mkl") and "probe" in choice.reason
     assert "linear kernels" in caplog.text
 
 

@@ -179,10 +179,15 @@ def test_unsupported_dtype_argument(llama_dir):
     raises(llama_dir, "unsupported dtype 'int8'", dtype="int8")
 
 
-def test_dtype_conversion_and_auto(tmp_path):
+def test_dtype_conversion_and_auto(tmp_path, monkeypatch):
+    from runtime.hardware import CpuInfo
+
     path = make_hf_model_dir(tmp_path, "llama", dtype=torch.bfloat16)
     assert load_model_config(path).torch_dtype == "bfloat16"
-    auto = load_model(path)  # bfloat16 has no fast CPU kernels: "auto" means float32 on CPU
+    # on a CPU without native bfloat16 matmul "auto" means float32 (whatever this machine has)
+    monkeypatch.setattr("runtime.loader.cpu_info",
+                        lambda: CpuInfo("AMD EPYC", frozenset({"avx2", "fma"}), 2))
+    auto = load_model(path)
     assert auto.dtype == torch.float32 and auto.config.torch_dtype == "float32"
     assert load_model(path, dtype="bfloat16").dtype == torch.bfloat16
     assert load_model(path, dtype=torch.float16).dtype == torch.float16

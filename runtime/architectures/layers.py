@@ -37,15 +37,19 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class Linear(nn.Linear):
     """`nn.Linear` that can run on a prepacked weight (`runtime.linear_kernels.pack_linears`).
 
-    `packed` is None for the plain `F.linear` path; when set, it is the weight in oneDNN's
-    blocked layout and the GEMM skips re-laying the weight out on every call.
+    `packed` is None for the plain `F.linear` path; when set, it is the weight laid out once
+    for the kernel `packed_by` names (oneDNN's blocked layout, or MKL's packed sgemm format),
+    so the GEMM skips re-laying the weight out on every call.
     """
 
     packed: torch.Tensor | None = None
+    packed_by: str | None = None  # "onednn" or "mkl" while `packed` is set
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
+        if self.packed_by == "mkl":
+            return torch.ops.baton_kernels.mkl_linear(x, self.packed, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 

@@ -5,12 +5,15 @@
 // linear by slot. Implemented in Python, that op cost about 50 us of interpreter time per call
 // (120 calls per 30-layer pass: ~6 ms of a 55 ms one-row step on a 2-core AVX2 host). Here the
 // slot's weight is looked up in a table filled from Python (`runtime/compiled_forward.py`)
-// and the GEMM is called directly: `mkldnn::_linear_pointwise` on a packed weight, `at::linear`
-// on a dense one, the same kernels `Linear.forward` runs, so results are identical.
+// and the GEMM is called directly: `mkldnn::_linear_pointwise` on a oneDNN-packed weight, MKL's
+// packed sgemm on an MKL-packed one (mkl_linear.cpp), `at::linear` on a dense one: the same
+// kernels `Linear.forward` runs, so results are identical.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/linear.h>
 #include <torch/library.h>
+
+#include "mkl_linear.h"
 
 #include <cstdint>
 #include <mutex>
@@ -20,10 +23,14 @@
 
 namespace {
 
+// How a slot's weight tensor is laid out (`Linear.packed_by` in Python).
+enum Kind : int64_t { kDense = 0, kOneDnn = 1, kMkl = 2 };
+
 struct Slot {
-  at::Tensor weight;  // dense (out, in), or oneDNN-packed when `packed`
+  at::Tensor weight;  // dense (out, in), or the packed form `kind` names
   std::optional<at::Tensor> bias;
-  bool packed = false;
+  int64_t kind = kDense;
+  int64_t out_features = 0;
   bool set = false;
 };
 
@@ -31,11 +38,13 @@ std::mutex slots_mutex;
 std::vector<Slot> slots;
 
 void set_linear(int64_t slot, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                bool packed) {
+                int64_t kind, int64_t out_features) {
   TORCH_CHECK(slot >= 0, "baton_kernels::set_linear: negative slot ", slot);
+  TORCH_CHECK(kind == kDense || kind == kOneDnn || kind == kMkl,
+              "baton_kernels::set_linear: unknown weight kind ", kind);
   std::lock_guard<std::mutex> lock(slots_mutex);
   if (static_cast<size_t>(slot) >= slots.size()) slots.resize(slot + 1);
-  slots[slot] = Slot{weight, bias, packed, true};
+  slots[slot] = Slot{weight, bias, kind, out_features, true};
 }
 
 Slot slot_of(int64_t slot) {
@@ -62,14 +71,15 @@ at::Tensor packed_linear(const at::Tensor& x, const Slot& s) {
 
 at::Tensor linear(int64_t slot, const at::Tensor& x) {
   const Slot s = slot_of(slot);
-  if (s.packed) return packed_linear(x, s);
+  if (s.kind == kOneDnn) return packed_linear(x, s);
+  if (s.kind == kMkl) return baton::mkl_packed_linear(x, s.weight, s.out_features, s.bias);
   return at::linear(x, s.weight, s.bias);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(baton_kernels, m) {
-  m.def("set_linear(int slot, Tensor weight, Tensor? bias, bool packed) -> ()",
+  m.def("set_linear(int slot, Tensor weight, Tensor? bias, int kind, int out_features) -> ()",
         TORCH_FN(set_linear));
   m.def("linear(int slot, Tensor x) -> Tensor");
   m.impl("linear", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(linear));

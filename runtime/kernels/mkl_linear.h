@@ -1,0 +1,15 @@
+// MKL's packed sgemm for float32 linears (see mkl_linear.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace baton {
+
+// y = x W^T (+ bias) with W packed by `mkl_pack`: x (..., K) float32, y (..., N).
+at::Tensor mkl_packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                             const std::optional<at::Tensor>& bias);
+
+}  // namespace baton
