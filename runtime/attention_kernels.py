@@ -83,7 +83,8 @@ class AttentionChoice:
 
 def instruction_set() -> tuple[str, list[str]]:
     """The ISA to build for and its compiler flags: AVX-512 (foundation) on top of AVX2 where
-    this CPU has it (the kernel's 16-lane loops, 1.1-1.27x the 8-lane ones there), else
+    this CPU has it (the kernel's 16-lane loops for float32 keys, 1.17-1.27x the 8-lane ones
+    there), else
     AVX2+FMA+F16C when it has them (every AVX2 CPU does; F16C widens float16 keys)."""
     flags = cpu_info().flags
     avx2 = ["-mavx2", "-mfma", "-mf16c"]

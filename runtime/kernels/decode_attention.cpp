@@ -325,7 +325,8 @@ void attend_one_avx2(const float* q, const KT* k, const KT* v, int64_t group, in
 // --- AVX-512 float loops (head size a multiple of 16) ---------------------------------------
 // The AVX2 loops' structure at twice the width: half the load and FMA instructions per key.
 // Measured against the AVX2 build on a 2-core AVX-512 Xeon (30 layers, 9/3 heads of 64):
-// float32 1.23-1.27x, bfloat16 1.10-1.16x at 32-64 rows (docs/benchmarks.md).
+// float32 1.23-1.27x at 32-64 rows (docs/benchmarks.md). `attend_one` takes it for float32
+// keys only (see there).
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
@@ -490,7 +491,9 @@ void attend_one(const T* q, const KT* k, const KT* v, int64_t group, int64_t dim
 #ifdef BATON_AVX2
   if constexpr (std::is_same_v<T, float>) {
 #ifdef BATON_AVX512
-    if (dim % 16 == 0) {
+    // float32 keys only: for 16-bit keys the 16-lane path was 1.1-1.16x faster alone, but a
+    // bfloat16 server was 0.91x as fast with it (two interleaved runs, docs/benchmarks.md).
+    if (std::is_same_v<KT, float> && dim % 16 == 0) {
       attend_one_avx512(q, k, v, group, dim, key_stride, count, scale, scores, acc, wide);
       return;
     }
