@@ -328,15 +328,6 @@ void attend_one_avx2(const float* q, const KT* k, const KT* v, int64_t group, in
 // float32 1.23-1.27x at 32-64 rows (docs/benchmarks.md). `attend_one` takes it for float32
 // keys only (see there).
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
 // The two 8-lane halves of a 16-lane vector added together.
 inline __m256 fold_halves(__m512 v) {
   const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
@@ -442,32 +433,14 @@ void weighted_values_block_avx512(const float* probs, int64_t prob_stride, int64
   }
 }
 
-// `widened` at 16 lanes.
-template <typename KT>
-const float* widened_512(const KT* src, int64_t key_stride, int64_t n, int64_t dim, float* buf,
-                         int64_t& stride) {
-  if constexpr (std::is_same_v<KT, float>) {
-    stride = key_stride;
-    return src;
-  } else {
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t d = 0; d < dim; d += 16)
-        _mm512_storeu_ps(buf + j * dim + d, load16(src + j * key_stride + d));
-    stride = dim;
-    return buf;
-  }
-}
-
-// attend_one_avx2 at 16 lanes (dim a multiple of 16).
-template <typename KT>
-void attend_one_avx512(const float* q, const KT* k, const KT* v, int64_t group, int64_t dim,
-                       int64_t key_stride, int64_t count, float scale, float* scores,
-                       float* acc, float* wide) {
-  int64_t stride = 0;
+// attend_one_avx2 at 16 lanes, for float32 keys and values read in place (dim % 16 == 0).
+void attend_one_avx512(const float* q, const float* k, const float* v, int64_t group,
+                       int64_t dim, int64_t key_stride, int64_t count, float scale,
+                       float* scores, float* acc) {
   for (int64_t j0 = 0; j0 < count; j0 += kScoreBlock) {
     const int64_t n = std::min(kScoreBlock, count - j0);
-    const float* kb = widened_512(k + j0 * key_stride, key_stride, n, dim, wide, stride);
-    scores_block_avx512(q, group, dim, kb, stride, n, scale, scores + j0, count);
+    scores_block_avx512(q, group, dim, k + j0 * key_stride, key_stride, n, scale, scores + j0,
+                        count);
   }
   for (int64_t g = 0; g < group; ++g) {
     const float norm = 1.0f / softmax_numerators_avx2(scores + g * count, count);
@@ -475,8 +448,8 @@ void attend_one_avx512(const float* q, const KT* k, const KT* v, int64_t group, 
   }
   for (int64_t j0 = 0; j0 < count; j0 += kValueBlock) {
     const int64_t n = std::min(kValueBlock, count - j0);
-    const float* vb = widened_512(v + j0 * key_stride, key_stride, n, dim, wide, stride);
-    weighted_values_block_avx512(scores + j0, count, group, n, vb, stride, dim, acc);
+    weighted_values_block_avx512(scores + j0, count, group, n, v + j0 * key_stride, key_stride,
+                                 dim, acc);
   }
 }
 #endif  // BATON_AVX512
@@ -491,11 +464,13 @@ void attend_one(const T* q, const KT* k, const KT* v, int64_t group, int64_t dim
 #ifdef BATON_AVX2
   if constexpr (std::is_same_v<T, float>) {
 #ifdef BATON_AVX512
-    // float32 keys only: for 16-bit keys the 16-lane path was 1.1-1.16x faster alone, but a
+    // float32 keys only: for 16-bit keys a 16-lane path was 1.1-1.16x faster alone, but a
     // bfloat16 server was 0.91x as fast with it (two interleaved runs, docs/benchmarks.md).
-    if (std::is_same_v<KT, float> && dim % 16 == 0) {
-      attend_one_avx512(q, k, v, group, dim, key_stride, count, scale, scores, acc, wide);
-      return;
+    if constexpr (std::is_same_v<KT, float>) {
+      if (dim % 16 == 0) {
+        attend_one_avx512(q, k, v, group, dim, key_stride, count, scale, scores, acc);
+        return;
+      }
     }
 #endif
     if (dim % 8 == 0) {
