@@ -157,7 +157,7 @@ class _NativeSlots:
         if state == self.state:
             return
         for slot, linear in enumerate(_LINEARS):
-            kind = _SLOT_KINDS[linear.packed_by if linear.packed is not None else None]
+            kind = _SLOT_KINDS[linear.packed_by]  # None while `packed` is None
             torch.ops.baton_kernels.set_linear(
                 slot, linear.weight if kind == 0 else linear.packed, linear.bias, kind,
                 linear.out_features)

@@ -110,14 +110,6 @@ def pack_weight(weight: torch.Tensor, backend: str) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, linear: Linear, backend: str
-                  ) -> torch.Tensor:
-    """`linear` applied to `x` through a weight packed by `pack_weight(..., backend)`."""
-    if backend == "mkl":
-        return torch.ops.baton_kernels.mkl_linear(x, packed, linear.out_features, linear.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
-
-
 def _dense_weight(linear: Linear) -> torch.Tensor:
     """The dense (out, in) weight read back from `linear.packed`."""
     if linear.packed_by == "mkl":  # identity x W^T, without the bias
@@ -220,7 +212,7 @@ def probe_speedups(model: nn.Module, backends: tuple[str, ...], rounds: int = 5
 
         def run_packed(backend: str, xs=xs) -> None:
             for x, m, p in zip(xs, sample, packed[backend], strict=True):
-                packed_linear(x, p, m, backend)
+                m.packed_forward(x, p, backend)
 
         runs = {"torch": plain, **{b: functools.partial(run_packed, b) for b in backends}}
         for run in runs.values():  # warm-up: first calls build kernels

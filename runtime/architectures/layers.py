@@ -48,9 +48,15 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        if self.packed_by == "mkl":
-            return torch.ops.baton_kernels.mkl_linear(x, self.packed, self.out_features, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return self.packed_forward(x, self.packed, self.packed_by)
+
+    def packed_forward(self, x: torch.Tensor, packed: torch.Tensor, packed_by: str
+                       ) -> torch.Tensor:
+        """This linear applied through `packed`, a copy of its weight packed for `packed_by`
+        (the probe in `runtime.linear_kernels` times copies it has not installed yet)."""
+        if packed_by == "mkl":
+            return torch.ops.baton_kernels.mkl_linear(x, packed, self.out_features, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
 class FusedLinear(Linear):
