@@ -15,7 +15,7 @@ import yaml
 from runtime.kv_sizing import parse_kv_memory
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
-LINEAR_BACKENDS = ("auto", "torch", "onednn")  # runtime.linear_kernels
+LINEAR_BACKENDS = ("auto", "torch", "onednn", "mkl")  # runtime.linear_kernels
 ATTENTION_BACKENDS = ("auto", "sdpa", "native")  # runtime.attention_kernels
 COMPILE_MODES = ("background",)  # besides true and false: runtime.compiled_forward
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "kjv-llama-tiny"

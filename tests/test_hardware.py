@@ -1,6 +1,9 @@
 """Startup choices read off the machine: dtype, threads, OpenMP policy (capability mocked)."""
 
 import logging
+import os
+import threading
+import time
 
 import pytest
 import torch
@@ -156,3 +159,32 @@ def test_cli_sets_openmp_policy_before_torch_loads() -> None:
 
 def test_keep_freed_memory_applies_on_glibc() -> None:
     assert isinstance(hardware.keep_freed_memory(), bool)
+
+
+def _process_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_call_on_fresh_thread_returns_raises_and_leaves_no_openmp_team() -> None:
+    """The builder thread's OpenMP workers must exit with it, or the engine thread's team is
+    throttled (libgomp sleeps between regions once threads outnumber CPUs)."""
+    assert hardware.call_on_fresh_thread(lambda: threading.current_thread().name) == "build-engine"
+    with pytest.raises(KeyError, match="boom"):
+        hardware.call_on_fresh_thread(lambda: {}["boom"])
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs /proc to count threads")
+    before = _process_threads()
+
+    def parallel_work() -> int:
+        torch.set_num_threads(2)  # a team of two: this thread and one OpenMP worker
+        a = torch.randn(256, 256)
+        for _ in range(3):
+            a = torch.tanh(a @ a)
+        return _process_threads()
+
+    during = hardware.call_on_fresh_thread(parallel_work)
+    assert during > before  # the builder (and its OpenMP worker) existed
+    deadline = time.monotonic() + 5.0
+    while _process_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _process_threads() == before

@@ -160,3 +160,11 @@ def test_bfloat16_logits_within_tolerance_of_float32() -> None:
         out = bf_model.compute_logits(bf_model(ids, pos, CausalSelfAttention())).float()
     # bf16 keeps 8 mantissa bits: logits within 5% of their range after two layers
     assert (out - ref).abs().max() <= 0.05 * (ref.max() - ref.min())
+
+
+def test_config_and_cli_offer_every_linear_backend():
+    """The config's list (kept torch-free) names every backend the kernels module has."""
+    from runtime import config, linear_kernels
+
+    assert config.LINEAR_BACKENDS == linear_kernels.LINEAR_BACKENDS
+    assert config.RuntimeConfig(linear_backend="mkl").linear_backend == "mkl"

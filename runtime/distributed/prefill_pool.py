@@ -36,16 +36,20 @@ class PrefillServer:
 
     def __init__(self, config: RuntimeConfig, index: int) -> None:
         from runtime.bootstrap import configure_host, resolve_device
+        from runtime.hardware import call_on_fresh_thread
         from runtime.linear_kernels import apply_linear_backend
         from runtime.loader import load_model
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        configure_host(config.num_threads)
+        def load() -> tuple[torch.nn.Module, int]:  # on a thread whose OpenMP team then goes
+            configure_host(config.num_threads)
+            model = load_model(config.resolved_model(), dtype=config.dtype,
+                               device=resolve_device(config.device))
+            apply_linear_backend(model, config.linear_backend)
+            return model, torch.get_num_threads()
+
         self.index = index
-        self.model = load_model(config.resolved_model(), dtype=config.dtype,
-                                device=resolve_device(config.device))
-        apply_linear_backend(self.model, config.linear_backend)
-        self.threads = torch.get_num_threads()
+        self.model, self.threads = call_on_fresh_thread(load)
         self.queued = 0
         self.num_requests = self.num_tokens = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="prefill")

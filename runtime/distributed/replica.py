@@ -27,6 +27,7 @@ from prometheus_client import Counter, generate_latest
 from runtime.config import ConfigError, RuntimeConfig
 from runtime.distributed.protocol import Delta, Load, ReplicaInfo, Report, RequestSpec
 from runtime.engine import Engine
+from runtime.hardware import call_on_fresh_thread
 from runtime.hookspecs import hookimpl
 from runtime.outputs import RequestOutput
 from runtime.request import Request
@@ -86,7 +87,8 @@ class ReplicaServer:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         self.index = index
         self.passes = PassCounter()
-        self.engine = create_engine(config, observers=(self.passes,))
+        self.engine, threads = call_on_fresh_thread(  # its OpenMP team must not outlive it
+            lambda: (create_engine(config, observers=(self.passes,)), torch.get_num_threads()))
         if config.prefill_workers and not self.engine.accepts_prefilled:
             raise ConfigError(prefilled_refusal(self.engine))
         self.metrics = ServerMetrics(model_name, config.scheduler, config.log_interval,
@@ -98,7 +100,7 @@ class ReplicaServer:
         self.fallbacks = Counter("runtime:prefill_fallbacks", "Requests prefilled here after "
                                  "their prefill worker failed.", list(labels),
                                  registry=self.metrics.registry).labels(**labels)
-        self.loop = ReplicaLoop(self.engine, self.metrics, torch.get_num_threads(),
+        self.loop = ReplicaLoop(self.engine, self.metrics, threads,
                                 self._collect, self._died)
         self.num_prefilled = self.num_fallbacks = 0
         self.incarnation = uuid.uuid4().hex

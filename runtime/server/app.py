@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from runtime.config import RuntimeConfig
 from runtime.engine import Engine
+from runtime.hardware import call_on_fresh_thread
 from runtime.server import chat, completions
 from runtime.server.async_engine import AsyncEngine
 from runtime.server.errors import APIError, install_error_handlers
@@ -60,10 +61,12 @@ def create_app(
     settings: ServerSettings,
     on_load_error: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
-    """An app serving the engine `engine_factory` builds (called once, in a worker thread)."""
+    """An app serving the engine `engine_factory` builds (called once, on a thread that exits
+    before the engine loop starts: see `call_on_fresh_thread`)."""
 
     async def load(state: ServerState) -> AsyncEngine:
-        engine, threads = await asyncio.to_thread(lambda: (engine_factory(), torch.get_num_threads()))
+        engine, threads = await asyncio.to_thread(
+            call_on_fresh_thread, lambda: (engine_factory(), torch.get_num_threads()))
         aengine = AsyncEngine(engine, settings.max_queued_requests, state.metrics, threads)
         state.metrics.watch_compile(engine.runner.background_compile)
         aengine.start()
