@@ -6,23 +6,47 @@ memory as in a real step. The contenders run interleaved, round after round, and
 is a median, so machine noise hits them alike.
 
     python benchmarks/decode_attention.py --dtypes float32 bfloat16 --shapes 1x100 32x211 64x300
+
+`--baseline-source` builds another version of the kernel's C++ file (say the last commit's,
+`git show HEAD:runtime/kernels/decode_attention.cpp > /tmp/old.cpp`) under its own op
+namespace and runs it in the same rounds, checking it gives the same output: an A/B of a
+kernel change in one process, on one machine state.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from runtime.attention_kernels import load_native_kernel
+from runtime.attention_kernels import instruction_set, load_native_kernel
+
+
+def load_baseline(source: Path) -> Callable[..., torch.Tensor]:
+    """Build `source` (a version of decode_attention.cpp) as op `baton_baseline::...`."""
+    from torch.utils import cpp_extension
+
+    text = source.read_text()
+    if "TORCH_LIBRARY(baton_kernels," not in text:
+        raise SystemExit(f"{source}: no TORCH_LIBRARY(baton_kernels, ...) to rename")
+    build = Path(tempfile.mkdtemp(prefix="baton-baseline-")) / "decode_attention.cpp"
+    build.write_text(text.replace("TORCH_LIBRARY(baton_kernels,", "TORCH_LIBRARY(baton_baseline,"))
+    isa, flags = instruction_set()
+    cpp_extension.load(name=f"baton_baseline_{isa}", sources=[str(build)],
+                       extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],
+                       is_python_module=False, verbose=False)
+    return torch.ops.baton_baseline.decode_attention.default
 
 
 def contenders(rows: int, keys: int, dtype: torch.dtype, layers: int, heads: int,
-               kv_heads: int, dim: int) -> dict[str, Callable[[], None]]:
+               kv_heads: int, dim: int, baseline: Callable[..., torch.Tensor] | None = None
+               ) -> dict[str, Callable[[], None]]:
     """The timed closures for one shape: each attends (or reads) every layer once."""
     kernel = load_native_kernel()
     columns = keys + 16  # a window with a few pad columns on the left, as BATON's buffer
@@ -43,7 +67,19 @@ def contenders(rows: int, keys: int, dtype: torch.dtype, layers: int, heads: int
             F.scaled_dot_product_attention(q[:, :, None], k[:, :, real], v[:, :, real],
                                            enable_gqa=True)
 
-    return {"native": native, "sdpa": sdpa}
+    runs = {"native": native, "sdpa": sdpa}
+    if baseline is not None:
+        def old() -> None:
+            for k, v in zip(ks, vs, strict=True):
+                baseline(q, k, v, offsets, counts, dim, columns * dim, kv_heads, None, None)
+
+        k, v = ks[0], vs[0]
+        same = torch.equal(kernel(q, k, v, offsets, counts, dim, columns * dim, kv_heads),
+                           baseline(q, k, v, offsets, counts, dim, columns * dim, kv_heads,
+                                    None, None))
+        print(f"  {dtype} {rows}x{keys}: baseline output {'identical' if same else 'DIFFERS'}")
+        runs["baseline"] = old
+    return runs
 
 
 def main() -> None:
@@ -57,18 +93,22 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds per figure")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline-source", type=Path,
+                        help="another version of runtime/kernels/decode_attention.cpp to A/B")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    baseline = load_baseline(args.baseline_source) if args.baseline_source else None
     print(f"{args.layers} layers, {args.heads} q / {args.kv_heads} KV heads of {args.head_dim}; "
           f"{args.threads} threads; median of {args.rounds} interleaved rounds, ms per step")
-    print("| dtype | rows x keys | native | SDPA | SDPA / native |")
-    print("|---|---|---|---|---|")
+    extra = " baseline | native / baseline |" if baseline else ""
+    print(f"| dtype | rows x keys | native | SDPA | SDPA / native |{extra}")
+    print("|---|---|---|---|---|" + ("---|---|" if baseline else ""))
     for name in args.dtypes:
         dtype = getattr(torch, name)
         for shape in args.shapes:
             rows, keys = (int(x) for x in shape.split("x"))
             runs = contenders(rows, keys, dtype, args.layers, args.heads, args.kv_heads,
-                              args.head_dim)
+                              args.head_dim, baseline)
             times: dict[str, list[float]] = {label: [] for label in runs}
             for _ in range(args.rounds):
                 for label, run in runs.items():
@@ -76,8 +116,11 @@ def main() -> None:
                     run()
                     times[label].append(time.perf_counter() - started)
             ms = {label: 1e3 * statistics.median(t) for label, t in times.items()}
-            print(f"| {name} | {shape} | {ms['native']:.2f} | {ms['sdpa']:.2f} | "
-                  f"{ms['sdpa'] / ms['native']:.2f}x |", flush=True)
+            row = (f"| {name} | {shape} | {ms['native']:.2f} | {ms['sdpa']:.2f} | "
+                   f"{ms['sdpa'] / ms['native']:.2f}x |")
+            if baseline:
+                row += f" {ms['baseline']:.2f} | {ms['native'] / ms['baseline']:.2f}x |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -98,23 +98,26 @@ def gemm_flops(model: torch.nn.Module, rows: int) -> int:
 
 def attention_alone(model: torch.nn.Module, rows: int, context: int,
                     kernel: DecodeKernel | None = None) -> Callable[[], None]:
-    """One layer's decode attention of `rows` rows over `context + 1` keys, per layer: the
-    engine's decode kernel when it has one, else a folded-GQA SDPA."""
+    """The decode attention of `rows` rows over `context + 1` keys in every layer: the
+    engine's decode kernel when it has one, else a folded-GQA SDPA. Each layer has its own K
+    and V, so the keys stream from memory as in a step (one buffer reused for every layer
+    stayed in the caches and read 3.5x faster than the step's attention ran)."""
     cfg = model.config
     dtype = next(model.parameters()).dtype
     kv_heads, dim = cfg.num_key_value_heads, cfg.head_dim
     group = cfg.num_attention_heads // kv_heads
     q = torch.randn(rows, kv_heads, group, dim, dtype=dtype)
-    kv = torch.randn(rows, kv_heads, context + 1, dim, dtype=dtype)
+    layers = [tuple(torch.randn(rows, kv_heads, context + 1, dim, dtype=dtype) for _ in "kv")
+              for _ in range(cfg.num_hidden_layers)]
     offsets = torch.arange(rows) * kv_heads * (context + 1) * dim
     counts = torch.full((rows,), context + 1)
 
     def run() -> None:
-        for _ in range(cfg.num_hidden_layers):
+        for k, v in layers:
             if kernel is None:
-                F.scaled_dot_product_attention(q, kv, kv)
+                F.scaled_dot_product_attention(q, k, v)
             else:
-                kernel(q.view(rows, -1, dim), kv, kv, offsets, counts, dim, (context + 1) * dim,
+                kernel(q.view(rows, -1, dim), k, v, offsets, counts, dim, (context + 1) * dim,
                        kv_heads)
 
     return run

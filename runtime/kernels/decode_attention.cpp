@@ -122,6 +122,28 @@ constexpr int64_t kValueBlock = 64;
 constexpr int64_t kKeyBlock = std::max(kScoreBlock, kValueBlock);
 
 #ifdef BATON_AVX2
+#ifndef BATON_PREFETCH_KEYS
+#define BATON_PREFETCH_KEYS 8
+#endif
+// How far ahead the loops that stream keys or values from memory ask for them. Decode
+// attention is bound by memory: the hardware prefetcher restarts at every row's keys and
+// every 4 KiB page, and the core idles on each miss. Asking 8 keys (2 KiB of a 64-wide
+// float32 head) ahead ran the 30 layers' attention of 32 rows at 0.91x the time without
+// (13 -> 14.4 GB/s of this host's 20; 4 and 16 keys ahead were no better: docs/benchmarks.md).
+// Reading past a row's last key only prefetches (never faults), and reads the padding or the
+// next head's keys at worst.
+constexpr int64_t kPrefetchKeys = BATON_PREFETCH_KEYS;
+
+// Ask for the `dim` elements of one key (or value) to be brought into L1.
+template <typename KT>
+inline void prefetch_key(const KT* key, int64_t dim) {
+  if constexpr (kPrefetchKeys > 0) {
+    const char* p = reinterpret_cast<const char*>(key);
+    for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(KT)); b += 64)
+      _mm_prefetch(p + b, _MM_HINT_T0);
+  }
+}
+
 // --- AVX2/FMA float loops (head size a multiple of 8) ---------------------------------------
 
 // Eight keys' or values' elements widened to float32.
@@ -208,9 +230,11 @@ void scores_block_avx2(const float* q, int64_t group, int64_t dim, const float* 
       for (; j < n; ++j) sg[j] = dot1(qg, k + j * key_stride, dim) * scale;
     }
   } else {
-    for (int64_t j = 0; j < n; ++j)
+    for (int64_t j = 0; j < n; ++j) {
+      prefetch_key(k + (j + kPrefetchKeys) * key_stride, dim);
       for (int64_t g = 0; g < group; ++g)
         scores[g * score_stride + j] = dot1(q + g * dim, k + j * key_stride, dim) * scale;
+    }
   }
 }
 
@@ -248,9 +272,11 @@ void weighted_values_chunk(const float* probs, int64_t prob_stride, int64_t grou
     float* ag = acc + g * dim + d0;
     for (int i = 0; i < NV; ++i) a[i] = _mm256_loadu_ps(ag + 8 * i);
     const float* pg = probs + g * prob_stride;
+    const bool from_memory = g == 0 && d0 == 0;  // later passes find the block in L1
     for (int64_t j = 0; j < n; ++j) {
       const __m256 p = _mm256_broadcast_ss(pg + j);
       const float* vj = v + j * key_stride + d0;
+      if (from_memory) prefetch_key(vj + kPrefetchKeys * key_stride, dim);
       for (int i = 0; i < NV; ++i) a[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * i), a[i]);
     }
     for (int i = 0; i < NV; ++i) _mm256_storeu_ps(ag + 8 * i, a[i]);
@@ -289,9 +315,11 @@ const float* widened(const KT* src, int64_t key_stride, int64_t n, int64_t dim, 
     stride = key_stride;
     return src;
   } else {
-    for (int64_t j = 0; j < n; ++j)
+    for (int64_t j = 0; j < n; ++j) {
+      prefetch_key(src + (j + kPrefetchKeys) * key_stride, dim);
       for (int64_t d = 0; d < dim; d += 8)
         _mm256_storeu_ps(buf + j * dim + d, load8(src + j * key_stride + d));
+    }
     stride = dim;
     return buf;
   }
@@ -375,8 +403,11 @@ void scores_block_avx512(const float* q, int64_t group, int64_t dim, const float
     const float* qg = q + g * dim;
     float* sg = scores + g * score_stride;
     int64_t j = 0;
-    for (; j + 4 <= n; j += 4)
+    for (; j + 4 <= n; j += 4) {
+      if (g == 0)  // the first head streams the keys from memory; the others find them in L1
+        for (int64_t i = 0; i < 4; ++i) prefetch_key(k + (j + i + kPrefetchKeys) * key_stride, dim);
       _mm_storeu_ps(sg + j, _mm_mul_ps(dot4_512(qg, k + j * key_stride, key_stride, dim), s4));
+    }
     for (; j < n; ++j) sg[j] = dot1_512(qg, k + j * key_stride, dim) * scale;
   }
 }
@@ -394,10 +425,15 @@ void weighted_values_chunk_512(const float* probs, int64_t prob_stride, int64_t 
     for (int i = 0; i < NV; ++i) a[i] = _mm512_loadu_ps(ag + 16 * i), b[i] = _mm512_setzero_ps();
     const float* pg = probs + g * prob_stride;
     int64_t j = 0;
+    const bool from_memory = g == 0 && d0 == 0;  // later passes find the block in L1
     for (; j + 2 <= n; j += 2) {
       const __m512 p0 = _mm512_set1_ps(pg[j]), p1 = _mm512_set1_ps(pg[j + 1]);
       const float* v0 = v + j * key_stride + d0;
       const float* v1 = v0 + key_stride;
+      if (from_memory) {
+        prefetch_key(v0 + kPrefetchKeys * key_stride, dim);
+        prefetch_key(v1 + kPrefetchKeys * key_stride, dim);
+      }
       for (int i = 0; i < NV; ++i) {
         a[i] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * i), a[i]);
         b[i] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * i), b[i]);
