@@ -42,6 +42,8 @@ CASES = [  # (dtype, heads, kv_heads, head_dim): AVX2 path, its remainders, the 
     (torch.float64, 4, 2, 8),
     (torch.bfloat16, 9, 3, 64),  # widened block by block, arithmetic in float32
     (torch.bfloat16, 6, 2, 12),
+    (torch.bfloat16, 10, 2, 32),  # AVX-512 BF16 builds: values widened through the buffer
+    (torch.bfloat16, 8, 1, 128),  # AVX-512 BF16 builds: heads in register sets of 4, 2 chunks
     (torch.float16, 8, 2, 128),
     (torch.float16, 4, 4, 24),
 ]
@@ -216,6 +218,12 @@ def test_the_build_targets_this_cpu(monkeypatch) -> None:
     monkeypatch.setattr(attention_kernels, "cpu_info", lambda: avx512)
     assert attention_kernels.instruction_set() == (
         "avx512", ["-mavx2", "-mfma", "-mf16c", "-mavx512f"])
+    bf16 = hardware.CpuInfo(info.model_name, avx512.flags | {"avx512bw", "avx512vl",
+                                                             "avx512_bf16"}, 2)
+    monkeypatch.setattr(attention_kernels, "cpu_info", lambda: bf16)
+    assert attention_kernels.instruction_set() == (
+        "avx512bf16",
+        ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"])
     plain = hardware.CpuInfo(info.model_name, frozenset({"sse4_2"}), 2)
     monkeypatch.setattr(attention_kernels, "cpu_info", lambda: plain)
     assert attention_kernels.instruction_set() == ("generic", [])

@@ -20,7 +20,9 @@
 // Dtypes: q, K/V, new_k/new_v and the output share the model's dtype: float32, float64,
 // bfloat16 or float16. Arithmetic is float32 (float64 for float64): a 16-bit model's query is
 // widened once per task and its keys and values block by block (a shift for bfloat16, F16C
-// for float16), and its output rounded back to nearest even, as `Tensor.to` does.
+// for float16), and its output rounded back to nearest even, as `Tensor.to` does. On a CPU with
+// AVX-512 BF16 a bfloat16 model's scores multiply bfloat16 pairs exactly and sum in float32
+// (`vdpbf16ps`, no widening), which changes only the order of the float32 additions.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -41,6 +43,9 @@
 #define BATON_AVX2 1
 #if defined(__AVX512F__)
 #define BATON_AVX512 1
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define BATON_AVX512_BF16 1
+#endif
 #endif
 #endif
 
@@ -488,6 +493,131 @@ void attend_one_avx512(const float* q, const float* k, const float* v, int64_t g
                                  dim, acc);
   }
 }
+
+#ifdef BATON_AVX512_BF16
+// --- AVX-512 BF16 (bfloat16 keys and query, head size a multiple of 32) --------------------
+// A bfloat16 model's attention was bound by widening its keys (as fast as float32 keys of
+// twice the bytes). `vdpbf16ps` multiplies bfloat16 pairs straight from memory: the products
+// are exact in float32 and summed in float32, so the scores differ from the widening path's
+// only by the order of float32 additions. Values are still widened (16 lanes, once per block):
+// the probabilities stay float32.
+
+// The dot products of one bfloat16 query head with four consecutive bfloat16 keys.
+inline __m128 dot4_bf16(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t key_stride,
+                        int64_t dim) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  const c10::BFloat16* k1 = k + key_stride;
+  const c10::BFloat16* k2 = k1 + key_stride;
+  const c10::BFloat16* k3 = k2 + key_stride;
+  for (int64_t d = 0; d < dim; d += 32) {
+    const __m512bh x = (__m512bh)_mm512_loadu_si512(qg + d);
+    a0 = _mm512_dpbf16_ps(a0, x, (__m512bh)_mm512_loadu_si512(k + d));
+    a1 = _mm512_dpbf16_ps(a1, x, (__m512bh)_mm512_loadu_si512(k1 + d));
+    a2 = _mm512_dpbf16_ps(a2, x, (__m512bh)_mm512_loadu_si512(k2 + d));
+    a3 = _mm512_dpbf16_ps(a3, x, (__m512bh)_mm512_loadu_si512(k3 + d));
+  }
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(fold_halves(a0), fold_halves(a1)),
+                                  _mm256_hadd_ps(fold_halves(a2), fold_halves(a3)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+inline float dot1_bf16(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t dim) {
+  __m512 a = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 32)
+    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qg + d),
+                         (__m512bh)_mm512_loadu_si512(k + d));
+  return _mm512_reduce_add_ps(a);
+}
+
+// `n` bfloat16 values widened to float32 rows of `dim` (a multiple of 16) in `buf`.
+inline void widen_bf16_512(const c10::BFloat16* src, int64_t key_stride, int64_t n, int64_t dim,
+                           float* buf) {
+  for (int64_t j = 0; j < n; ++j) {
+    prefetch_key(src + (j + kPrefetchKeys) * key_stride, dim);
+    for (int64_t d = 0; d < dim; d += 16) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j * key_stride + d));
+      _mm512_storeu_ps(buf + j * dim + d,
+                       _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)));
+    }
+  }
+}
+
+// acc_g[d0, d0 + 64) += sum_j p[g, j] v_j[d0, d0 + 64) for G query heads over `n` bfloat16
+// values: each value is widened once, in registers, and serves the G heads (4 G + 4 of the 32
+// vector registers), instead of being widened into a buffer and read back once per head.
+template <int G>
+void weighted_values_bf16(const float* probs, int64_t prob_stride, int64_t n,
+                          const c10::BFloat16* v, int64_t key_stride, int64_t d0, int64_t dim,
+                          float* acc) {
+  __m512 a[G][4];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < 4; ++i) a[g][i] = _mm512_loadu_ps(acc + g * dim + d0 + 16 * i);
+  for (int64_t j = 0; j < n; ++j) {
+    const c10::BFloat16* vj = v + j * key_stride + d0;
+    if (d0 == 0) prefetch_key(vj + kPrefetchKeys * key_stride, dim);
+    __m512 w[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vj + 16 * i));
+      w[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(probs[g * prob_stride + j]);
+      for (int i = 0; i < 4; ++i) a[g][i] = _mm512_fmadd_ps(p, w[i], a[g][i]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + g * dim + d0 + 16 * i, a[g][i]);
+}
+
+// attend_one for a bfloat16 query, keys and values (dim % 32 == 0); `wide` holds kKeyBlock
+// widened values (heads of a width that is not a multiple of 64).
+void attend_one_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v,
+                     int64_t group, int64_t dim, int64_t key_stride, int64_t count, float scale,
+                     float* scores, float* acc, float* wide) {
+  std::fill(acc, acc + group * dim, 0.0f);
+  const __m128 s4 = _mm_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < count; j0 += kScoreBlock) {
+    const int64_t n = std::min(kScoreBlock, count - j0);
+    const c10::BFloat16* kb = k + j0 * key_stride;
+    for (int64_t g = 0; g < group; ++g) {
+      const c10::BFloat16* qg = q + g * dim;
+      float* sg = scores + g * count + j0;
+      int64_t j = 0;
+      for (; j + 4 <= n; j += 4) {
+        if (g == 0)  // the first head streams the keys from memory; the others find them in L1
+          for (int64_t i = 0; i < 4; ++i) prefetch_key(kb + (j + i + kPrefetchKeys) * key_stride, dim);
+        _mm_storeu_ps(sg + j, _mm_mul_ps(dot4_bf16(qg, kb + j * key_stride, key_stride, dim), s4));
+      }
+      for (; j < n; ++j) sg[j] = dot1_bf16(qg, kb + j * key_stride, dim) * scale;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float norm = 1.0f / softmax_numerators_avx2(scores + g * count, count);
+    for (int64_t j = 0; j < count; ++j) scores[g * count + j] *= norm;
+  }
+  for (int64_t j0 = 0; j0 < count; j0 += kValueBlock) {
+    const int64_t n = std::min(kValueBlock, count - j0);
+    const c10::BFloat16* vb = v + j0 * key_stride;
+    if (dim % 64 != 0) {
+      widen_bf16_512(vb, key_stride, n, dim, wide);
+      weighted_values_block_avx512(scores + j0, count, group, n, wide, dim, dim, acc);
+      continue;
+    }
+    for (int64_t d0 = 0; d0 < dim; d0 += 64)
+      for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const float* pg = scores + g0 * count + j0;
+        float* ag = acc + g0 * dim;
+        switch (std::min<int64_t>(4, group - g0)) {
+          case 1: weighted_values_bf16<1>(pg, count, n, vb, key_stride, d0, dim, ag); break;
+          case 2: weighted_values_bf16<2>(pg, count, n, vb, key_stride, d0, dim, ag); break;
+          case 3: weighted_values_bf16<3>(pg, count, n, vb, key_stride, d0, dim, ag); break;
+          default: weighted_values_bf16<4>(pg, count, n, vb, key_stride, d0, dim, ag); break;
+        }
+      }
+  }
+}
+#endif  // BATON_AVX512_BF16
 #endif  // BATON_AVX512
 
 // One (row, KV head): acc_g = softmax(scale q_g K^T) V for the group's query heads, in the
@@ -500,8 +630,9 @@ void attend_one(const T* q, const KT* k, const KT* v, int64_t group, int64_t dim
 #ifdef BATON_AVX2
   if constexpr (std::is_same_v<T, float>) {
 #ifdef BATON_AVX512
-    // float32 keys only: for 16-bit keys a 16-lane path was 1.1-1.16x faster alone, but a
-    // bfloat16 server was 0.91x as fast with it (two interleaved runs, docs/benchmarks.md).
+    // float32 keys only: for 16-bit keys a 16-lane widening path was 1.1-1.16x faster alone,
+    // but a bfloat16 server was 0.91x as fast with it (two interleaved runs,
+    // docs/benchmarks.md). Where AVX-512 BF16 exists, `attend` takes `attend_one_bf16`.
     if constexpr (std::is_same_v<KT, float>) {
       if (dim % 16 == 0) {
         attend_one_avx512(q, k, v, group, dim, key_stride, count, scale, scores, acc);
@@ -561,6 +692,16 @@ void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* of
         std::copy_n(appended.v + r * appended.v_row + h * appended.v_head, dim, vp + last);
       }
       const int64_t at = (r * heads + h * group) * dim;
+#ifdef BATON_AVX512_BF16
+      if constexpr (std::is_same_v<QT, c10::BFloat16>) {
+        if (dim % 32 == 0) {
+          attend_one_bf16(qp + at, kp + first, vp + first, group, dim, key_stride, counts[r],
+                          scale, scores.data(), acc.data(), wide.data());
+          for (int64_t i = 0; i < group * dim; ++i) op[at + i] = static_cast<QT>(acc[i]);
+          continue;
+        }
+      }
+#endif
       const T* qt;
       if constexpr (k16Bit) {
         for (int64_t i = 0; i < group * dim; ++i) wide_q[i] = static_cast<T>(qp[at + i]);
