@@ -499,8 +499,8 @@ void attend_one_avx512(const float* q, const float* k, const float* v, int64_t g
 // A bfloat16 model's attention was bound by widening its keys (as fast as float32 keys of
 // twice the bytes). `vdpbf16ps` multiplies bfloat16 pairs straight from memory: the products
 // are exact in float32 and summed in float32, so the scores differ from the widening path's
-// only by the order of float32 additions. Values are still widened (16 lanes, once per block):
-// the probabilities stay float32.
+// only by the order of float32 additions. Values are still widened to float32 (in registers,
+// once per value for up to four query heads), so the probabilities stay float32.
 
 // The dot products of one bfloat16 query head with four consecutive bfloat16 keys.
 inline __m128 dot4_bf16(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t key_stride,
