@@ -193,7 +193,7 @@ def test_fragmented_pool_compacts_and_keeps_tokens(model, mode: str) -> None:
 
 
 def test_auto_tries_both_variants_then_keeps_the_faster() -> None:
-    chooser = VariantChooser(probe_every=4, window=3, warmup=1)
+    chooser = VariantChooser(probe_every=4, window=3, warmup=1, clear_margin=float("inf"))
     assert chooser.choose() == "fused"  # each variant is measured first
     chooser.record("fused", 0.010, 10)  # 1 ms per decode row
     assert chooser.choose() == "loop"
@@ -207,6 +207,22 @@ def test_auto_tries_both_variants_then_keeps_the_faster() -> None:
         chooser.record("fused", 0.050, 10)  # the machine got busy: fused is now slower
     assert chooser.cost("fused") == 0.005 and chooser.choose() == "fused"  # choice 12: a probe
     assert chooser.choose() == "loop"
+
+
+def test_auto_probes_a_clearly_slower_variant_less_and_less_often() -> None:
+    """While the slower variant stays 1.5x the faster one, each probe doubles the wait for the
+    next (up to the cap); once the two come close, probing is back to every `probe_every`."""
+    chooser = VariantChooser(probe_every=4, window=3, warmup=1, max_probe_every=16)
+    assert chooser.choose() == "fused"
+    chooser.record("fused", 0.010, 10)
+    assert chooser.choose() == "loop"
+    chooser.record("loop", 0.030, 10)  # 3x the fused cost
+    probes = [n for n in range(3, 61) if chooser.choose() == "loop"]
+    assert probes == [4, 12, 28, 44, 60]
+    for _ in range(3):
+        chooser.record("loop", 0.012, 10)  # now 1.2x: no longer clearly slower
+    probes = [n for n in range(61, 90) if chooser.choose() == "loop"]
+    assert probes == [76, 80, 84, 88]
 
 
 def test_slot_allocator_first_fit_and_compaction() -> None:
