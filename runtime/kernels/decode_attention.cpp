@@ -397,15 +397,24 @@ inline float dot1_512(const float* qg, const float* k, int64_t dim) {
   return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
-// The scores of `n` float32 keys (dim a multiple of 16), four keys at a time per query head
-// (`scores_block_avx2`'s `kFourKeys` order). At this width that order also won for keys read
-// in place from memory: 1.2x the key-by-key order at 32-64 rows on an AVX-512 Xeon.
-void scores_block_avx512(const float* q, int64_t group, int64_t dim, const float* k,
+#ifdef BATON_AVX512_BF16
+// The AVX-512 BF16 dot products (defined below), for `scores_block_avx512<c10::BFloat16>`.
+inline __m128 dot4_512(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t key_stride,
+                       int64_t dim);
+inline float dot1_512(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t dim);
+#endif
+
+// The scores of `n` keys (float32, dim a multiple of 16; or bfloat16 with a bfloat16 query,
+// dim a multiple of 32), four keys at a time per query head (`scores_block_avx2`'s
+// `kFourKeys` order). At this width that order also won for keys read in place from memory:
+// 1.2x the key-by-key order at 32-64 rows on an AVX-512 Xeon.
+template <typename KT>
+void scores_block_avx512(const KT* q, int64_t group, int64_t dim, const KT* k,
                          int64_t key_stride, int64_t n, float scale, float* scores,
                          int64_t score_stride) {
   const __m128 s4 = _mm_set1_ps(scale);
   for (int64_t g = 0; g < group; ++g) {
-    const float* qg = q + g * dim;
+    const KT* qg = q + g * dim;
     float* sg = scores + g * score_stride;
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
@@ -503,8 +512,8 @@ void attend_one_avx512(const float* q, const float* k, const float* v, int64_t g
 // once per value for up to four query heads), so the probabilities stay float32.
 
 // The dot products of one bfloat16 query head with four consecutive bfloat16 keys.
-inline __m128 dot4_bf16(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t key_stride,
-                        int64_t dim) {
+inline __m128 dot4_512(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t key_stride,
+                       int64_t dim) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
   const c10::BFloat16* k1 = k + key_stride;
@@ -522,7 +531,7 @@ inline __m128 dot4_bf16(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-inline float dot1_bf16(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t dim) {
+inline float dot1_512(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t dim) {
   __m512 a = _mm512_setzero_ps();
   for (int64_t d = 0; d < dim; d += 32)
     a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qg + d),
@@ -576,21 +585,10 @@ void attend_one_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::
                      int64_t group, int64_t dim, int64_t key_stride, int64_t count, float scale,
                      float* scores, float* acc, float* wide) {
   std::fill(acc, acc + group * dim, 0.0f);
-  const __m128 s4 = _mm_set1_ps(scale);
   for (int64_t j0 = 0; j0 < count; j0 += kScoreBlock) {
     const int64_t n = std::min(kScoreBlock, count - j0);
-    const c10::BFloat16* kb = k + j0 * key_stride;
-    for (int64_t g = 0; g < group; ++g) {
-      const c10::BFloat16* qg = q + g * dim;
-      float* sg = scores + g * count + j0;
-      int64_t j = 0;
-      for (; j + 4 <= n; j += 4) {
-        if (g == 0)  // the first head streams the keys from memory; the others find them in L1
-          for (int64_t i = 0; i < 4; ++i) prefetch_key(kb + (j + i + kPrefetchKeys) * key_stride, dim);
-        _mm_storeu_ps(sg + j, _mm_mul_ps(dot4_bf16(qg, kb + j * key_stride, key_stride, dim), s4));
-      }
-      for (; j < n; ++j) sg[j] = dot1_bf16(qg, kb + j * key_stride, dim) * scale;
-    }
+    scores_block_avx512(q, group, dim, k + j0 * key_stride, key_stride, n, scale, scores + j0,
+                        count);
   }
   for (int64_t g = 0; g < group; ++g) {
     const float norm = 1.0f / softmax_numerators_avx2(scores + g * count, count);
