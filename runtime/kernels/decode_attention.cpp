@@ -483,10 +483,10 @@ void weighted_values_block_avx512(const float* probs, int64_t prob_stride, int64
   }
 }
 
-// attend_one_avx2 at 16 lanes, for float32 keys and values read in place (dim % 16 == 0).
-void attend_one_avx512(const float* q, const float* k, const float* v, int64_t group,
-                       int64_t dim, int64_t key_stride, int64_t count, float scale,
-                       float* scores, float* acc) {
+// The group's attention probabilities over `count` keys (row g at scores + g * count).
+template <typename KT>
+void probabilities_avx512(const KT* q, int64_t group, int64_t dim, const KT* k,
+                          int64_t key_stride, int64_t count, float scale, float* scores) {
   for (int64_t j0 = 0; j0 < count; j0 += kScoreBlock) {
     const int64_t n = std::min(kScoreBlock, count - j0);
     scores_block_avx512(q, group, dim, k + j0 * key_stride, key_stride, n, scale, scores + j0,
@@ -496,6 +496,13 @@ void attend_one_avx512(const float* q, const float* k, const float* v, int64_t g
     const float norm = 1.0f / softmax_numerators_avx2(scores + g * count, count);
     for (int64_t j = 0; j < count; ++j) scores[g * count + j] *= norm;
   }
+}
+
+// attend_one_avx2 at 16 lanes, for float32 keys and values read in place (dim % 16 == 0).
+void attend_one_avx512(const float* q, const float* k, const float* v, int64_t group,
+                       int64_t dim, int64_t key_stride, int64_t count, float scale,
+                       float* scores, float* acc) {
+  probabilities_avx512(q, group, dim, k, key_stride, count, scale, scores);
   for (int64_t j0 = 0; j0 < count; j0 += kValueBlock) {
     const int64_t n = std::min(kValueBlock, count - j0);
     weighted_values_block_avx512(scores + j0, count, group, n, v + j0 * key_stride, key_stride,
@@ -585,15 +592,7 @@ void attend_one_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::
                      int64_t group, int64_t dim, int64_t key_stride, int64_t count, float scale,
                      float* scores, float* acc, float* wide) {
   std::fill(acc, acc + group * dim, 0.0f);
-  for (int64_t j0 = 0; j0 < count; j0 += kScoreBlock) {
-    const int64_t n = std::min(kScoreBlock, count - j0);
-    scores_block_avx512(q, group, dim, k + j0 * key_stride, key_stride, n, scale, scores + j0,
-                        count);
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    const float norm = 1.0f / softmax_numerators_avx2(scores + g * count, count);
-    for (int64_t j = 0; j < count; ++j) scores[g * count + j] *= norm;
-  }
+  probabilities_avx512(q, group, dim, k, key_stride, count, scale, scores);
   for (int64_t j0 = 0; j0 < count; j0 += kValueBlock) {
     const int64_t n = std::min(kValueBlock, count - j0);
     const c10::BFloat16* vb = v + j0 * key_stride;
