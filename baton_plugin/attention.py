@@ -123,10 +123,10 @@ class BatonAttention:
         k_rows[:, :, seg.end] = k[tokens]
         v_rows[:, :, seg.end] = v[tokens]
         cols = slice(seg.start, seg.end + 1)
-        out = F.scaled_dot_product_attention(
+        out = F.scaled_dot_product_attention(  # 16-bit K/V under a wider model: widened
             q[tokens].unsqueeze(2),  # (n, H, 1, D)
-            k_rows[:, :, cols],  # (n, H_kv, W + 1, D)
-            v_rows[:, :, cols],
+            k_rows[:, :, cols].to(q.dtype),  # (n, H_kv, W + 1, D)
+            v_rows[:, :, cols].to(q.dtype),
             attn_mask=mask,
             enable_gqa=True,
         )

@@ -92,9 +92,9 @@ class BatonCache(KVCache):
         # Rows the KV budget holds at full context; the slack columns only let windows slide.
         self.max_rows = max(1, min(rows_wanted, limits.kv_cache_tokens // limits.max_model_len))
         dims = (shape.num_layers, self.max_rows, shape.num_kv_heads, self.columns, shape.head_dim)
-        self.k = torch.empty(dims, dtype=dtype, device=self.device)
-        self.v = torch.empty(dims, dtype=dtype, device=self.device)
-        self.scratch = torch.empty(dims[1:], dtype=dtype, device=self.device)  # one layer
+        self.k = torch.empty(dims, dtype=self.kv_dtype, device=self.device)
+        self.v = torch.empty(dims, dtype=self.kv_dtype, device=self.device)
+        self.scratch = torch.empty(dims[1:], dtype=self.kv_dtype, device=self.device)  # one layer
         self.staging: Staging | None = None
         self.space = RowSpace(self.max_rows)
         self.buckets: list[Bucket] = []

@@ -11,6 +11,9 @@ is a median, so machine noise hits them alike.
 `git show HEAD:runtime/kernels/decode_attention.cpp > /tmp/old.cpp`) under its own op
 namespace and runs it in the same rounds, checking it gives the same output: an A/B of a
 kernel change in one process, on one machine state.
+
+`--cache-dtype bfloat16` (or float16) adds the kernel over the same keys and values stored in
+16 bits under the model-dtype query (`kv_cache_dtype`), timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ def load_baseline(source: Path) -> Callable[..., torch.Tensor]:
 
 
 def contenders(rows: int, keys: int, dtype: torch.dtype, layers: int, heads: int,
-               kv_heads: int, dim: int, baseline: Callable[..., torch.Tensor] | None = None
-               ) -> dict[str, Callable[[], None]]:
+               kv_heads: int, dim: int, baseline: Callable[..., torch.Tensor] | None = None,
+               cache_dtype: torch.dtype | None = None) -> dict[str, Callable[[], None]]:
     """The timed closures for one shape: each attends (or reads) every layer once."""
     kernel = load_native_kernel()
     columns = keys + 16  # a window with a few pad columns on the left, as BATON's buffer
@@ -68,6 +71,14 @@ def contenders(rows: int, keys: int, dtype: torch.dtype, layers: int, heads: int
                                            enable_gqa=True)
 
     runs = {"native": native, "sdpa": sdpa}
+    if cache_dtype is not None:
+        ks16, vs16 = [k.to(cache_dtype) for k in ks], [v.to(cache_dtype) for v in vs]
+
+        def native16() -> None:
+            for k, v in zip(ks16, vs16, strict=True):
+                kernel(q, k, v, offsets, counts, dim, columns * dim, kv_heads)
+
+        runs["cache16"] = native16
     if baseline is not None:
         def old() -> None:
             for k, v in zip(ks, vs, strict=True):
@@ -93,6 +104,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds per figure")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dtype", choices=["bfloat16", "float16"],
+                        help="also time the kernel over a 16-bit copy of the keys and values")
     parser.add_argument("--baseline-source", type=Path,
                         help="another version of runtime/kernels/decode_attention.cpp to A/B")
     args = parser.parse_args()
@@ -100,15 +113,18 @@ def main() -> None:
     baseline = load_baseline(args.baseline_source) if args.baseline_source else None
     print(f"{args.layers} layers, {args.heads} q / {args.kv_heads} KV heads of {args.head_dim}; "
           f"{args.threads} threads; median of {args.rounds} interleaved rounds, ms per step")
+    cache_dtype = getattr(torch, args.cache_dtype) if args.cache_dtype else None
     extra = " baseline | native / baseline |" if baseline else ""
+    extra += f" {args.cache_dtype} cache | {args.cache_dtype} / native |" if cache_dtype else ""
     print(f"| dtype | rows x keys | native | SDPA | SDPA / native |{extra}")
-    print("|---|---|---|---|---|" + ("---|---|" if baseline else ""))
+    print("|---|---|---|---|---|" + "---|---|" * (bool(baseline) + bool(cache_dtype)))
     for name in args.dtypes:
         dtype = getattr(torch, name)
         for shape in args.shapes:
             rows, keys = (int(x) for x in shape.split("x"))
             runs = contenders(rows, keys, dtype, args.layers, args.heads, args.kv_heads,
-                              args.head_dim, baseline)
+                              args.head_dim, baseline,
+                              cache_dtype if dtype.itemsize > 2 else None)  # 16-bit: its own
             times: dict[str, list[float]] = {label: [] for label in runs}
             for _ in range(args.rounds):
                 for label, run in runs.items():
@@ -120,6 +136,10 @@ def main() -> None:
                    f"{ms['sdpa'] / ms['native']:.2f}x |")
             if baseline:
                 row += f" {ms['baseline']:.2f} | {ms['native'] / ms['baseline']:.2f}x |"
+            if cache_dtype and "cache16" in ms:
+                row += f" {ms['cache16']:.2f} | {ms['cache16'] / ms['native']:.2f}x |"
+            elif cache_dtype:
+                row += " - | - |"
             print(row, flush=True)
 
 

@@ -96,7 +96,7 @@ class OrcaKVCache(KVCache):
     def _empty_pool(self, capacity: int) -> torch.Tensor:
         s = self.shape
         dims = (s.num_layers, 2, capacity, s.num_kv_heads, s.head_dim)
-        return torch.empty(dims, dtype=self.dtype, device=self.device)
+        return torch.empty(dims, dtype=self.kv_dtype, device=self.device)
 
     def add(self, request: Request) -> None:
         size = self.reservation(request)

@@ -46,13 +46,14 @@ SOURCES = tuple(Path(__file__).parent / "kernels" / name
 class DecodeKernel:
     """Single-query attention over keys addressed in place (see the C++ file's header).
 
-    q `(n, H, D)` contiguous; `k`/`v` a layer's contiguous K/V storage (q's dtype); row r reads
+    q `(n, H, D)` contiguous; `k`/`v` a layer's contiguous K/V storage (q's dtype, or bfloat16
+    or float16 under a float32/float64 q: a 16-bit `kv_cache_dtype`); row r reads
     `counts[r]` keys from element `offsets[r]`, key j of KV head h at
     `offsets[r] + j * key_stride + h * head_stride`. Returns `(n, H, D)`, scaled by `D**-0.5`.
 
     With `new_k`/`new_v` (`(n, H_kv, D)`, unit last stride), row r's decode key and value are
     first written to its last key position (`offsets[r] + (counts[r] - 1) * key_stride`): the
-    layer's cache write folded into the call.
+    layer's cache write folded into the call (rounded to the cache's dtype; q's dtype in).
     """
 
     def __init__(self, isa: str) -> None:

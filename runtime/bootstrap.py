@@ -37,7 +37,7 @@ def create_engine(config: RuntimeConfig, observers: tuple[object, ...] = ()) -> 
     model = load_model(path, dtype=config.dtype, device=device)
     tokenizer = Tokenizer.from_dir(path)
     limits = EngineLimits(config.max_num_seqs, config.max_model_len, config.kv_cache_tokens,
-                          config.kv_cache_memory)
+                          config.kv_cache_memory, config.kv_cache_dtype)
     engine = Engine(model, tokenizer, scheduler, config.scheduler, limits, observers,
                     linear_backend=config.linear_backend, compile_model=config.compile,
                     attention_backend=config.attention_backend)

@@ -13,6 +13,7 @@ from runtime.config import (
     ATTENTION_BACKENDS,
     COMPILE_MODES,
     DTYPES,
+    KV_CACHE_DTYPES,
     LINEAR_BACKENDS,
     ConfigError,
     RuntimeConfig,
@@ -36,6 +37,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory",
                    help="KV cache budget: auto, a fraction of available memory (0.4) or a size "
                         "(4GiB) (default auto = 0.4)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                   help="KV cache storage: auto (the model's dtype), or bfloat16/float16 under "
+                        "a float32 model (half the KV memory, rounded keys and values)")
     p.add_argument("--kv-cache-tokens", type=int,
                    help="KV capacity in tokens; overrides --kv-cache-memory")
     p.add_argument("--linear-backend", choices=LINEAR_BACKENDS,
@@ -63,7 +67,7 @@ def compile_flag(text: str) -> bool | str:
 
 def engine_overrides(args: argparse.Namespace) -> dict:
     keys = ("scheduler", "dtype", "device", "max_model_len", "max_num_seqs", "kv_cache_tokens",
-            "kv_cache_memory", "linear_backend", "attention_backend", "compile", "seed", "num_threads")
+            "kv_cache_memory", "kv_cache_dtype", "linear_backend", "attention_backend", "compile", "seed", "num_threads")
     out = {k: getattr(args, k, None) for k in keys}
     if getattr(args, "model", None):
         out["model"] = args.model

@@ -15,6 +15,7 @@ import yaml
 from runtime.kv_sizing import parse_kv_memory
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16")  # runtime.model_runner.resolve_kv_dtype
 LINEAR_BACKENDS = ("auto", "torch", "onednn", "mkl")  # runtime.linear_kernels
 ATTENTION_BACKENDS = ("auto", "sdpa", "native")  # runtime.attention_kernels
 COMPILE_MODES = ("background",)  # besides true and false: runtime.compiled_forward
@@ -42,6 +43,7 @@ class RuntimeConfig:
     max_num_seqs: int = 64
     kv_cache_tokens: int | None = None
     kv_cache_memory: str | float = "auto"
+    kv_cache_dtype: str = "auto"
     linear_backend: str = "auto"
     attention_backend: str = "auto"
     compile: bool | str = False  # true, false or background (runtime.compiled_forward)
@@ -76,6 +78,7 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _check_choice("linear_backend", self.linear_backend, LINEAR_BACKENDS)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if isinstance(self.compile, str) and self.compile not in COMPILE_MODES:

@@ -7,7 +7,8 @@
         scheduler_options = {"max_wait_steps": 4}  # the YAML `scheduler_options`
 
 pytest then runs every `test_*` below against the installed plugin: selection by YAML name,
-greedy tokens equal to solo runs under random arrivals and aborts, seeded sampling independent
+greedy tokens equal to solo runs under random arrivals and aborts (also over a bfloat16 KV
+cache, `kv_cache_dtype`), seeded sampling independent
 of the batch, no leaks after finish and abort, abort handling, and the hook contracts. Each test
 is a call to a plain function of `runtime.testing`, usable without pytest; this module needs
 pytest (the `test` extra).
@@ -94,6 +95,25 @@ class SchedulerConformance:
         )
         check_scheduling_invariance(
             conformance_model, conformance_factory, arrivals, max_num_seqs=self.max_num_seqs
+        )
+
+    def test_greedy_tokens_equal_solo_tokens_over_a_16_bit_cache(
+        self, conformance_model, conformance_factory
+    ) -> None:
+        """`kv_cache_dtype: bfloat16`: the layout stores K/V as `kv_dtype` and still gives
+        every request its solo tokens (SDPA needs keys of the query's dtype: widen them)."""
+        arrivals = random_arrivals(
+            2,
+            num_requests=7,
+            vocab_size=128,
+            prompt_len=(1, 20),
+            max_tokens=(1, 8),
+            max_arrival_step=6,
+            abort_fraction=0.2,
+        )
+        check_scheduling_invariance(
+            conformance_model, conformance_factory, arrivals, max_num_seqs=self.max_num_seqs,
+            kv_cache_dtype="bfloat16",
         )
 
     def test_more_requests_than_rows(self, conformance_model, conformance_factory) -> None:

@@ -32,7 +32,7 @@ class PerRequestKVCache(KVCache):
         s = self.shape
         self._slabs[request] = torch.empty(
             (s.num_layers, 2, self.reservation(request), s.num_kv_heads, s.head_dim),
-            dtype=self.dtype, device=self.device)
+            dtype=self.kv_dtype, device=self.device)
 
     def free(self, request: Request) -> None:
         self._slabs.pop(request, None)

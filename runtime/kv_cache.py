@@ -47,11 +47,14 @@ class CacheLimits:
 
     `kv_cache_tokens` is the resolved `kv_cache_tokens` setting (or what `kv_cache_memory`
     holds): the one name of the KV capacity, here, in `SchedulingBudget` and on `KVCache`.
+    `kv_dtype` is what the keys and values are stored as (`kv_cache_dtype`; None: the model's
+    dtype), `KVCache.kv_dtype` for a layout.
     """
 
     max_num_seqs: int
     max_model_len: int
     kv_cache_tokens: int
+    kv_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +148,12 @@ class KVCache(ABC):
     decode-attention kernel (`runtime.attention_kernels.DecodeKernel`) when the engine's
     `attention_backend` chose it, else None (use SDPA). A layout that can address each decode
     row's keys in place passes them to it; one that cannot ignores it.
+
+    `dtype` is the model's (queries, masks, prefill staging); `kv_dtype` is what the layout
+    stores keys and values as (`kv_cache_dtype`: the model's dtype, or 16-bit under a float32
+    model, which halves the KV memory the engine sized `kv_cache_tokens` by). A layout stores
+    K/V as `kv_dtype` and hands SDPA keys and values of the query's dtype (the decode kernel
+    reads 16-bit keys under a float32 query itself).
     """
 
     decode_kernel: DecodeKernel | None = None
@@ -155,6 +164,7 @@ class KVCache(ABC):
         self.limits = limits
         self.device = torch.device(device)
         self.dtype = dtype
+        self.kv_dtype = limits.kv_dtype or dtype
 
     @abstractmethod
     def add(self, request: Request) -> None:

@@ -33,6 +33,27 @@ class EngineLimits:
     max_model_len: int | None = None
     kv_cache_tokens: int | None = None
     kv_cache_memory: str | float | None = None
+    kv_cache_dtype: str = "auto"
+
+
+HALF_KV_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """`kv_cache_dtype`: `auto` stores K/V as the model's dtype; `bfloat16`/`float16` store
+    them in 16 bits under a float32 or float64 model (half or a quarter of the KV memory; the
+    keys and values rounded as they are written). A 16-bit model keeps its own dtype."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype not in HALF_KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype: expected auto, {', '.join(HALF_KV_DTYPES)}, "
+                         f"got {kv_cache_dtype!r}")
+    wanted = HALF_KV_DTYPES[kv_cache_dtype]
+    if model_dtype.itemsize <= wanted.itemsize and model_dtype != wanted:
+        raise ValueError(f"kv_cache_dtype: {kv_cache_dtype} under a "
+                         f"{str(model_dtype).removeprefix('torch.')} model; a 16-bit model "
+                         "stores K/V in its own dtype (use auto)")
+    return wanted
 
 
 class ModelRunner:
@@ -68,14 +89,16 @@ class ModelRunner:
         self.shape = ModelShape(cfg.num_hidden_layers, cfg.num_attention_heads,
                                 cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size,
                                 max_model_len)
-        element_size = torch.empty((), dtype=self.dtype).element_size()
+        self.kv_dtype = resolve_kv_dtype(limits.kv_cache_dtype, self.dtype)
+        element_size = self.kv_dtype.itemsize
         self.kv_capacity = kv_capacity(
             kv_elements_per_token(self.shape) * element_size, limits.max_num_seqs,
             max_model_len, limits.kv_cache_tokens, limits.kv_cache_memory, self.device)
-        logger.info("KV cache capacity: %d tokens, %.2f GiB (%s)", self.kv_capacity.tokens,
-                    self.kv_capacity.gib, self.kv_capacity.reason)
+        logger.info("KV cache capacity: %d tokens, %.2f GiB of %s (%s)", self.kv_capacity.tokens,
+                    self.kv_capacity.gib, str(self.kv_dtype).removeprefix("torch."),
+                    self.kv_capacity.reason)
         self.cache_limits = CacheLimits(limits.max_num_seqs, max_model_len,
-                                        self.kv_capacity.tokens)
+                                        self.kv_capacity.tokens, self.kv_dtype)
 
     def run(self, batch: ForwardBatch, kv_cache: KVCache, mask: object) -> SampleResult:
         """Forward `batch` over `kv_cache` with `mask`, let the layout commit, then sample."""

@@ -124,8 +124,10 @@ def segment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """One segment's queries q `(n, H, D)` over its request's keys `(S, H_kv, D)` -> `(n, H, D)`.
 
     4-D inputs on purpose: on CPU, SDPA takes its flash kernel only for 4-D tensors (3-D ones
-    fall back to the math path, about 30x slower for a 300-token prompt).
+    fall back to the math path, about 30x slower for a 300-token prompt). Keys and values
+    stored in 16 bits under a wider model (`kv_cache_dtype`) are widened to q's dtype.
     """
+    keys, values = keys.to(q.dtype), values.to(q.dtype)  # no copy when they already are
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],  # (1, H, n, D)
         keys.transpose(0, 1)[None],  # (1, H_kv, S, D)

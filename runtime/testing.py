@@ -79,9 +79,11 @@ def random_arrivals(seed: int, num_requests: int, vocab_size: int, prompt_len: t
 
 def make_engine(model: torch.nn.Module, scheduler: object, name: str = "under-test",
                 max_num_seqs: int = 8, kv_cache_tokens: int | None = None,
-                observers: tuple[object, ...] = (), attention_backend: str = "auto") -> Engine:
+                observers: tuple[object, ...] = (), attention_backend: str = "auto",
+                kv_cache_dtype: str = "auto") -> Engine:
     return Engine(model, None, scheduler, name,
-                  EngineLimits(max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens),
+                  EngineLimits(max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens,
+                               kv_cache_dtype=kv_cache_dtype),
                   observers, attention_backend=attention_backend)
 
 

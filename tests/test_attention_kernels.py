@@ -141,6 +141,51 @@ def test_the_appended_key_and_value_are_written_then_attended(dtype) -> None:
     assert torch.equal(k, want_k) and torch.equal(v, want_v)
 
 
+MIXED_CASES = [  # (model dtype, cache dtype, heads, kv_heads, head_dim)
+    (torch.float32, torch.bfloat16, 9, 3, 64),  # AVX-512 BF16 builds: keys widened in registers
+    (torch.float32, torch.bfloat16, 6, 2, 24),  # the 8-lane widening path
+    (torch.float32, torch.float16, 8, 2, 128),
+    (torch.float64, torch.bfloat16, 4, 2, 8),  # the portable loop
+    (torch.float64, torch.float16, 9, 3, 64),
+]
+
+
+@pytest.mark.parametrize(("dtype", "kv_dtype", "heads", "kv_heads", "dim"), MIXED_CASES)
+def test_a_16_bit_cache_under_a_wider_model(dtype, kv_dtype, heads, kv_heads, dim) -> None:
+    """`kv_cache_dtype`: keys and values stored in 16 bits, the query and output in the
+    model's dtype. The new key and value are rounded as `Tensor.to` rounds them, and the result
+    is attention over the widened 16-bit keys, in the model's arithmetic."""
+    gen = torch.Generator().manual_seed(4)
+    rows, columns = 4, 30
+    lengths = [1, 30, 9, 17]
+    k = torch.randn(rows, kv_heads, columns, dim, generator=gen).to(kv_dtype)
+    v = torch.randn(rows, kv_heads, columns, dim, generator=gen).to(kv_dtype)
+    q = torch.randn(rows, heads, dim, generator=gen, dtype=dtype)
+    new_k = torch.randn(rows, kv_heads, dim, generator=gen, dtype=dtype)
+    new_v = torch.randn(rows, kv_heads, dim, generator=gen, dtype=dtype)
+    offsets = torch.tensor([r * kv_heads * columns * dim + (columns - n) * dim
+                            for r, n in enumerate(lengths)])
+    got = load_native_kernel()(q, k, v, offsets, torch.tensor(lengths), dim, columns * dim,
+                               kv_heads, new_k, new_v)
+    assert got.dtype == dtype
+    assert torch.equal(k[:, :, -1], new_k.to(kv_dtype))
+    assert torch.equal(v[:, :, -1], new_v.to(kv_dtype))
+    keys = [k[r, :, columns - n :].transpose(0, 1).double() for r, n in enumerate(lengths)]
+    values = [v[r, :, columns - n :].transpose(0, 1).double() for r, n in enumerate(lengths)]
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.double(), reference(q.double(), keys, values), rtol=rtol,
+                               atol=atol)
+
+
+def test_a_cache_dtype_the_kernel_does_not_take_is_refused() -> None:
+    kernel = load_native_kernel()
+    q, k = torch.zeros(1, 2, 8, dtype=torch.bfloat16), torch.zeros(1, 1, 4, 8, dtype=torch.half)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16 under a float32"):
+        kernel(q, k, k.clone(), torch.tensor([0]), torch.tensor([4]), 8, 32, 1)
+    with pytest.raises(RuntimeError, match="share q's dtype"):
+        kernel(q.float(), k.float(), k.clone(), torch.tensor([0]), torch.tensor([4]), 8, 32, 1)
+
+
 def test_a_malformed_append_is_refused() -> None:
     kernel = load_native_kernel()
     k, v = torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4, 8)

@@ -70,8 +70,8 @@ class StaticBatchCache(KVCache):
         s, b = self.shape, len(self.rows)
         cap = max(r.num_tokens for r in self.rows) + max(r.params.max_tokens for r in self.rows)
         dims = (s.num_layers, b, s.num_kv_heads, cap, s.head_dim)
-        self.k = torch.zeros(dims, dtype=self.dtype, device=self.device)
-        self.v = torch.zeros(dims, dtype=self.dtype, device=self.device)
+        self.k = torch.zeros(dims, dtype=self.kv_dtype, device=self.device)
+        self.v = torch.zeros(dims, dtype=self.kv_dtype, device=self.device)
         self.key_valid = torch.zeros((b, cap), dtype=torch.bool, device=self.device)
 
     def forward_batches(self, running: Sequence[Request]) -> Iterator[ForwardBatch]:
@@ -175,7 +175,7 @@ class _StaticAttention:
             return out.unsqueeze(1)
         c.k[layer_idx, :, :, lay.start:end] = k.transpose(1, 2)  # (B, H_kv, T, D)
         c.v[layer_idx, :, :, lay.start:end] = v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), c.k[layer_idx, :, :, :end], c.v[layer_idx, :, :, :end],
-            attn_mask=mask, enable_gqa=True)  # (B, H, T, D)
+        out = F.scaled_dot_product_attention(  # 16-bit K/V under a wider model: widened
+            q.transpose(1, 2), c.k[layer_idx, :, :, :end].to(q.dtype),
+            c.v[layer_idx, :, :, :end].to(q.dtype), attn_mask=mask, enable_gqa=True)
         return out.transpose(1, 2)

@@ -7,6 +7,7 @@ text report, ratio table, JSON and PNGs under `--out`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import sys
@@ -108,6 +109,8 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     )
     bench.add_argument("--kv-cache-tokens", type=int, help="KV capacity in tokens")
     bench.add_argument("--kv-cache-memory", help="KV budget: auto, a fraction or a size (4GiB)")
+    bench.add_argument("--kv-cache-dtype", default="auto",
+                       help="KV storage: auto (the model's dtype), bfloat16 or float16")
     bench.add_argument("--linear-backend", default="auto", help="auto, torch or onednn")
     bench.add_argument("--attention-backend", default="auto",
                        help="decode attention: auto, native or sdpa")
@@ -162,7 +165,7 @@ def _scheduler_options(entries: list[str]) -> dict[str, dict]:
     return out
 
 
-PER_CONTENDER_ENGINE_OPTIONS = ("attention_backend",)
+PER_CONTENDER_ENGINE_OPTIONS = ("attention_backend", "kv_cache_dtype")
 
 
 def _engine_options(entries: list[str], labels: list[str]) -> dict[str, dict]:
@@ -288,16 +291,20 @@ def run_offline_cli(args: argparse.Namespace) -> int:
     longest = max(load_workload(n).max_total_len() for n in names)
     max_len = args.max_model_len or min(config.max_position_embeddings, longest)
     model = load_model(model_dir, dtype=args.dtype)
-    limits = EngineLimits(args.max_num_seqs, max_len, args.kv_cache_tokens, args.kv_cache_memory)
+    limits = EngineLimits(args.max_num_seqs, max_len, args.kv_cache_tokens, args.kv_cache_memory,
+                          args.kv_cache_dtype)
     options = _scheduler_options(args.scheduler_option)
     entries = [e.rpartition("=") for e in args.schedulers or _default_schedulers()]
     labels = [label or name for label, _, name in entries]  # LABEL=SCHEDULER: one runs twice
     engine_options = _engine_options(args.engine_option, labels)
     contenders: list[Any] = []
     for label, (_, _, name) in zip(labels, entries, strict=True):
-        attention = engine_options.get(label, {}).get("attention_backend", args.attention_backend)
+        own = engine_options.get(label, {})
+        attention = own.get("attention_backend", args.attention_backend)
+        own_limits = dataclasses.replace(
+            limits, kv_cache_dtype=own.get("kv_cache_dtype", args.kv_cache_dtype))
         contenders.append(
-            EngineContender(label, name, model, None, limits, options.get(label),
+            EngineContender(label, name, model, None, own_limits, options.get(label),
                             args.linear_backend, args.compile, attention)
         )
     unavailable = {}

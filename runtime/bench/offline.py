@@ -146,7 +146,7 @@ class EngineContender:
                     req.error or "",
                 )
             )
-        elem = torch.empty((), dtype=engine.dtype).element_size()
+        elem = engine.kv_cache.kv_dtype.itemsize  # KV bytes as stored (`kv_cache_dtype`)
         return RunTrace(traces, start, end, recorder.passes, recorder.memory, elem)
 
 

@@ -17,8 +17,10 @@
 // the row's last key position, inside the same task: the layout's per-layer cache write
 // without a separate indexed copy per bucket.
 //
-// Dtypes: q, K/V, new_k/new_v and the output share the model's dtype: float32, float64,
-// bfloat16 or float16. Arithmetic is float32 (float64 for float64): a 16-bit model's query is
+// Dtypes: q, new_k/new_v and the output share the model's dtype: float32, float64, bfloat16 or
+// float16. K/V are the same dtype, or 16-bit (bfloat16, float16) under a float32 or float64
+// model (`kv_cache_dtype`): the new key and value are rounded to it as they are written, and
+// read widened as a 16-bit model's are. Arithmetic is float32 (float64 for float64): a 16-bit model's query is
 // widened once per task and its keys and values block by block (a shift for bfloat16, F16C
 // for float16), and its output rounded back to nearest even, as `Tensor.to` does. On a CPU with
 // AVX-512 BF16 a bfloat16 model's scores multiply bfloat16 pairs exactly and sum in float32
@@ -367,33 +369,48 @@ inline __m256 fold_halves(__m512 v) {
   return _mm256_add_ps(_mm512_castps512_ps256(v), hi);
 }
 
-// dot4 at 16 lanes: four consecutive keys' dot products with one query (dim % 16 == 0).
-inline __m128 dot4_512(const float* qg, const float* k, int64_t key_stride, int64_t dim) {
+// 16 keys' elements as float32: loaded, or widened from bfloat16 (a shift) or float16
+// (`vcvtph2ps`) when a float32 model keeps a 16-bit cache (`kv_cache_dtype`).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+
+// dot4 at 16 lanes: four consecutive keys' dot products with one float32 query (dim % 16 == 0).
+template <typename KT>
+inline __m128 dot4_512(const float* qg, const KT* k, int64_t key_stride, int64_t dim) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  const float* k1 = k + key_stride;
-  const float* k2 = k1 + key_stride;
-  const float* k3 = k2 + key_stride;
+  const KT* k1 = k + key_stride;
+  const KT* k2 = k1 + key_stride;
+  const KT* k3 = k2 + key_stride;
   for (int64_t d = 0; d < dim; d += 16) {
     const __m512 x = _mm512_loadu_ps(qg + d);
-    a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(k + d), a0);
-    a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(k1 + d), a1);
-    a2 = _mm512_fmadd_ps(x, _mm512_loadu_ps(k2 + d), a2);
-    a3 = _mm512_fmadd_ps(x, _mm512_loadu_ps(k3 + d), a3);
+    a0 = _mm512_fmadd_ps(x, load16(k + d), a0);
+    a1 = _mm512_fmadd_ps(x, load16(k1 + d), a1);
+    a2 = _mm512_fmadd_ps(x, load16(k2 + d), a2);
+    a3 = _mm512_fmadd_ps(x, load16(k3 + d), a3);
   }
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(fold_halves(a0), fold_halves(a1)),
                                   _mm256_hadd_ps(fold_halves(a2), fold_halves(a3)));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-inline float dot1_512(const float* qg, const float* k, int64_t dim) {
+template <typename KT>
+inline float dot1_512(const float* qg, const KT* k, int64_t dim) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   int64_t d = 0;
   for (; d + 32 <= dim; d += 32) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), _mm512_loadu_ps(k + d), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d + 16), _mm512_loadu_ps(k + d + 16), a1);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), load16(k + d), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d + 16), load16(k + d + 16), a1);
   }
-  if (d < dim) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), _mm512_loadu_ps(k + d), a0);
+  if (d < dim) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), load16(k + d), a0);
   return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
@@ -405,16 +422,16 @@ inline float dot1_512(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t d
 #endif
 
 // The scores of `n` keys (float32, dim a multiple of 16; or bfloat16 with a bfloat16 query,
-// dim a multiple of 32), four keys at a time per query head (`scores_block_avx2`'s
+// dim a multiple of 32, or with a float32 query, a multiple of 16), four keys at a time per query head (`scores_block_avx2`'s
 // `kFourKeys` order). At this width that order also won for keys read in place from memory:
 // 1.2x the key-by-key order at 32-64 rows on an AVX-512 Xeon.
-template <typename KT>
-void scores_block_avx512(const KT* q, int64_t group, int64_t dim, const KT* k,
+template <typename QT, typename KT>
+void scores_block_avx512(const QT* q, int64_t group, int64_t dim, const KT* k,
                          int64_t key_stride, int64_t n, float scale, float* scores,
                          int64_t score_stride) {
   const __m128 s4 = _mm_set1_ps(scale);
   for (int64_t g = 0; g < group; ++g) {
-    const KT* qg = q + g * dim;
+    const QT* qg = q + g * dim;
     float* sg = scores + g * score_stride;
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
@@ -484,8 +501,8 @@ void weighted_values_block_avx512(const float* probs, int64_t prob_stride, int64
 }
 
 // The group's attention probabilities over `count` keys (row g at scores + g * count).
-template <typename KT>
-void probabilities_avx512(const KT* q, int64_t group, int64_t dim, const KT* k,
+template <typename QT, typename KT>
+void probabilities_avx512(const QT* q, int64_t group, int64_t dim, const KT* k,
                           int64_t key_stride, int64_t count, float scale, float* scores) {
   for (int64_t j0 = 0; j0 < count; j0 += kScoreBlock) {
     const int64_t n = std::min(kScoreBlock, count - j0);
@@ -510,6 +527,71 @@ void attend_one_avx512(const float* q, const float* k, const float* v, int64_t g
   }
 }
 
+// `n` 16-bit values widened to float32 rows of `dim` (a multiple of 16) in `buf`.
+template <typename KT>
+inline void widen_16_512(const KT* src, int64_t key_stride, int64_t n, int64_t dim,
+                           float* buf) {
+  for (int64_t j = 0; j < n; ++j) {
+    prefetch_key(src + (j + kPrefetchKeys) * key_stride, dim);
+    for (int64_t d = 0; d < dim; d += 16)
+      _mm512_storeu_ps(buf + j * dim + d, load16(src + j * key_stride + d));
+  }
+}
+
+// acc_g[d0, d0 + 64) += sum_j p[g, j] v_j[d0, d0 + 64) for G query heads over `n` 16-bit
+// values: each value is widened once, in registers, and serves the G heads (4 G + 4 of the 32
+// vector registers), instead of being widened into a buffer and read back once per head.
+template <int G, typename KT>
+void weighted_values_16(const float* probs, int64_t prob_stride, int64_t n, const KT* v, int64_t key_stride, int64_t d0, int64_t dim,
+                          float* acc) {
+  __m512 a[G][4];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < 4; ++i) a[g][i] = _mm512_loadu_ps(acc + g * dim + d0 + 16 * i);
+  for (int64_t j = 0; j < n; ++j) {
+    const KT* vj = v + j * key_stride + d0;
+    if (d0 == 0) prefetch_key(vj + kPrefetchKeys * key_stride, dim);
+    __m512 w[4];
+    for (int i = 0; i < 4; ++i) w[i] = load16(vj + 16 * i);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(probs[g * prob_stride + j]);
+      for (int i = 0; i < 4; ++i) a[g][i] = _mm512_fmadd_ps(p, w[i], a[g][i]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + g * dim + d0 + 16 * i, a[g][i]);
+}
+
+// attend_one for 16-bit keys and values (KT) under a float32 query (a `kv_cache_dtype`
+// cache; dim % 16 == 0) or, on AVX-512 BF16 builds, bfloat16 ones under a bfloat16 query
+// (dim % 32 == 0). `wide` holds kKeyBlock widened values (heads of a width that is not a
+// multiple of 64).
+template <typename QT, typename KT>
+void attend_one_16(const QT* q, const KT* k, const KT* v, int64_t group, int64_t dim,
+                   int64_t key_stride, int64_t count, float scale, float* scores, float* acc,
+                   float* wide) {
+  std::fill(acc, acc + group * dim, 0.0f);
+  probabilities_avx512(q, group, dim, k, key_stride, count, scale, scores);
+  for (int64_t j0 = 0; j0 < count; j0 += kValueBlock) {
+    const int64_t n = std::min(kValueBlock, count - j0);
+    const KT* vb = v + j0 * key_stride;
+    if (dim % 64 != 0) {
+      widen_16_512(vb, key_stride, n, dim, wide);
+      weighted_values_block_avx512(scores + j0, count, group, n, wide, dim, dim, acc);
+      continue;
+    }
+    for (int64_t d0 = 0; d0 < dim; d0 += 64)
+      for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const float* pg = scores + g0 * count + j0;
+        float* ag = acc + g0 * dim;
+        switch (std::min<int64_t>(4, group - g0)) {
+          case 1: weighted_values_16<1>(pg, count, n, vb, key_stride, d0, dim, ag); break;
+          case 2: weighted_values_16<2>(pg, count, n, vb, key_stride, d0, dim, ag); break;
+          case 3: weighted_values_16<3>(pg, count, n, vb, key_stride, d0, dim, ag); break;
+          default: weighted_values_16<4>(pg, count, n, vb, key_stride, d0, dim, ag); break;
+        }
+      }
+  }
+}
 #ifdef BATON_AVX512_BF16
 // --- AVX-512 BF16 (bfloat16 keys and query, head size a multiple of 32) --------------------
 // A bfloat16 model's attention was bound by widening its keys (as fast as float32 keys of
@@ -546,74 +628,6 @@ inline float dot1_512(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t d
   return _mm512_reduce_add_ps(a);
 }
 
-// `n` bfloat16 values widened to float32 rows of `dim` (a multiple of 16) in `buf`.
-inline void widen_bf16_512(const c10::BFloat16* src, int64_t key_stride, int64_t n, int64_t dim,
-                           float* buf) {
-  for (int64_t j = 0; j < n; ++j) {
-    prefetch_key(src + (j + kPrefetchKeys) * key_stride, dim);
-    for (int64_t d = 0; d < dim; d += 16) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j * key_stride + d));
-      _mm512_storeu_ps(buf + j * dim + d,
-                       _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)));
-    }
-  }
-}
-
-// acc_g[d0, d0 + 64) += sum_j p[g, j] v_j[d0, d0 + 64) for G query heads over `n` bfloat16
-// values: each value is widened once, in registers, and serves the G heads (4 G + 4 of the 32
-// vector registers), instead of being widened into a buffer and read back once per head.
-template <int G>
-void weighted_values_bf16(const float* probs, int64_t prob_stride, int64_t n,
-                          const c10::BFloat16* v, int64_t key_stride, int64_t d0, int64_t dim,
-                          float* acc) {
-  __m512 a[G][4];
-  for (int g = 0; g < G; ++g)
-    for (int i = 0; i < 4; ++i) a[g][i] = _mm512_loadu_ps(acc + g * dim + d0 + 16 * i);
-  for (int64_t j = 0; j < n; ++j) {
-    const c10::BFloat16* vj = v + j * key_stride + d0;
-    if (d0 == 0) prefetch_key(vj + kPrefetchKeys * key_stride, dim);
-    __m512 w[4];
-    for (int i = 0; i < 4; ++i) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vj + 16 * i));
-      w[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
-    }
-    for (int g = 0; g < G; ++g) {
-      const __m512 p = _mm512_set1_ps(probs[g * prob_stride + j]);
-      for (int i = 0; i < 4; ++i) a[g][i] = _mm512_fmadd_ps(p, w[i], a[g][i]);
-    }
-  }
-  for (int g = 0; g < G; ++g)
-    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + g * dim + d0 + 16 * i, a[g][i]);
-}
-
-// attend_one for a bfloat16 query, keys and values (dim % 32 == 0); `wide` holds kKeyBlock
-// widened values (heads of a width that is not a multiple of 64).
-void attend_one_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v,
-                     int64_t group, int64_t dim, int64_t key_stride, int64_t count, float scale,
-                     float* scores, float* acc, float* wide) {
-  std::fill(acc, acc + group * dim, 0.0f);
-  probabilities_avx512(q, group, dim, k, key_stride, count, scale, scores);
-  for (int64_t j0 = 0; j0 < count; j0 += kValueBlock) {
-    const int64_t n = std::min(kValueBlock, count - j0);
-    const c10::BFloat16* vb = v + j0 * key_stride;
-    if (dim % 64 != 0) {
-      widen_bf16_512(vb, key_stride, n, dim, wide);
-      weighted_values_block_avx512(scores + j0, count, group, n, wide, dim, dim, acc);
-      continue;
-    }
-    for (int64_t d0 = 0; d0 < dim; d0 += 64)
-      for (int64_t g0 = 0; g0 < group; g0 += 4) {
-        const float* pg = scores + g0 * count + j0;
-        float* ag = acc + g0 * dim;
-        switch (std::min<int64_t>(4, group - g0)) {
-          case 1: weighted_values_bf16<1>(pg, count, n, vb, key_stride, d0, dim, ag); break;
-          case 2: weighted_values_bf16<2>(pg, count, n, vb, key_stride, d0, dim, ag); break;
-          case 3: weighted_values_bf16<3>(pg, count, n, vb, key_stride, d0, dim, ag); break;
-          default: weighted_values_bf16<4>(pg, count, n, vb, key_stride, d0, dim, ag); break;
-        }
-      }
-  }
-}
 #endif  // BATON_AVX512_BF16
 #endif  // BATON_AVX512
 
@@ -629,7 +643,8 @@ void attend_one(const T* q, const KT* k, const KT* v, int64_t group, int64_t dim
 #ifdef BATON_AVX512
     // float32 keys only: for 16-bit keys a 16-lane widening path was 1.1-1.16x faster alone,
     // but a bfloat16 server was 0.91x as fast with it (two interleaved runs,
-    // docs/benchmarks.md). Where AVX-512 BF16 exists, `attend` takes `attend_one_bf16`.
+    // docs/benchmarks.md). `attend` takes `attend_one_16` for a bfloat16 model where AVX-512
+    // BF16 exists, and for a 16-bit cache under a float32 model (`kv_cache_dtype`).
     if constexpr (std::is_same_v<KT, float>) {
       if (dim % 16 == 0) {
         attend_one_avx512(q, k, v, group, dim, key_stride, count, scale, scores, acc);
@@ -663,50 +678,64 @@ struct Appended {
   int64_t k_row = 0, k_head = 0, v_row = 0, v_head = 0;
 };
 
-template <typename QT>
+// Row r's new key or value (model dtype QT) into the cache (KT: rounded when 16-bit).
+template <typename QT, typename KT>
+inline void store_key(const QT* src, int64_t dim, KT* dst) {
+  for (int64_t i = 0; i < dim; ++i) dst[i] = static_cast<KT>(src[i]);
+}
+
+template <typename QT, typename KT>
 void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* offsets,
             const int64_t* counts, int64_t key_stride, int64_t head_stride, int64_t kv_heads,
             const Appended<QT>& appended, at::Tensor& out) {
   using T = acc_t<QT>;
-  constexpr bool k16Bit = !std::is_same_v<QT, T>;  // a 16-bit model attends in float32
+  constexpr bool kWideQuery = !std::is_same_v<QT, T>;  // a 16-bit model attends in float32
+  constexpr bool kWideKeys = !std::is_same_v<KT, T>;   // 16-bit keys are widened to float32
   const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t group = heads / kv_heads;
   const int64_t widest = n ? *std::max_element(counts, counts + n) : 0;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(dim)));
   const QT* qp = q.data_ptr<QT>();
-  QT* kp = k.data_ptr<QT>();
-  QT* vp = v.data_ptr<QT>();
+  KT* kp = k.data_ptr<KT>();
+  KT* vp = v.data_ptr<KT>();
   QT* op = out.data_ptr<QT>();
   at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(group * widest), acc(group * dim), wide_q(k16Bit ? group * dim : 0);
-    std::vector<float> wide(k16Bit ? kKeyBlock * dim : 0);  // widened key/value blocks
+    std::vector<T> scores(group * widest), acc(group * dim), wide_q(kWideQuery ? group * dim : 0);
+    std::vector<float> wide(kWideKeys ? kKeyBlock * dim : 0);  // widened key/value blocks
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, h = task % kv_heads;
       const int64_t first = offsets[r] + h * head_stride;
       if (appended.k != nullptr) {  // only this task touches row r's head h
         const int64_t last = first + (counts[r] - 1) * key_stride;
-        std::copy_n(appended.k + r * appended.k_row + h * appended.k_head, dim, kp + last);
-        std::copy_n(appended.v + r * appended.v_row + h * appended.v_head, dim, vp + last);
+        store_key(appended.k + r * appended.k_row + h * appended.k_head, dim, kp + last);
+        store_key(appended.v + r * appended.v_row + h * appended.v_head, dim, vp + last);
       }
       const int64_t at = (r * heads + h * group) * dim;
+#ifdef BATON_AVX512
+      constexpr bool kHalfUnderFloat = std::is_same_v<QT, float> && kWideKeys;
 #ifdef BATON_AVX512_BF16
-      if constexpr (std::is_same_v<QT, c10::BFloat16>) {
-        if (dim % 32 == 0) {
-          attend_one_bf16(qp + at, kp + first, vp + first, group, dim, key_stride, counts[r],
-                          scale, scores.data(), acc.data(), wide.data());
+      constexpr bool kBf16Model =
+          std::is_same_v<QT, c10::BFloat16> && std::is_same_v<KT, c10::BFloat16>;
+#else
+      constexpr bool kBf16Model = false;
+#endif
+      if constexpr (kHalfUnderFloat || kBf16Model) {
+        if (dim % (kBf16Model ? 32 : 16) == 0) {
+          attend_one_16(qp + at, kp + first, vp + first, group, dim, key_stride, counts[r],
+                        scale, scores.data(), acc.data(), wide.data());
           for (int64_t i = 0; i < group * dim; ++i) op[at + i] = static_cast<QT>(acc[i]);
           continue;
         }
       }
 #endif
       const T* qt;
-      if constexpr (k16Bit) {
+      if constexpr (kWideQuery) {
         for (int64_t i = 0; i < group * dim; ++i) wide_q[i] = static_cast<T>(qp[at + i]);
         qt = wide_q.data();
       } else {
         qt = qp + at;
       }
-      attend_one<T, QT>(qt, kp + first, vp + first, group, dim, key_stride, counts[r], scale,
+      attend_one<T, KT>(qt, kp + first, vp + first, group, dim, key_stride, counts[r], scale,
                         scores.data(), acc.data(), wide.data());
       for (int64_t i = 0; i < group * dim; ++i) op[at + i] = static_cast<QT>(acc[i]);
     }
@@ -737,14 +766,34 @@ void check_appended(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     TORCH_CHECK(t->dim() == 3 && t->size(0) == q.size(0) && t->size(1) == kv_heads &&
                     t->size(2) == q.size(2) && t->stride(2) == 1,
                 "decode_attention: new_k/new_v must be (n, kv_heads, D) with unit last stride");
-    TORCH_CHECK(t->scalar_type() == k.scalar_type(),
-                "decode_attention: new_k/new_v must share the cache's dtype");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(),
+                "decode_attention: new_k/new_v must share q's dtype");
     const auto* p = static_cast<const char*>(t->data_ptr());
     for (const at::Tensor* cache : {&k, &v}) {
       const auto* lo = static_cast<const char*>(cache->data_ptr());
       const auto* hi = lo + cache->numel() * cache->element_size();
       TORCH_CHECK(p >= hi || p < lo, "decode_attention: new_k/new_v may not live in the KV storage");
     }
+  }
+}
+
+// A float32 or float64 model over a cache of its own dtype or a 16-bit one.
+template <typename QT>
+void attend_model(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* off,
+                  const int64_t* cnt, int64_t key_stride, int64_t head_stride, int64_t kv_heads,
+                  const std::optional<at::Tensor>& new_k, const std::optional<at::Tensor>& new_v,
+                  at::Tensor& out) {
+  const Appended<QT> appended = appended_of<QT>(new_k, new_v);
+  switch (k.scalar_type()) {
+    case at::kBFloat16:
+      attend<QT, c10::BFloat16>(q, k, v, off, cnt, key_stride, head_stride, kv_heads, appended,
+                                out);
+      break;
+    case at::kHalf:
+      attend<QT, c10::Half>(q, k, v, off, cnt, key_stride, head_stride, kv_heads, appended, out);
+      break;
+    default:
+      attend<QT, QT>(q, k, v, off, cnt, key_stride, head_stride, kv_heads, appended, out);
   }
 }
 
@@ -756,8 +805,12 @@ at::Tensor decode_attention(const at::Tensor& q, at::Tensor& k, at::Tensor& v,
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "decode_attention: q must be a contiguous (n, H, D)");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.numel() == v.numel(),
               "decode_attention: k and v must be contiguous and the same size");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
-              "decode_attention: q, k and v must share a dtype");
+  const auto qt = q.scalar_type(), kt = k.scalar_type();
+  const bool wide_q = qt == at::kFloat || qt == at::kDouble;
+  TORCH_CHECK(kt == v.scalar_type() &&
+                  (kt == qt || (wide_q && (kt == at::kBFloat16 || kt == at::kHalf))),
+              "decode_attention: k and v must share q's dtype, or be bfloat16 or float16 "
+              "under a float32 or float64 q");
   TORCH_CHECK(kv_heads > 0 && q.size(1) % kv_heads == 0,
               "decode_attention: query heads must be a multiple of KV heads");
   TORCH_CHECK(key_stride >= 1 && head_stride >= 0, "decode_attention: bad strides");
@@ -776,22 +829,21 @@ at::Tensor decode_attention(const at::Tensor& q, at::Tensor& k, at::Tensor& v,
                 "decode_attention: row ", r, " reads outside the KV storage");
   }
   at::Tensor out = at::empty_like(q);
-  switch (q.scalar_type()) {
+  switch (qt) {
     case at::kFloat:
-      attend<float>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
-                    appended_of<float>(new_k, new_v), out);
+      attend_model<float>(q, k, v, off, cnt, key_stride, head_stride, kv_heads, new_k, new_v, out);
       break;
     case at::kDouble:
-      attend<double>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
-                     appended_of<double>(new_k, new_v), out);
+      attend_model<double>(q, k, v, off, cnt, key_stride, head_stride, kv_heads, new_k, new_v,
+                           out);
       break;
     case at::kBFloat16:
-      attend<c10::BFloat16>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
-                            appended_of<c10::BFloat16>(new_k, new_v), out);
+      attend<c10::BFloat16, c10::BFloat16>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
+                                           appended_of<c10::BFloat16>(new_k, new_v), out);
       break;
     case at::kHalf:
-      attend<c10::Half>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
-                        appended_of<c10::Half>(new_k, new_v), out);
+      attend<c10::Half, c10::Half>(q, k, v, off, cnt, key_stride, head_stride, kv_heads,
+                                   appended_of<c10::Half>(new_k, new_v), out);
       break;
     default:
       TORCH_CHECK(false, "decode_attention: q must be float32, float64, bfloat16 or float16");

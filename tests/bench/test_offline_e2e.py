@@ -155,6 +155,20 @@ def test_engine_option_sets_one_contenders_attention_backend(tmp_path, cache, na
     assert sdpa["computed_attention_pairs"] > sdpa["useful_attention_pairs"]
 
 
+def test_engine_option_sets_one_contenders_kv_cache_dtype(tmp_path, cache):
+    """A full-precision cache against a bfloat16 one over the same model, in one run."""
+    out = tmp_path / "out"
+    rc = main(["bench", "--model-spec", "tiny", "--workload", "smoke", "--num-requests", "6",
+               "--schedulers", "orca,orca-bf16kv=orca", "--engine-option",
+               "orca-bf16kv.kv_cache_dtype=bfloat16", "--out", str(out), "--no-progress",
+               "--no-plots"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    full, half = results["orca"], results["orca-bf16kv"]
+    assert full["completed"] == half["completed"] == 6
+    assert half["peak_kv_allocated_mib"] == pytest.approx(full["peak_kv_allocated_mib"] / 2)
+
+
 @pytest.mark.parametrize(("option", "message"), [
     ("baton.compile=true", "cannot differ between contenders"),
     ("orca.attention_backend=sdpa", "no contender 'orca'"),
