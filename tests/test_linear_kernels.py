@@ -129,11 +129,47 @@ def test_auto_takes_the_fastest_measured_kernel(monkeypatch) -> None:
     for speedups, want in (({"onednn": 1.3, "mkl": 1.6}, "mkl"),
                            ({"onednn": 1.3, "mkl": 0.9}, "onednn"),
                            ({"onednn": 1.02, "mkl": 1.04}, "torch")):
-        monkeypatch.setattr(lk, "probe_speedups", lambda model, backends, s=speedups: s)
+        monkeypatch.setattr(lk, "probe_speedups", lambda model, backends, rounds=5, s=speedups: s)
         lk._PROBE_CACHE.clear()
         choice = choose_linear_backend(small_model(), "auto")
         assert choice.backend == want, (speedups, choice)
         assert "onednn" in choice.reason and "mkl" in choice.reason
+
+
+def test_a_close_first_probe_is_measured_again_over_more_rounds(monkeypatch) -> None:
+    """1.10x then 0.95x: the longer second probe decides (plain `F.linear`); 1.6x is clear."""
+    import runtime.linear_kernels as lk
+
+    monkeypatch.setattr(lk, "packing_supported", lambda backend, dtype, device: True)
+    for first, second, want, probes in ((1.10, 0.95, "torch", 2), (1.6, None, "mkl", 1)):
+        calls = []
+
+        def probe(model, backends, rounds=lk.PROBE_ROUNDS, first=first, second=second,
+                  calls=calls):
+            calls.append(rounds)
+            return {"onednn": 0.9, "mkl": first if len(calls) == 1 else second}
+
+        monkeypatch.setattr(lk, "probe_speedups", probe)
+        lk._PROBE_CACHE.clear()
+        assert choose_linear_backend(small_model(), "auto").backend == want
+        assert len(calls) == probes and calls[-1] == (3 if probes == 2 else 1) * lk.PROBE_ROUNDS
+
+
+def test_probe_times_one_linear_per_shape_weighted_by_its_count() -> None:
+    """The probe's sample stands for every linear of a pass: counts add up to the model's,
+    one group per shape, distinct linears within a group."""
+    import runtime.linear_kernels as lk
+    from runtime.linear_kernels import _probe_sample, probe_speedups
+
+    model = small_model(tied=False)
+    sample = _probe_sample(model)
+    assert sum(count for _, count in sample) == len(model_linears(model))
+    assert len({tuple(group[0].weight.shape) for group, _ in sample}) == len(sample)
+    assert all(len({id(m) for m in group}) == len(group) == min(count, lk.PROBE_CALLS)
+               for group, count in sample)
+    if FP32_PACKING:
+        speedups = probe_speedups(model, ("onednn",), rounds=1)
+        assert set(speedups) == {"onednn"} and speedups["onednn"] > 0
 
 
 @needs_onednn
