@@ -1,11 +1,12 @@
 """BATON's KV-cache layout: dense, left-padded length buckets in one buffer allocated once.
 
 Storage is `(L, R, H_kv, C, D)` for keys and for values, `R` rows (the batch bound) by `C`
-columns (the context length plus slack), allocated once, uninitialised (see `embed`). Rows are
-grouped in length buckets (`buckets.Bucket`): each is a dense batch over a row range with its
-own column window `[start, end)`, every row right-aligned at `end`, so its padding mask follows
-from the lengths. Widening a window on the left and trimming it are moves of `start`; a
-finished row's hole is filled by its bucket's last row (one row copied).
+columns (the context length plus slack), allocated once, uninitialised (see `embed`), within
+the memory budget (`buffer_shape`). Rows are grouped in length buckets (`buckets.Bucket`):
+each is a dense batch over a row range with its own column window `[start, end)`, every row
+right-aligned at `end`, so its padding mask follows from the lengths. Widening a window on the
+left and trimming it are moves of `start`; a finished row's hole is filled by its bucket's last
+row (one row copied).
 
 One step (the engine's generator protocol), for the newcomers admitted since the last one:
 
@@ -75,6 +76,31 @@ class CopyStats:
     reallocations: int = 0  # the buffer grew (only for a lone request over the budget)
 
 
+MIN_SLACK = 32  # spare columns a window slides over before it must shift
+
+
+def buffer_shape(limits: CacheLimits, rows_wanted: int, num_layers: int) -> tuple[int, int]:
+    """(rows, columns) of the buffer: rows the KV capacity holds at full context, columns the
+    context length plus slack (a quarter of it, at least `MIN_SLACK`) that lets windows slide.
+
+    When the capacity comes from a memory budget (`kv_memory_tokens`), everything allocated,
+    slack and the one-layer shift scratch included, stays within that budget: the slack
+    shrinks first, then rows go, so that `MIN_SLACK` columns remain (an eighth of a context
+    shorter than 256). A budget under one row's context keeps one row (the engine rejects
+    requests the capacity cannot hold).
+    """
+    context = limits.max_model_len
+    rows = max(1, min(rows_wanted, limits.kv_cache_tokens // context))
+    slack = max(MIN_SLACK, context // 4)
+    if limits.kv_memory_tokens is None:
+        return rows, context + slack
+    # less the shift scratch: one layer's keys or values, 1/(2L) of the buffer
+    tokens = limits.kv_memory_tokens * 2 * num_layers // (2 * num_layers + 1)
+    least_slack = min(MIN_SLACK, max(1, context // 8))
+    rows = max(1, min(rows, tokens // (context + least_slack)))
+    return rows, context + max(min(slack, tokens // rows - context), 0)
+
+
 class BatonCache(KVCache):
     """Dense length buckets over one preallocated buffer; see the module docstring."""
 
@@ -87,10 +113,8 @@ class BatonCache(KVCache):
         self.max_buckets = max_buckets
         self.bucket_pad_tolerance = bucket_pad_tolerance
         self.max_prefill_tokens = max_prefill_tokens
-        self.columns = limits.max_model_len + max(32, limits.max_model_len // 4)
         rows_wanted = min(max_rows or limits.max_num_seqs, limits.max_num_seqs)
-        # Rows the KV budget holds at full context; the slack columns only let windows slide.
-        self.max_rows = max(1, min(rows_wanted, limits.kv_cache_tokens // limits.max_model_len))
+        self.max_rows, self.columns = buffer_shape(limits, rows_wanted, shape.num_layers)
         dims = (shape.num_layers, self.max_rows, shape.num_kv_heads, self.columns, shape.head_dim)
         self.k = torch.empty(dims, dtype=self.kv_dtype, device=self.device)
         self.v = torch.empty(dims, dtype=self.kv_dtype, device=self.device)
@@ -184,8 +208,9 @@ class BatonCache(KVCache):
         used = sum(sum(b.lengths) for b in self.buckets)
         reserved = sum(b.num_rows * b.width for b in self.buckets)
         reserved += sum(r.num_tokens for r in self.pending)
-        return MemoryStats(self.max_rows * self.columns * per_token, used * per_token, reserved,
-                           used, self.num_rows + len(self.pending))
+        allocated = self.k.numel() + self.v.numel() + self.scratch.numel()
+        return MemoryStats(allocated, used * per_token, reserved, used,
+                           self.num_rows + len(self.pending))
 
     def pass_stats(self, batch: ForwardBatch) -> PassStats:
         """Decode pad columns are computed, not useful; causal prompts compute only their

@@ -48,13 +48,17 @@ class CacheLimits:
     `kv_cache_tokens` is the resolved `kv_cache_tokens` setting (or what `kv_cache_memory`
     holds): the one name of the KV capacity, here, in `SchedulingBudget` and on `KVCache`.
     `kv_dtype` is what the keys and values are stored as (`kv_cache_dtype`; None: the model's
-    dtype), `KVCache.kv_dtype` for a layout.
+    dtype), `KVCache.kv_dtype` for a layout. `kv_memory_tokens` is what the memory budget
+    (`kv_cache_memory`) holds before `kv_cache_tokens`' cap at `max_num_seqs x max_model_len`
+    (None when `kv_cache_tokens` was set): the bound on everything a layout allocates, spare
+    room included, where `kv_cache_tokens` bounds what it admits.
     """
 
     max_num_seqs: int
     max_model_len: int
     kv_cache_tokens: int
     kv_dtype: torch.dtype | None = None
+    kv_memory_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,6 +89,9 @@ class KVCapacity:
     tokens: int
     bytes_per_token: int
     reason: str
+    # Tokens the memory budget holds before the cap (None when `kv_cache_tokens` was given):
+    # a layout that allocates beyond its token capacity (BATON's slack columns) stays within it.
+    memory_tokens: int | None = None
 
     @property
     def gib(self) -> float:
@@ -111,5 +114,5 @@ def kv_capacity(bytes_per_token: int, max_num_seqs: int, max_model_len: int,
     reason = f"kv_cache_memory {budget.describe()} ({free / 2**30:.1f} GiB available)"
     if fitted > ceiling:
         return KVCapacity(ceiling, bytes_per_token,
-                          f"{reason}, capped at max_num_seqs x max_model_len")
-    return KVCapacity(fitted, bytes_per_token, reason)
+                          f"{reason}, capped at max_num_seqs x max_model_len", fitted)
+    return KVCapacity(fitted, bytes_per_token, reason, fitted)

@@ -98,7 +98,8 @@ class ModelRunner:
                     self.kv_capacity.gib, str(self.kv_dtype).removeprefix("torch."),
                     self.kv_capacity.reason)
         self.cache_limits = CacheLimits(limits.max_num_seqs, max_model_len,
-                                        self.kv_capacity.tokens, self.kv_dtype)
+                                        self.kv_capacity.tokens, self.kv_dtype,
+                                        self.kv_capacity.memory_tokens)
 
     def run(self, batch: ForwardBatch, kv_cache: KVCache, mask: object) -> SampleResult:
         """Forward `batch` over `kv_cache` with `mask`, let the layout commit, then sample."""

@@ -9,10 +9,11 @@ import torch
 from baton_plugin import BatonScheduler
 from baton_plugin.attention import prefill_kv
 from baton_plugin.buckets import NEW_BUCKET, Bucket, Placement, added_padding, choose_bucket
-from baton_plugin.cache import BatonCache
+from baton_plugin.cache import BatonCache, buffer_shape
 from baton_plugin.masks import decode_mask, padding_mask
 from baton_plugin.policy import peak_padded_footprint
 from baton_plugin.rows import RowSpace
+from runtime.engine import Engine, EngineLimits
 from runtime.kv_cache import CacheLimits, ModelShape
 from runtime.request import Request
 from runtime.sampling_params import SamplingParams
@@ -192,3 +193,46 @@ def test_window_shift_is_exact_with_and_without_overlap(lo, hi, new_lo) -> None:
     scratch = torch.empty(5, 2, 16, 3, dtype=torch.float64)
     shift_window(cache, scratch, slice(1, 4), lo, hi, new_lo)
     assert torch.equal(cache[:, 1:4, :, new_lo : new_lo + hi - lo], expected)
+
+
+@pytest.mark.parametrize(
+    ("limits", "rows", "columns"),
+    [(CacheLimits(64, 1024, 65536), 64, 1280),  # kv_cache_tokens given: slack on top
+     (CacheLimits(64, 100, 6400), 64, 132),
+     (CacheLimits(64, 1024, 65536, None, 10**6), 64, 1280),  # memory has room for the slack
+     (CacheLimits(64, 1024, 65536, None, 70000), 64, 1075),  # the slack shrinks first
+     (CacheLimits(64, 1024, 46603, None, 46603), 43, 1066)],  # then a row goes
+)
+def test_buffer_shape_stays_within_the_memory_budget(limits, rows, columns) -> None:
+    layers = 30
+    assert buffer_shape(limits, 64, layers) == (rows, columns)
+    if limits.kv_memory_tokens is not None:  # keys, values and one layer of scratch
+        assert rows * columns * (2 * layers + 1) <= limits.kv_memory_tokens * 2 * layers
+        assert columns >= limits.max_model_len + 32
+
+
+def test_engine_keeps_batons_buffer_within_kv_cache_memory() -> None:
+    """A memory budget bounds what BATON allocates (slack columns and scratch included), and
+    the requests it then runs with fewer rows get their solo tokens."""
+    model = tiny_model(MODEL_SEED)
+    per_token_bytes = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads \
+        * model.config.head_dim * 8  # float64
+    budget = 3 * 72 * per_token_bytes
+    engine = Engine(model, None, BatonScheduler(), "baton",
+                    EngineLimits(max_num_seqs=8, max_model_len=64, kv_cache_memory=f"{budget}B"))
+    cache = engine.kv_cache
+    assert cache.max_rows == 2 and cache.columns >= 64 + 8
+    allocated = cache.k.nbytes + cache.v.nbytes + cache.scratch.nbytes
+    assert allocated <= budget
+    assert cache.memory_stats().allocated_elements * 8 == allocated
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    reqs = [engine.add_request([(7 * i + j) % 50 + 1 for j in range(5 + 9 * i)], params)
+            for i in range(4)]
+    while engine.has_unfinished():
+        engine.step()
+    for req in reqs:
+        solo = make_engine(model, BatonScheduler(), "baton")
+        alone = solo.add_request(list(req.prompt_token_ids), params)
+        while solo.has_unfinished():
+            solo.step()
+        assert req.output_token_ids == alone.output_token_ids
