@@ -14,7 +14,7 @@ from baton_plugin.masks import decode_mask, padding_mask
 from baton_plugin.policy import peak_padded_footprint
 from baton_plugin.rows import RowSpace
 from runtime.engine import Engine, EngineLimits
-from runtime.kv_cache import CacheLimits, ModelShape
+from runtime.kv_cache import CacheLimits, ModelShape, kv_elements_per_token
 from runtime.request import Request
 from runtime.sampling_params import SamplingParams
 from runtime.testing import Arrival, make_engine, run_alone, run_mix, tiny_model
@@ -215,8 +215,7 @@ def test_engine_keeps_batons_buffer_within_kv_cache_memory() -> None:
     """A memory budget bounds what BATON allocates (slack columns and scratch included), and
     the requests it then runs with fewer rows get their solo tokens."""
     model = tiny_model(MODEL_SEED)
-    per_token_bytes = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads \
-        * model.config.head_dim * 8  # float64
+    per_token_bytes = kv_elements_per_token(Engine(model).shape) * 8  # float64
     budget = 3 * 72 * per_token_bytes
     engine = Engine(model, None, BatonScheduler(), "baton",
                     EngineLimits(max_num_seqs=8, max_model_len=64, kv_cache_memory=f"{budget}B"))
