@@ -1,8 +1,9 @@
 """Orca (Yu et al., OSDI 2022): iteration-level scheduling with selective batching.
 
 Every engine step is one Orca iteration: one forward pass over every running request, each
-feeding either its whole prompt (initiation) or its last token (increment). A request that
-finishes leaves at once; a newly selected one joins the next iteration. Admission is the
+feeding either its whole prompt (initiation) or its last token (increment); an iteration over
+`max_pass_tokens` tokens runs its further initiations in more passes of the same step. A
+request that finishes leaves at once; a newly selected one joins the next iteration. Admission is the
 paper's Algorithm 1 on one worker; see docs/orca.md for the worked example and departures.
 """
 
@@ -68,6 +69,9 @@ class OrcaScheduler:
       length), `loop` (one call per request, the paper's literal split) or `auto` (the
       default: whichever of the two is measured faster here, re-checked as the run goes;
       `fused` on CUDA).
+    - `max_pass_tokens`: tokens per forward pass (default 4096; `null`: no limit, one pass
+      per iteration). An iteration with more runs its further initiations in more passes of
+      the same step: who runs and when is unchanged, only how the work is cut (docs/orca.md).
     """
 
     def __init__(
@@ -76,12 +80,14 @@ class OrcaScheduler:
         kv_cache_tokens: int | None = None,
         attention: AttentionMode = "auto",
         kv_slots: int | None = None,
+        max_pass_tokens: int | None = 4096,
     ) -> None:
         kv_cache_tokens = renamed_option("orca", "kv_slots", kv_slots, "kv_cache_tokens",
                                          kv_cache_tokens)
         for name, value in (
             ("max_batch_size", max_batch_size),
             ("kv_cache_tokens", kv_cache_tokens),
+            ("max_pass_tokens", max_pass_tokens),
         ):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
@@ -92,6 +98,7 @@ class OrcaScheduler:
         self.max_batch_size = max_batch_size
         self.kv_cache_tokens = kv_cache_tokens
         self.attention = attention
+        self.max_pass_tokens = max_pass_tokens
         self.cache: OrcaKVCache | None = None
 
     @hookimpl
@@ -111,7 +118,8 @@ class OrcaScheduler:
         self, shape: ModelShape, limits: CacheLimits, device: torch.device, dtype: torch.dtype
     ) -> KVCache:
         kv_cache_tokens = self.kv_cache_tokens or limits.kv_cache_tokens
-        self.cache = OrcaKVCache(shape, limits, device, dtype, kv_cache_tokens, self.attention)
+        self.cache = OrcaKVCache(shape, limits, device, dtype, kv_cache_tokens, self.attention,
+                                 max_pass_tokens=self.max_pass_tokens)
         return self.cache
 
     @hookimpl(tryfirst=True)
@@ -121,36 +129,42 @@ class OrcaScheduler:
         `tryfirst` so that observers registered after the scheduler already see them.
         """
         cache = self.cache
-        if cache is None or cache.last_layout is None or not stats.pass_seconds:
+        if cache is None or not cache.iteration_passes or not stats.pass_seconds:
             return
-        stats.extra["orca"] = iteration_info(cache, stats.pass_seconds[0])
+        stats.extra["orca"] = iteration_info(cache, stats.pass_seconds)
 
 
-def iteration_info(cache: OrcaKVCache, pass_seconds: float) -> dict[str, Any]:
+def iteration_info(cache: OrcaKVCache, pass_seconds: Sequence[float]) -> dict[str, Any]:
     """Token counts of the last iteration and the time its decode rows waited on its prompts.
 
-    The wait is the prompts' share of the pass: their measured attention time plus the
-    token-proportional share of everything else (projections, MLP, norms: the token-wise work
-    selective batching runs on all tokens at once). Without timings (CUDA) only the latter.
+    The wait is the prompts' share of the first pass (the one with the decode rows): their
+    measured attention time plus the token-proportional share of everything else
+    (projections, MLP, norms: the token-wise work selective batching runs on all tokens at
+    once), plus every further pass of the iteration (`max_pass_tokens`), which the decode
+    rows' next token waits for too. Without timings (CUDA) the attention is not split out.
     """
-    lay, times = cache.last_layout, cache.last_times
-    num_tokens = int(lay.write_slots.numel())
-    init_tokens = lay.num_initiation_tokens
-    num_init = sum(1 for s in lay.segments if s.prefill)
-    num_decode = len(lay.segments) - num_init
-    attention_s = times.initiation_s + times.decode_s
+    passes = cache.iteration_passes[: len(pass_seconds)]
+    lay, times = passes[0]
+    first_tokens = int(lay.write_slots.numel())
+    num_tokens = sum(int(p.write_slots.numel()) for p, _ in passes)
+    init_tokens = sum(p.num_initiation_tokens for p, _ in passes)
+    num_init = sum(1 for p, _ in passes for s in p.segments if s.prefill)
+    num_decode = lay.num_decode
+    attention_s = sum(t.initiation_s + t.decode_s for _, t in passes)
     wait = 0.0
     if num_decode and num_init:
-        rest = max(pass_seconds - attention_s, 0.0)
-        wait = times.initiation_s + rest * init_tokens / num_tokens
+        rest = max(pass_seconds[0] - times.initiation_s - times.decode_s, 0.0)
+        wait = times.initiation_s + rest * lay.num_initiation_tokens / first_tokens
+        wait += sum(pass_seconds[1:len(passes)])
     return {
         "num_tokens": num_tokens,
         "num_initiation_tokens": init_tokens,
         "num_decode_tokens": num_tokens - init_tokens,
         "num_initiation_requests": num_init,
         "num_decode_requests": num_decode,
+        "num_passes": len(passes),
         "attention_s": attention_s,
-        "initiation_attention_s": times.initiation_s,
+        "initiation_attention_s": sum(t.initiation_s for _, t in passes),
         "prompt_wait_s": wait,
         "decode_request_wait_s": wait * num_decode,
         "pool_tokens": cache.pool_tokens,

@@ -7,6 +7,7 @@ import torch
 
 from orca_plugin import OrcaScheduler
 from orca_plugin.attention import VariantChooser
+from orca_plugin.cache import split_iteration
 from orca_plugin.groups import DecodeGroup, plan_groups
 from orca_plugin.masks import build_orca_mask, decode_padding_mask
 from orca_plugin.scheduler import select_batch
@@ -63,6 +64,69 @@ def test_tokens_equal_solo_under_mixed_iterations_and_aborts(model, native_kerne
     check_scheduling_invariance(model, lambda: OrcaScheduler(attention=mode), arrivals,
                                 max_num_seqs=5, observers=(recorder,), attention_backend=backend)
     assert any(p.phase == "mixed" for p in recorder.passes), "no iteration mixed both kinds"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tokens_equal_solo_with_iterations_split_over_passes(model, native_kernel, seed: int,
+                                                             backend: str) -> None:
+    """`max_pass_tokens` cuts an iteration into several passes; each request's greedy tokens
+    stay those of its solo run (float64), under random arrivals and aborts."""
+    recorder = _Recorder()
+    arrivals = random_arrivals(seed, num_requests=10, vocab_size=128, prompt_len=(1, 20),
+                               max_tokens=(1, 9), max_arrival_step=8, abort_fraction=0.25)
+    check_scheduling_invariance(model, lambda: OrcaScheduler(max_pass_tokens=12), arrivals,
+                                max_num_seqs=5, observers=(recorder,), attention_backend=backend)
+    assert max(len(step.passes) for step in recorder.steps) > 1, "no iteration was split"
+    passes = [p for step in recorder.steps for p in step.passes]
+    assert all(p.computed_tokens <= 12 or p.num_requests == 1 for p in passes)
+
+
+class _Running:
+    """A stand-in request with `n` pending tokens (split_iteration reads nothing else)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def pending_token_ids(self) -> list[int]:
+        return [0] * self.n
+
+
+def test_split_iteration_packs_initiations_behind_the_decode_rows() -> None:
+    d1, d2, p5, p6, p9, p30 = (_Running(n) for n in (1, 1, 5, 6, 9, 30))
+    running = [p5, d1, p6, d2, p9, p30]
+    assert split_iteration(running, None) == [running]
+    assert split_iteration(running, 12) == [[d1, d2, p5], [p6], [p9], [p30]]
+    assert split_iteration(running, 13) == [[d1, d2, p5, p6], [p9], [p30]]
+    assert split_iteration(running, 22) == [[d1, d2, p5, p6, p9], [p30]]
+    assert split_iteration([p30, p5], 8) == [[p30], [p5]]  # no decode rows: no empty pass
+    assert split_iteration([d1, d2], 1) == [[d1, d2]]  # decode rows always share one pass
+    assert split_iteration([], 8) == []
+
+
+def test_a_split_iteration_runs_every_request_once_and_accounts_every_pass(model) -> None:
+    """Hand-built: two decode rows and prompts of 6 and 8 tokens under max_pass_tokens=9
+    make one mixed pass (2 + 6 tokens) and one prefill pass (8); the Orca step info adds
+    the second pass to the decode rows' wait."""
+    recorder = _Recorder()
+    engine = engine_for(model, OrcaScheduler(max_pass_tokens=9), observers=(recorder,))
+    engine.add_request(list(range(1, 5)), greedy(10))
+    engine.add_request(list(range(1, 4)), greedy(10))
+    engine.step()
+    assert [p.computed_tokens for p in recorder.steps[-1].passes] == [7]
+    engine.add_request(list(range(1, 7)), greedy(4))
+    engine.add_request(list(range(1, 9)), greedy(4))
+    engine.step()
+    step = recorder.steps[-1]
+    assert [(p.phase, p.computed_tokens) for p in step.passes] == [
+        (Phase.MIXED, 2 + 6), (Phase.PREFILL, 8)]
+    info = step.extra["orca"]
+    assert info["num_passes"] == 2 and info["num_tokens"] == 16
+    assert info["num_initiation_tokens"] == 14 and info["num_decode_requests"] == 2
+    assert info["num_initiation_requests"] == 2
+    assert info["prompt_wait_s"] >= step.pass_seconds[1] > 0
+    assert all(len(r.output_token_ids) == 1 for r in engine.running[2:])
+    assert all(len(r.output_token_ids) == 2 for r in engine.running[:2])
 
 
 def test_fused_groups_of_several_widths_keep_tokens(model, monkeypatch) -> None:
@@ -293,6 +357,9 @@ def test_options_are_validated_and_selectable_by_name() -> None:
         OrcaScheduler(attention="flash")
     with pytest.raises(ValueError, match="kv_cache_tokens"):
         OrcaScheduler(kv_cache_tokens=0)
+    with pytest.raises(ValueError, match="max_pass_tokens"):
+        OrcaScheduler(max_pass_tokens=0)
+    assert OrcaScheduler(max_pass_tokens=None).max_pass_tokens is None
     with pytest.warns(FutureWarning, match="'kv_slots' is now called 'kv_cache_tokens'"):
         assert OrcaScheduler(kv_slots=48).kv_cache_tokens == 48
     sched = instantiate_scheduler("orca", {"attention": "loop", "max_batch_size": 2})
