@@ -74,15 +74,12 @@ def split_iteration(running: Sequence[Request], max_pass_tokens: int | None
     allocator's reuse), so bounded passes give Orca the same engine-wide rate BATON's
     `max_prefill_tokens` passes get, without changing whom an iteration serves.
     """
-    if not running:
-        return []
-    decode = [r for r in running if len(r.pending_token_ids()) == 1]
     if max_pass_tokens is None:
-        return [list(running)]
-    passes: list[list[Request]] = [decode]
-    tokens = len(decode)
-    for req in running:
-        n = len(req.pending_token_ids())
+        return [list(running)] if running else []
+    sizes = [(req, len(req.pending_token_ids())) for req in running]
+    passes: list[list[Request]] = [[req for req, n in sizes if n == 1]]  # decode rows
+    tokens = len(passes[0])
+    for req, n in sizes:
         if n == 1:
             continue
         if passes[-1] and tokens + n > max_pass_tokens:
@@ -90,6 +87,8 @@ def split_iteration(running: Sequence[Request], max_pass_tokens: int | None
             tokens = 0
         passes[-1].append(req)
         tokens += n
+    if not passes[0]:  # no running requests
+        return []
     return passes
 
 
@@ -119,10 +118,18 @@ class OrcaKVCache(KVCache):
         if attention == "auto" and not self.time_attention:
             self.mode = "fused"  # nothing to measure with (CUDA): the batched call
         self.chooser = VariantChooser()
-        self.last_times = AttentionTimes()
-        self.last_layout: OrcaLayout | None = None
         # the current iteration's passes, in order: (layout, attention times) of each
         self.iteration_passes: list[tuple[OrcaLayout, AttentionTimes]] = []
+
+    @property
+    def last_layout(self) -> OrcaLayout | None:
+        """The layout of the pass that ran last (None before any)."""
+        return self.iteration_passes[-1][0] if self.iteration_passes else None
+
+    @property
+    def last_times(self) -> AttentionTimes:
+        """The attention timings of the pass that ran last (empty before any)."""
+        return self.iteration_passes[-1][1] if self.iteration_passes else AttentionTimes()
 
     @property
     def pool_tokens(self) -> int:
@@ -230,14 +237,13 @@ class OrcaKVCache(KVCache):
         return {"decode_lengths": lengths, "decode_groups": groups, "gather_index": index}
 
     def attention(self, batch: ForwardBatch) -> LoopAttention | FusedAttention:
-        self.last_times = AttentionTimes(enabled=self.time_attention)
-        self.last_layout = batch.layout
-        self.iteration_passes.append((batch.layout, self.last_times))
+        times = AttentionTimes(enabled=self.time_attention)
+        self.iteration_passes.append((batch.layout, times))
         lay: OrcaLayout = batch.layout
         if lay.kernel_offsets is not None:
-            return KernelAttention(self.pool, lay, self.last_times, self.decode_kernel)
+            return KernelAttention(self.pool, lay, times, self.decode_kernel)
         cls = FusedAttention if lay.gather_index is not None else LoopAttention
-        return cls(self.pool, lay, self.last_times)
+        return cls(self.pool, lay, times)
 
     def commit(self, batch: ForwardBatch) -> None:
         """Feed `auto` its measurement; lengths need no update (`num_computed_tokens` is it)."""

@@ -3,8 +3,9 @@
 Every engine step is one Orca iteration: one forward pass over every running request, each
 feeding either its whole prompt (initiation) or its last token (increment); an iteration over
 `max_pass_tokens` tokens runs its further initiations in more passes of the same step. A
-request that finishes leaves at once; a newly selected one joins the next iteration. Admission is the
-paper's Algorithm 1 on one worker; see docs/orca.md for the worked example and departures.
+request that finishes leaves at once; a newly selected one joins the next iteration. Admission
+is the paper's Algorithm 1 on one worker; see docs/orca.md for the worked example and
+departures.
 """
 
 from __future__ import annotations
