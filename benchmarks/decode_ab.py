@@ -1,0 +1,67 @@
+"""One decode step of several schedulers' engines on the same rows, interleaved in one process.
+
+Each engine gets the same requests (contexts all `--context` tokens, or spread over 16-255
+tokens with `--spread`), prefills them, and then its `engine.step()` is timed in turn with
+the others, round after round, so background load hits all alike: a ratio between two
+schedulers' decode passes that is the layouts' and kernels' own, not the arrival pattern's.
+
+    .venv/bin/python benchmarks/decode_ab.py --rows 64 --spread --schedulers baton,orca --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from decode_step import SMOLLM2_135M, interleaved_median_ms
+
+from runtime.architectures import build_model
+from runtime.engine import Engine, EngineLimits
+from runtime.plugins import instantiate_scheduler
+from runtime.sampling_params import SamplingParams
+
+
+def make_engine(model: torch.nn.Module, scheduler: str, rows: int, compile_model: bool) -> Engine:
+    limits = EngineLimits(max_num_seqs=rows, max_model_len=1024, kv_cache_tokens=rows * 1024)
+    return Engine(model, None, instantiate_scheduler(scheduler, {}), scheduler, limits,
+                  compile_model=compile_model)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--context", type=int, default=128, help="cached tokens per row")
+    p.add_argument("--spread", action="store_true", help="contexts spread over 16-255 tokens")
+    p.add_argument("--schedulers", default="baton,orca")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="the engine's compiled decoder")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(SMOLLM2_135M).init_weights(0).to(torch.float32).eval()
+    vocab = model.config.vocab_size
+    names = args.schedulers.split(",")
+    engines = []
+    for name in names:
+        engine = make_engine(model, name, args.rows, args.compile)
+        params = SamplingParams(max_tokens=6 * args.iters + 64, temperature=0.0, ignore_eos=True)
+        requests = []
+        for i in range(args.rows):
+            context = 16 + (37 * i) % 240 if args.spread else args.context
+            requests.append(
+                engine.add_request([(13 * i + j) % vocab for j in range(context)], params))
+        while not all(r.num_output_tokens for r in requests):  # every prompt prefilled
+            engine.step()
+        engine.step()  # every row decoding
+        engines.append(engine)
+    times = interleaved_median_ms([e.step for e in engines], args.iters)
+    contexts = "16-255 (spread)" if args.spread else str(args.context)
+    print(f"{args.rows} rows, contexts {contexts}, {torch.get_num_threads()} threads, "
+          f"median ms per step of {args.iters} interleaved rounds")
+    for name, ms in zip(names, times, strict=True):
+        print(f"{name:>12} {ms:8.1f} ms  {times[0] / ms:5.2f}x {names[0]}'s speed")
+
+
+if __name__ == "__main__":
+    main()
