@@ -3,9 +3,10 @@
 A request starting its initiation reserves `prompt_len + max_tokens` slots (the admission
 rule charges exactly that); its keys and values live in `pool[:, :, :, start:start + size]`,
 so every cache write is in place and each request's keys are one slice per KV head (the
-per-request split of selective batching reads them without copying). Every iteration is one packed pass over all
-running requests: decode (increment) requests first, by context length, then initiations
-(further passes of the same iteration for initiations past `max_pass_tokens`).
+per-request split of selective batching reads them without copying). Every iteration is one
+packed pass over all running requests: decode (increment) requests first, by context length,
+then initiations (further passes of the same iteration for initiations past
+`max_pass_tokens`).
 """
 
 from __future__ import annotations
