@@ -12,19 +12,12 @@ from __future__ import annotations
 
 import argparse
 
+import decode_step
 import torch
-from decode_step import SMOLLM2_135M, interleaved_median_ms
+from decode_step import SMOLLM2_135M, interleaved_median_ms, make_engine
 
 from runtime.architectures import build_model
-from runtime.engine import Engine, EngineLimits
-from runtime.plugins import instantiate_scheduler
 from runtime.sampling_params import SamplingParams
-
-
-def make_engine(model: torch.nn.Module, scheduler: str, rows: int, compile_model: bool) -> Engine:
-    limits = EngineLimits(max_num_seqs=rows, max_model_len=1024, kv_cache_tokens=rows * 1024)
-    return Engine(model, None, instantiate_scheduler(scheduler, {}), scheduler, limits,
-                  compile_model=compile_model)
 
 
 def main() -> None:
@@ -37,6 +30,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="the engine's compiled decoder")
     args = p.parse_args()
+    decode_step.COMPILE = args.compile  # its make_engine reads the flag
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(SMOLLM2_135M).init_weights(0).to(torch.float32).eval()
@@ -44,7 +38,7 @@ def main() -> None:
     names = args.schedulers.split(",")
     engines = []
     for name in names:
-        engine = make_engine(model, name, args.rows, args.compile)
+        engine = make_engine(model, name, args.rows, "auto", 1024)
         params = SamplingParams(max_tokens=6 * args.iters + 64, temperature=0.0, ignore_eos=True)
         requests = []
         for i in range(args.rows):
