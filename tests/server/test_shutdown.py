@@ -144,7 +144,8 @@ def test_sigterm_during_streaming_exits_zero(tmp_path: Path) -> None:
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 1000, "stream": True}
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 1000, "stream": True,
+                "ignore_eos": True}  # sampled: an early EOS would end the stream before SIGTERM
         slow = slow_body_client(base, "Authorization: Bearer sk-cli-secret\r\n")
         auth = {"Authorization": "Bearer sk-cli-secret"}
         with httpx.stream(
