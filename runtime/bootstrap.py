@@ -40,7 +40,8 @@ def create_engine(config: RuntimeConfig, observers: tuple[object, ...] = ()) -> 
                           config.kv_cache_memory, config.kv_cache_dtype)
     engine = Engine(model, tokenizer, scheduler, config.scheduler, limits, observers,
                     linear_backend=config.linear_backend, compile_model=config.compile,
-                    attention_backend=config.attention_backend)
+                    attention_backend=config.attention_backend,
+                    static_decode_rows=config.static_decode_rows)
     if config.compile is True:
         logger.info("compiling the decoder (warm-up requests) ...")
         try:

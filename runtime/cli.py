@@ -51,6 +51,10 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="run the decoder as one torch.compile graph: alone or `true` compiles "
                         "at startup (35 s to two minutes), `background` while serving eagerly "
                         "(docs/configuration.md); default false")
+    p.add_argument("--static-decode-rows", type=int, nargs="+", metavar="N",
+                   help="with --compile: also compile the decoder for these fixed row counts "
+                        "(such as 1 2 4 8) with frozen, autotuned GEMMs; passes of up to the "
+                        "largest run padded to the next one (docs/configuration.md)")
     p.add_argument("--seed", type=int, help="global seed for unseeded sampling (default 0)")
     p.add_argument("--num-threads", type=int,
                    help="torch CPU threads (default: one per physical core)")
@@ -67,7 +71,8 @@ def compile_flag(text: str) -> bool | str:
 
 def engine_overrides(args: argparse.Namespace) -> dict:
     keys = ("scheduler", "dtype", "device", "max_model_len", "max_num_seqs", "kv_cache_tokens",
-            "kv_cache_memory", "kv_cache_dtype", "linear_backend", "attention_backend", "compile", "seed", "num_threads")
+            "kv_cache_memory", "kv_cache_dtype", "linear_backend", "attention_backend", "compile", "static_decode_rows", "seed",
+            "num_threads")
     out = {k: getattr(args, k, None) for k in keys}
     if getattr(args, "model", None):
         out["model"] = args.model

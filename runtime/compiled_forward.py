@@ -51,10 +51,12 @@ logger = logging.getLogger(__name__)
 
 
 class _PassState(threading.local):
-    """The running pass's attention handle and mask, read by the attention op."""
+    """The running pass's attention handle and mask, read by the attention op, and its real
+    token count where a fixed-shape graph runs it padded (`runtime.static_graphs`)."""
 
     attn: Any = None
     mask: Any = None
+    rows: int | None = None
 
 
 _PASS = _PassState()
@@ -73,6 +75,11 @@ _LIB.define("rope(int slot, Tensor positions, ScalarType dtype) -> (Tensor, Tens
 
 
 def _attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    rows = _PASS.rows
+    if rows is not None and rows < q.shape[0]:  # a padded fixed-shape pass: real rows only
+        out = q.new_zeros(q.shape)
+        out[:rows] = _PASS.attn.attend(layer, q[:rows], k[:rows], v[:rows], _PASS.mask)
+        return out
     out = _PASS.attn.attend(layer, q, k, v, _PASS.mask).contiguous()
     inputs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
     # The op's output may not alias its inputs; a layout may hand back a view of them.
@@ -222,6 +229,37 @@ def compile_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, A
     return forward
 
 
+def static_decode_graphs(model: nn.Module, rows: tuple[int, ...], lazy: bool):
+    """`runtime.static_graphs.StaticDecodeGraphs` for `model` (after `compile_decoder`), or
+    None (logged) where they cannot serve it; logs what they cost in memory. Like the compiled
+    decoder, one set per model and buckets: engines over the same model share the graphs."""
+    from runtime.static_graphs import StaticDecodeGraphs, static_rows_unsupported
+
+    key = (tuple(sorted(set(rows))), lazy)
+    shared = getattr(model, "_static_decode_graphs", {})
+    if key in shared:
+        return shared[key]
+
+    weight = next(model.parameters())
+    why = static_rows_unsupported(weight.device, weight.dtype)
+    if why is not None:
+        logger.warning("static_decode_rows ignored: %s", why)
+        return None
+    linears = [m for m in model.modules()
+               if isinstance(m, Linear) and m is not getattr(model, "lm_head", None)]
+    size = sum(m.weight.numel() if m.packed is None else m.in_features * m.out_features
+               for m in linears) * weight.element_size()
+    copies = len(set(rows)) + any(m.packed is not None for m in linears)
+    logger.info("static_decode_rows %s: fixed-shape graphs with frozen GEMMs (%s); about "
+                "%.0f MiB more (%d copies of the decoder's linear weights)",
+                ", ".join(map(str, sorted(set(rows)))),
+                "built at warm-up or by the first pass" if lazy else "built in the background",
+                copies * size / 2**20, copies)
+    graphs = StaticDecodeGraphs(model, rows, _PASS, _OPAQUE, _ZeroAttention(), lazy)
+    model._static_decode_graphs = {**shared, key: graphs}
+    return graphs
+
+
 def routed_eager_forward(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, Any, Any],
                                                        torch.Tensor]:
     """`model` run eagerly after `compile_decoder` routed its linears through the linear op:
@@ -301,16 +339,18 @@ class BackgroundCompile:
 
     def __init__(self, model: nn.Module, compiled: Callable[..., torch.Tensor],
                  eager: Callable[..., torch.Tensor],
-                 shapes: tuple[PassShape, ...] = PACKED_PASS_SHAPES) -> None:
+                 shapes: tuple[PassShape, ...] = PACKED_PASS_SHAPES,
+                 jobs: list[Callable[[], None]] | None = None) -> None:
         self.built: dict[PassShape, float] = {}  # shape -> seconds its graph took
         self.failed: dict[PassShape, str] = {}  # shape -> why
         self.passes = {"compiled": 0, "eager": 0}  # how the engine's passes ran
         self._compiled, self._eager = compiled, eager
         self._device = next(model.parameters()).device
         self._seen: set[PassShape] = set()
-        self._queue: list[PassShape] = []
+        self._queue: list[PassShape | Callable[[], None]] = []
         self._changed = threading.Condition()
         self._initial = shapes
+        self._jobs = list(jobs or ())  # further builds, after the initial shapes (each logs)
         self._thread = threading.Thread(target=self._run, name="compile-decoder", daemon=True)
 
     def start(self) -> BackgroundCompile:
@@ -318,6 +358,8 @@ class BackgroundCompile:
                     "until it is ready")
         for shape in self._initial:
             self._request(shape)
+        with self._changed:
+            self._queue.extend(self._jobs)
         self._thread.start()
         return self
 
@@ -367,13 +409,17 @@ class BackgroundCompile:
             normal = sys.getswitchinterval()
             sys.setswitchinterval(GIL_SWITCH_WHILE_COMPILING)
             try:
-                build_graph(self._compiled, shape, self._device)
+                if callable(shape):  # a job (`jobs`): handles its own failures
+                    shape()
+                else:
+                    build_graph(self._compiled, shape, self._device)
             except Exception as exc:  # anything inductor raises: this shape stays eager
                 self.failed[shape] = f"{type(exc).__name__}: {exc}"
                 logger.warning("compile: background: compiling the decoder failed (%s); the "
                                "eager forward keeps serving", self.failed[shape])
             else:
-                self.built[shape] = time.perf_counter() - start
+                if not callable(shape):
+                    self.built[shape] = time.perf_counter() - start
             finally:
                 sys.setswitchinterval(normal)
             with self._changed:

@@ -47,6 +47,7 @@ class RuntimeConfig:
     linear_backend: str = "auto"
     attention_backend: str = "auto"
     compile: bool | str = False  # true, false or background (runtime.compiled_forward)
+    static_decode_rows: tuple[int, ...] = ()  # fixed-shape graphs (runtime.static_graphs)
     seed: int = 0
     num_threads: int | None = None
     host: str = "127.0.0.1"
@@ -84,6 +85,7 @@ class RuntimeConfig:
         if isinstance(self.compile, str) and self.compile not in COMPILE_MODES:
             raise ConfigError("compile: expected true, false or "
                               f"{', '.join(COMPILE_MODES)}, got {self.compile!r}")
+        self._check_static_decode_rows()
         try:
             parse_kv_memory(self.kv_cache_memory)
         except ValueError as exc:
@@ -105,6 +107,17 @@ class RuntimeConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
         self._check_scale_out()
+
+    def _check_static_decode_rows(self) -> None:
+        rows = self.static_decode_rows
+        if isinstance(rows, int) or not isinstance(rows, list | tuple) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in rows):
+            raise ConfigError("static_decode_rows: expected a list of row counts >= 1 (such as "
+                              f"[1, 2, 4, 8]), got {rows!r}")
+        if rows and not self.compile:
+            raise ConfigError("static_decode_rows: needs compile (true or background): the "
+                              "fixed-shape graphs are compiled")
+        object.__setattr__(self, "static_decode_rows", tuple(sorted(set(rows))))
 
     def _check_scale_out(self) -> None:
         """The Ray keys only mean something with `replicas`; say so rather than ignore them."""
@@ -155,6 +168,8 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
             return value
         if typ in (str, bool, dict) and isinstance(value, typ):
             return value
+        if typing.get_origin(typ) is tuple and isinstance(value, list | tuple):
+            return tuple(value)  # the items are checked by RuntimeConfig
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise ConfigError(f"{where}: key {key!r} expects {names}, got {value!r}")
 

@@ -48,10 +48,12 @@ class Engine:
                  observers: tuple[object, ...] = (),
                  clock: Callable[[], float] = time.monotonic,
                  linear_backend: str = "auto", compile_model: bool | str = False,
-                 attention_backend: str = "auto") -> None:
+                 attention_backend: str = "auto",
+                 static_decode_rows: tuple[int, ...] = ()) -> None:
         self.tokenizer, self.clock = tokenizer, clock
         self.scheduler, self.scheduler_name = scheduler, scheduler_name
-        self.runner = ModelRunner(model, limits, linear_backend, compile_model, attention_backend)
+        self.runner = ModelRunner(model, limits, linear_backend, compile_model, attention_backend,
+                                  static_decode_rows)
         self.model, self.device, self.dtype = model, self.runner.device, self.runner.dtype
         self.shape, self.limits = self.runner.shape, self.runner.cache_limits
         self.max_model_len = self.shape.max_model_len
@@ -139,6 +141,7 @@ class Engine:
         if self.has_unfinished():
             raise RuntimeError("warm_up() needs an idle engine")
         start = time.perf_counter()
+        self.runner.build_static_graphs()
         for plugin in self.observers:
             self.pm.unregister(plugin)
         vocab, ids = self.shape.vocab_size, itertools.count()

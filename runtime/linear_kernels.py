@@ -119,6 +119,14 @@ def _dense_weight(linear: Linear) -> torch.Tensor:
     return linear.packed.to_dense()
 
 
+def dense_weight(linear: Linear) -> torch.Tensor:
+    """`linear`'s dense (out, in) weight: the parameter's tensor while unpacked, else a copy
+    read back exactly from the packed one."""
+    if linear.packed is None:
+        return linear.weight.detach()
+    return _dense_weight(linear)
+
+
 def model_linears(model: nn.Module) -> list[Linear]:
     """Every `Linear` of the model once (a tied head is listed once, as the head)."""
     seen: set[int] = set()

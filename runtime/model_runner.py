@@ -7,6 +7,7 @@ layout's `commit`, then sampling.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -61,20 +62,35 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, limits: EngineLimits,
                  linear_backend: str = "auto", compile_model: bool | str = False,
-                 attention_backend: str = "auto") -> None:
+                 attention_backend: str = "auto",
+                 static_decode_rows: tuple[int, ...] = ()) -> None:
         """`compile_model`: False (eager), True (the compiled decoder, compiled at warm-up or
-        by the first pass) or "background" (eager until `background_compile` has built it)."""
+        by the first pass) or "background" (eager until `background_compile` has built it).
+        `static_decode_rows`: with a compiled decoder, the row counts of fixed-shape graphs
+        (`runtime.static_graphs`)."""
         self.model = model
         self.linear_kernels = apply_linear_backend(model, linear_backend)
         self.forward = model
         self.background_compile = None
+        self.static_graphs = None
+        if static_decode_rows and not compile_model:
+            raise ValueError("static_decode_rows: needs compile (true or background)")
         if compile_model:  # after the kernels are chosen: the compiled graph calls them
             from runtime import compiled_forward
 
             compiled = compiled_forward.compile_decoder(model)
+            if static_decode_rows:
+                self.static_graphs = compiled_forward.static_decode_graphs(
+                    model, static_decode_rows, lazy=compile_model is True)
+                if self.static_graphs is not None:
+                    self._dynamic_forward = compiled
+                    compiled = self.static_graphs.wrap(compiled)
             if compile_model == "background":
+                jobs = [functools.partial(self.static_graphs.build, n)
+                        for n in self.static_graphs.rows] if self.static_graphs else []
                 self.background_compile = compiled_forward.BackgroundCompile(
-                    model, compiled, compiled_forward.routed_eager_forward(model)).start()
+                    model, compiled, compiled_forward.routed_eager_forward(model),
+                    jobs=jobs).start()
                 self.forward = self.background_compile.forward
             else:
                 self.forward = compiled
@@ -100,6 +116,17 @@ class ModelRunner:
         self.cache_limits = CacheLimits(limits.max_num_seqs, max_model_len,
                                         self.kv_capacity.tokens, self.kv_dtype,
                                         self.kv_capacity.memory_tokens)
+
+    def build_static_graphs(self) -> None:
+        """Build every fixed-shape graph now (`Engine.warm_up`), not in a first pass's time,
+        and the dynamic graph's shapes, which the warm-up's small passes no longer reach."""
+        if self.static_graphs is None or self.background_compile is not None:
+            return
+        from runtime import compiled_forward
+
+        for shape in compiled_forward.PACKED_PASS_SHAPES:
+            compiled_forward.build_graph(self._dynamic_forward, shape, self.device)
+        self.static_graphs.build_all()
 
     def run(self, batch: ForwardBatch, kv_cache: KVCache, mask: object) -> SampleResult:
         """Forward `batch` over `kv_cache` with `mask`, let the layout commit, then sample."""

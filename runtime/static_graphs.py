@@ -1,0 +1,202 @@
+"""Fixed-shape decode graphs (`static_decode_rows`): small passes on frozen, autotuned GEMMs.
+
+The compiled decoder (`runtime.compiled_forward`) serves every pass size from one graph with
+the token count dynamic, and calls each linear through an opaque op onto oneDNN's or MKL's
+prepacked weights. At a few rows those GEMMs are far from the machine's rate. Compiled for one
+row count with the weights frozen into the graph as constants, inductor's max-autotune picks
+per weight shape between its own C++ GEMM template (a micro-kernel blocked for that exact
+shape, the weight laid out once) and ATen's, and can fuse the neighbouring elementwise work.
+On a 2-core AVX2 EPYC (float32, SmolLM2-135M shape, decoder with attention stubbed, docs/
+benchmarks.md) this ran 1.50x / 1.36x / 1.34x / 1.10x / 1.04x faster than the oneDNN-packed
+compiled decoder at 1 / 4 / 8 / 16 / 32 rows and level at 64; a frozen graph with the token
+count dynamic did not (tuned for one size, 0.87-0.9x at 64 rows and in prefill).
+
+So the small passes get graphs of fixed row counts, the buckets: a pass of n <= the largest
+bucket tokens (a decode batch, or a small mixed pass) runs the smallest bucket >= n, its rows
+padded with token 0 at position 0. Pad rows never reach the attention (the attention op runs
+the pass's handle on the real rows only and hands zeros back for the rest) nor the sampler
+(the graph's output is cut back to the real rows). Larger passes take the dynamic graph. That
+is what a dense batch's fixed shapes buy on a CPU, the counterpart of a CUDA graph replay.
+
+Cost, stated at startup: each bucket's graph holds its own copy of the decoder's linear
+weights in its packed layout, and the graphs compile from a dense copy of those weights kept
+beside the packed ones the rest of the engine runs (so buckets + 1 copies of the decoder's
+linear weights in all), and each bucket compiles and autotunes for about a minute on 2 cores
+for a 30-layer model. float32 and bfloat16 on CPU only: float64 (the exact parity tests)
+keeps the plain path, and CUDA has its own graph replay to build.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from runtime.architectures.layers import Linear
+from runtime.linear_kernels import dense_weight
+
+logger = logging.getLogger(__name__)
+
+STATIC_DTYPES = (torch.float32, torch.bfloat16)
+# Inductor settings for building a bucket's graph: the weights become constants, and each GEMM
+# is timed against its candidates (inductor's C++ template, ATen) for the bucket's exact shape.
+# (Its table of timings per GEMM is not printed: the build logs one line per bucket.)
+FROZEN_GEMM_SETTINGS = {"freezing": True, "max_autotune": True,
+                        "max_autotune_gemm_backends": "CPP,ATEN",
+                        "autotune_num_choices_displayed": 0}
+
+
+def static_rows_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why fixed-shape decode graphs cannot serve this model here, or None if they can."""
+    if device.type != "cpu":
+        return f"CPU only (the model is on {device.type})"
+    if dtype not in STATIC_DTYPES:
+        return f"float32 and bfloat16 only ({dtype} keeps the plain, exact path)"
+    return None
+
+
+def _dense_linear(linear: Linear) -> Linear:
+    """`linear` again (its class and attributes, such as a fused linear's `output_sizes`) on
+    its dense weight and `F.linear`: what inductor freezes and autotunes."""
+    clone = copy.copy(linear)
+    clone.__dict__.pop("forward", None)  # the compiled decoder's routing to the linear op
+    clone._parameters = dict(linear._parameters)
+    clone.weight = nn.Parameter(dense_weight(linear), requires_grad=False)
+    clone.packed = clone.packed_by = None
+    return clone
+
+
+def dense_twin(model: nn.Module) -> nn.Module:
+    """`model`'s module tree again, sharing every parameter and buffer, with each decoder
+    `Linear` (routed through the compiled decoder's linear op, perhaps packed) replaced by
+    `_dense_linear`'s copy over its dense weight (the same tensor when unpacked, else a copy read back
+    exactly from the packed one). The LM head, outside the decoder, is shared as it is."""
+    head = getattr(model, "lm_head", None)
+    twins: dict[int, nn.Module] = {}
+
+    def twin(module: nn.Module) -> nn.Module:
+        if module is head:
+            return module
+        if id(module) not in twins:
+            if isinstance(module, Linear):
+                twins[id(module)] = _dense_linear(module)
+            else:
+                clone = copy.copy(module)  # shares the parameter and buffer dicts
+                clone._modules = {name: None if child is None else twin(child)
+                                  for name, child in module._modules.items()}
+                twins[id(module)] = clone
+        return twins[id(module)]
+
+    return twin(model)
+
+
+class _Decoder(nn.Module):
+    """The twin's decoder as `torch.compile` takes it: the attention through the opaque op."""
+
+    def __init__(self, twin: nn.Module, opaque_attention: object) -> None:
+        super().__init__()
+        self.twin = twin
+        self._opaque = opaque_attention
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.twin(input_ids, positions, self._opaque, None)
+
+
+class StaticDecodeGraphs:
+    """One frozen, fixed-shape compiled decoder per bucket row count, and the routing to them.
+
+    `wrap(dynamic)` returns the forward the engine runs: a 1-D pass (the packed layouts' token
+    rows) of at most `max(rows)` tokens runs the smallest built bucket that holds it, anything
+    else `dynamic`. `lazy` (``compile: true``): a bucket not yet built is built by the first
+    pass that needs it, as the dynamic graph is (`Engine.warm_up` builds them all first);
+    otherwise (``compile: background``) only `build` builds, on the compile thread, and passes
+    take the dynamic graph until then.
+    """
+
+    def __init__(self, model: nn.Module, rows: tuple[int, ...], pass_state: Any,
+                 opaque_attention: object, zero_attention: object, lazy: bool) -> None:
+        self.rows = tuple(sorted(set(rows)))
+        self.built: dict[int, float] = {}  # bucket -> seconds its graph took
+        self.failed: dict[int, str] = {}  # bucket -> why
+        self.passes: dict[int, int] = dict.fromkeys(self.rows, 0)  # passes each bucket ran
+        self._lazy = lazy
+        self._pass = pass_state
+        self._zero = zero_attention
+        self._device = next(model.parameters()).device
+        decoder = _Decoder(dense_twin(model), opaque_attention).eval()
+        on_cpu = self._device.type == "cpu"
+        self._graphs = {n: torch.compile(decoder, dynamic=False, isolate_recompiles=True,
+                                         options={"cpp_wrapper": on_cpu})
+                        for n in self.rows}
+
+    def bucket(self, tokens: int) -> int | None:
+        """The bucket a pass of `tokens` tokens runs in, or None (the dynamic graph)."""
+        for n in self.rows:
+            if n >= tokens and n not in self.failed and (n in self.built or self._lazy):
+                return n
+        return None
+
+    def build(self, rows: int) -> None:
+        """Compile and autotune the bucket's graph on throwaway tokens (no engine state)."""
+        if rows in self.built or rows in self.failed:
+            return
+        start = time.perf_counter()
+        ids = torch.zeros(rows, dtype=torch.long, device=self._device)  # made outside
+        positions = torch.arange(rows, dtype=torch.long, device=self._device)  # inference mode
+        try:
+            with torch.inference_mode():  # as `ModelRunner.run` runs the forward
+                self._call(rows, ids, positions, self._zero, None, rows)
+        except Exception as exc:  # anything inductor raises: the dynamic graph keeps serving
+            self.failed[rows] = f"{type(exc).__name__}: {exc}"
+            logger.warning("static_decode_rows: the %d-row graph failed to build (%s); passes "
+                           "of that size take the dynamic graph", rows, self.failed[rows])
+            return
+        self.built[rows] = time.perf_counter() - start
+        logger.info("static_decode_rows: %d-row graph built in %.1f s", rows, self.built[rows])
+
+    def build_all(self) -> None:
+        for rows in self.rows:
+            self.build(rows)
+
+    def _call(self, rows: int, input_ids: torch.Tensor, positions: torch.Tensor, attn: Any,
+              mask: Any, real: int) -> torch.Tensor:
+        self._pass.attn, self._pass.mask, self._pass.rows = attn, mask, real
+        try:
+            if rows in self.built:
+                return self._graphs[rows](input_ids, positions)
+            with torch._inductor.config.patch(FROZEN_GEMM_SETTINGS):
+                return self._graphs[rows](input_ids, positions)
+        finally:
+            self._pass.attn = self._pass.mask = self._pass.rows = None
+
+    def wrap(self, dynamic: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The engine's forward: a bucket's graph where one fits, else `dynamic`."""
+
+        def forward(input_ids: torch.Tensor, positions: torch.Tensor, attn: Any,
+                    mask: Any) -> torch.Tensor:
+            tokens = input_ids.shape[0]
+            rows = self.bucket(tokens) if input_ids.dim() == 1 else None
+            if rows is None:
+                return dynamic(input_ids, positions, attn, mask)
+            if rows not in self.built:  # lazy: the first pass of this bucket builds it
+                self.build(rows)
+                if rows not in self.built:
+                    return dynamic(input_ids, positions, attn, mask)
+            if tokens < rows:
+                pad = rows - tokens
+                # Normal tensors, as the layouts make a pass's (and `build` its throwaway
+                # ones): dynamo guards on the dispatch keys, and an inference tensor made here
+                # would not match the graph.
+                with torch.inference_mode(False):
+                    input_ids = torch.cat([input_ids, input_ids.new_zeros(pad)])
+                    positions = torch.cat([positions, positions.new_zeros(pad)])
+            self.passes[rows] += 1
+            return self._call(rows, input_ids, positions, attn, mask, tokens)[:tokens]
+
+        forward.static_graphs = self  # type: ignore[attr-defined]
+        return forward
