@@ -245,16 +245,15 @@ def static_decode_graphs(model: nn.Module, rows: tuple[int, ...], lazy: bool):
     if why is not None:
         logger.warning("static_decode_rows ignored: %s", why)
         return None
-    linears = [m for m in model.modules()
-               if isinstance(m, Linear) and m is not getattr(model, "lm_head", None)]
-    size = sum(m.weight.numel() if m.packed is None else m.in_features * m.out_features
-               for m in linears) * weight.element_size()
-    copies = len(set(rows)) + any(m.packed is not None for m in linears)
+    linears = {id(m): m for m in model.modules() if isinstance(m, Linear)}.values()
+    size = sum(m.in_features * m.out_features for m in linears) * weight.element_size()
+    dense = sum(m.in_features * m.out_features for m in linears
+                if m.packed is not None and not m.weight.numel()) * weight.element_size()
     logger.info("static_decode_rows %s: fixed-shape graphs with frozen GEMMs (%s); about "
-                "%.0f MiB more (%d copies of the decoder's linear weights)",
-                ", ".join(map(str, sorted(set(rows)))),
+                "%.0f MiB more (a copy of the linear weights per bucket, %.0f MiB of dense "
+                "copies to freeze them from)", ", ".join(map(str, sorted(set(rows)))),
                 "built at warm-up or by the first pass" if lazy else "built in the background",
-                copies * size / 2**20, copies)
+                (len(set(rows)) * size + dense) / 2**20, dense / 2**20)
     graphs = StaticDecodeGraphs(model, rows, _PASS, _OPAQUE, _ZeroAttention(), lazy)
     model._static_decode_graphs = {**shared, key: graphs}
     return graphs

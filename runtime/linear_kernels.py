@@ -120,9 +120,9 @@ def _dense_weight(linear: Linear) -> torch.Tensor:
 
 
 def dense_weight(linear: Linear) -> torch.Tensor:
-    """`linear`'s dense (out, in) weight: the parameter's tensor while unpacked, else a copy
-    read back exactly from the packed one."""
-    if linear.packed is None:
+    """`linear`'s dense (out, in) weight: the parameter's tensor while unpacked or shared (a
+    tied head keeps the embedding's), else a copy read back exactly from the packed one."""
+    if linear.packed is None or linear.weight.numel():
         return linear.weight.detach()
     return _dense_weight(linear)
 

@@ -134,6 +134,8 @@ class ModelRunner:
             hidden = self.forward(batch.input_ids, batch.positions, kv_cache.attention(batch),
                                   mask)
             rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.sample_indices)
-            logits = self.model.compute_logits(rows)
+            logits = None if self.static_graphs is None else self.static_graphs.logits(rows)
+            if logits is None:
+                logits = self.model.compute_logits(rows)
         kv_cache.commit(batch)
         return sample(logits, batch.sampled_requests)

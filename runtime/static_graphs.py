@@ -18,11 +18,15 @@ the pass's handle on the real rows only and hands zeros back for the rest) nor t
 (the graph's output is cut back to the real rows). Larger passes take the dynamic graph. That
 is what a dense batch's fixed shapes buy on a CPU, the counterpart of a CUDA graph replay.
 
-Cost, stated at startup: each bucket's graph holds its own copy of the decoder's linear
-weights in its packed layout, and the graphs compile from a dense copy of those weights kept
-beside the packed ones the rest of the engine runs (so buckets + 1 copies of the decoder's
-linear weights in all), and each bucket compiles and autotunes for about a minute on 2 cores
-for a 30-layer model. float32 and bfloat16 on CPU only: float64 (the exact parity tests)
+The LM head gets the same: the sampled rows' logits from a frozen head graph per bucket
+(1.2-1.3x oneDNN's packed head at 1-4 rows, about 1 ms of a one-row step here).
+
+Cost, stated at startup: each bucket's graphs hold their own copy of the linear weights (the
+decoder's and the head's) in their packed layout, and they compile from a dense copy of those
+weights kept beside the packed ones the rest of the engine runs (none for weights that are
+dense already, such as a head tied to the embedding), so up to buckets + 1 copies of the
+linear weights in all; each bucket compiles and autotunes for about a minute on 2 cores for a
+30-layer model. float32 and bfloat16 on CPU only: float64 (the exact parity tests)
 keeps the plain path, and CUDA has its own graph replay to build.
 """
 
@@ -72,16 +76,13 @@ def _dense_linear(linear: Linear) -> Linear:
 
 
 def dense_twin(model: nn.Module) -> nn.Module:
-    """`model`'s module tree again, sharing every parameter and buffer, with each decoder
-    `Linear` (routed through the compiled decoder's linear op, perhaps packed) replaced by
-    `_dense_linear`'s copy over its dense weight (the same tensor when unpacked, else a copy read back
-    exactly from the packed one). The LM head, outside the decoder, is shared as it is."""
-    head = getattr(model, "lm_head", None)
+    """`model`'s module tree again, sharing every parameter and buffer, with each `Linear`
+    (the decoder's routed through the compiled decoder's linear op, perhaps packed, and the LM
+    head) replaced by `_dense_linear`'s copy over its dense weight (the same tensor when
+    unpacked or shared, else a copy read back exactly from the packed one)."""
     twins: dict[int, nn.Module] = {}
 
     def twin(module: nn.Module) -> nn.Module:
-        if module is head:
-            return module
         if id(module) not in twins:
             if isinstance(module, Linear):
                 twins[id(module)] = _dense_linear(module)
@@ -107,15 +108,27 @@ class _Decoder(nn.Module):
         return self.twin(input_ids, positions, self._opaque, None)
 
 
+class _Logits(nn.Module):
+    """The twin's LM head as `torch.compile` takes it: the sampled rows' logits."""
+
+    def __init__(self, twin: nn.Module) -> None:
+        super().__init__()
+        self.twin = twin
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.twin.compute_logits(hidden)
+
+
 class StaticDecodeGraphs:
     """One frozen, fixed-shape compiled decoder per bucket row count, and the routing to them.
 
     `wrap(dynamic)` returns the forward the engine runs: a 1-D pass (the packed layouts' token
     rows) of at most `max(rows)` tokens runs the smallest built bucket that holds it, anything
-    else `dynamic`. `lazy` (``compile: true``): a bucket not yet built is built by the first
-    pass that needs it, as the dynamic graph is (`Engine.warm_up` builds them all first);
-    otherwise (``compile: background``) only `build` builds, on the compile thread, and passes
-    take the dynamic graph until then.
+    else `dynamic`; `logits(rows)` does the same for the LM head over the sampled rows, or
+    returns None. `lazy` (``compile: true``): a bucket not yet built is built by the first pass
+    that needs it, as the dynamic graph is (`Engine.warm_up` builds them all first); otherwise
+    (``compile: background``) only `build` builds, on the compile thread, and passes take the
+    dynamic graph until then.
     """
 
     def __init__(self, model: nn.Module, rows: tuple[int, ...], pass_state: Any,
@@ -128,11 +141,17 @@ class StaticDecodeGraphs:
         self._pass = pass_state
         self._zero = zero_attention
         self._device = next(model.parameters()).device
-        decoder = _Decoder(dense_twin(model), opaque_attention).eval()
+        twin = dense_twin(model)
+        self._hidden_size = model.config.hidden_size
+        self._dtype = next(model.parameters()).dtype
         on_cpu = self._device.type == "cpu"
-        self._graphs = {n: torch.compile(decoder, dynamic=False, isolate_recompiles=True,
-                                         options={"cpp_wrapper": on_cpu})
-                        for n in self.rows}
+
+        def compiled(module: nn.Module) -> Callable[..., torch.Tensor]:
+            return torch.compile(module.eval(), dynamic=False, isolate_recompiles=True,
+                                 options={"cpp_wrapper": on_cpu})
+
+        self._graphs = {n: compiled(_Decoder(twin, opaque_attention)) for n in self.rows}
+        self._heads = {n: compiled(_Logits(twin)) for n in self.rows}
 
     def bucket(self, tokens: int) -> int | None:
         """The bucket a pass of `tokens` tokens runs in, or None (the dynamic graph)."""
@@ -149,8 +168,12 @@ class StaticDecodeGraphs:
         ids = torch.zeros(rows, dtype=torch.long, device=self._device)  # made outside
         positions = torch.arange(rows, dtype=torch.long, device=self._device)  # inference mode
         try:
-            with torch.inference_mode():  # as `ModelRunner.run` runs the forward
+            with torch.inference_mode():  # as `ModelRunner.run` runs the forward and head
                 self._call(rows, ids, positions, self._zero, None, rows)
+                hidden = torch.zeros(rows, self._hidden_size, dtype=self._dtype,
+                                     device=self._device)
+                with torch._inductor.config.patch(FROZEN_GEMM_SETTINGS):
+                    self._heads[rows](hidden)
         except Exception as exc:  # anything inductor raises: the dynamic graph keeps serving
             self.failed[rows] = f"{type(exc).__name__}: {exc}"
             logger.warning("static_decode_rows: the %d-row graph failed to build (%s); passes "
@@ -173,6 +196,19 @@ class StaticDecodeGraphs:
                 return self._graphs[rows](input_ids, positions)
         finally:
             self._pass.attn = self._pass.mask = self._pass.rows = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The logits of `hidden`'s rows (the sampled ones, made in inference mode) from the
+        built bucket that holds them, or None: the caller's LM head then."""
+        tokens = hidden.shape[0]
+        if not tokens:
+            return None
+        rows = next((n for n in self.rows if n >= tokens and n in self.built), None)
+        if rows is None:
+            return None
+        if tokens < rows:
+            hidden = torch.cat([hidden, hidden.new_zeros(rows - tokens, hidden.shape[1])])
+        return self._heads[rows](hidden)[:tokens]
 
     def wrap(self, dynamic: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """The engine's forward: a bucket's graph where one fits, else `dynamic`."""

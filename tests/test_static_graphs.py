@@ -20,8 +20,8 @@ def eager_tokens(scheduler: str) -> list[list[int]]:
 
 @pytest.mark.parametrize("scheduler", ["baton", "orca"])
 def test_buckets_serve_padded_passes_with_the_eager_tokens(scheduler: str) -> None:
-    """Five decode rows run in the 8-row graph (three pad rows); the last rows in the 1-row
-    one. The graphs compile at warm-up, and traffic compiles nothing more."""
+    """Five decode rows run in the 8-row graphs (three pad rows), the decoder's and the LM
+    head's. The graphs compile at warm-up, and traffic compiles nothing more."""
     from torch._dynamo.utils import counters
 
     engine = Engine(small_model(), None, instantiate_scheduler(scheduler, {}), scheduler,
@@ -35,6 +35,11 @@ def test_buckets_serve_padded_passes_with_the_eager_tokens(scheduler: str) -> No
     assert counters["stats"]["unique_graphs"] == before
     assert graphs.passes[8] > 0  # five rows padded to eight
     assert tokens == eager_tokens(scheduler)
+    with torch.inference_mode():  # the head's bucket graph against the model's own head
+        hidden = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+        logits = graphs.logits(hidden)
+        torch.testing.assert_close(logits, engine.model.compute_logits(hidden))
+        assert graphs.logits(hidden[:0]) is None and graphs.logits(torch.zeros(9, 64)) is None
 
 
 def test_background_compile_builds_the_buckets_after_the_dynamic_graph() -> None:
