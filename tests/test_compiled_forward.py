@@ -270,7 +270,7 @@ def test_without_the_cpp_kernels_the_linears_take_the_python_op(monkeypatch, cap
         r.output_token_ids for r in want.generate(prompts(), GREEDY)]
 
 
-def test_many_compiled_models_in_one_process_all_stay_compiled(monkeypatch) -> None:
+def test_many_compiled_models_in_one_process_all_stay_compiled() -> None:
     """Every model's decoder is one code object: without isolated caches dynamo would count
     all models' graphs against one recompile limit and run later models eagerly (it says so
     only in a warning). With the limit lowered to 3, four models still compile (each compiles
@@ -285,14 +285,16 @@ def test_many_compiled_models_in_one_process_all_stay_compiled(monkeypatch) -> N
         def emit(self, record: logging.LogRecord) -> None:
             self.messages.append(record.getMessage())
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
+    # `config.patch`, not monkeypatch: undoing a monkeypatch deletes the config entry (later
+    # compiles then fail on "torch._dynamo.config.recompile_limit does not exist").
     collect, dynamo_log = Collect(), logging.getLogger("torch._dynamo")  # does not propagate
     dynamo_log.addHandler(collect)
     try:
-        for i, scheduler in enumerate(["baton", "orca", "static", "baton"]):
-            engine = Engine(small_model(i), None, instantiate_scheduler(scheduler, {}),
-                            scheduler, compile_model=True)
-            engine.generate(prompts()[:2], GREEDY)
+        with torch._dynamo.config.patch(recompile_limit=3):
+            for i, scheduler in enumerate(["baton", "orca", "static", "baton"]):
+                engine = Engine(small_model(i), None, instantiate_scheduler(scheduler, {}),
+                                scheduler, compile_model=True)
+                engine.generate(prompts()[:2], GREEDY)
     finally:
         dynamo_log.removeHandler(collect)
     assert not [m for m in collect.messages if "recompile_limit" in m]
