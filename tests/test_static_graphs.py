@@ -25,11 +25,11 @@ def test_buckets_serve_padded_passes_with_the_eager_tokens(scheduler: str) -> No
     from torch._dynamo.utils import counters
 
     engine = Engine(small_model(), None, instantiate_scheduler(scheduler, {}), scheduler,
-                    compile_model=True, static_decode_rows=(8, 1))
+                    compile_model=True, static_decode_rows=(8,))
     graphs = engine.runner.static_graphs
-    assert isinstance(graphs, StaticDecodeGraphs) and graphs.rows == (1, 8)
+    assert isinstance(graphs, StaticDecodeGraphs) and graphs.rows == (8,)
     engine.warm_up()
-    assert set(graphs.built) == {1, 8} and not graphs.failed
+    assert set(graphs.built) == {8} and not graphs.failed
     before = counters["stats"]["unique_graphs"]
     tokens = [r.output_token_ids for r in engine.generate(prompts(), GREEDY)]
     assert counters["stats"]["unique_graphs"] == before
