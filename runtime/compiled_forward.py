@@ -235,7 +235,8 @@ def static_decode_graphs(model: nn.Module, rows: tuple[int, ...], lazy: bool):
     decoder, one set per model and buckets: engines over the same model share the graphs."""
     from runtime.static_graphs import StaticDecodeGraphs, static_rows_unsupported
 
-    key = (tuple(sorted(set(rows))), lazy)
+    rows = tuple(sorted(set(rows)))
+    key = (rows, lazy)
     shared = getattr(model, "_static_decode_graphs", {})
     if key in shared:
         return shared[key]
@@ -251,9 +252,9 @@ def static_decode_graphs(model: nn.Module, rows: tuple[int, ...], lazy: bool):
                 if m.packed is not None and not m.weight.numel()) * weight.element_size()
     logger.info("static_decode_rows %s: fixed-shape graphs with frozen GEMMs (%s); about "
                 "%.0f MiB more (a copy of the linear weights per bucket, %.0f MiB of dense "
-                "copies to freeze them from)", ", ".join(map(str, sorted(set(rows)))),
+                "copies to freeze them from)", ", ".join(map(str, rows)),
                 "built at warm-up or by the first pass" if lazy else "built in the background",
-                (len(set(rows)) * size + dense) / 2**20, dense / 2**20)
+                (len(rows) * size + dense) / 2**20, dense / 2**20)
     graphs = StaticDecodeGraphs(model, rows, _PASS, _OPAQUE, _ZeroAttention(), lazy)
     model._static_decode_graphs = {**shared, key: graphs}
     return graphs

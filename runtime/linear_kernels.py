@@ -110,21 +110,16 @@ def pack_weight(weight: torch.Tensor, backend: str) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
-def _dense_weight(linear: Linear) -> torch.Tensor:
-    """The dense (out, in) weight read back from `linear.packed`."""
-    if linear.packed_by == "mkl":  # identity x W^T, without the bias
-        eye = torch.eye(linear.in_features, dtype=torch.float32)
-        return torch.ops.baton_kernels.mkl_linear(eye, linear.packed, linear.out_features,
-                                                  None).t().contiguous()
-    return linear.packed.to_dense()
-
-
 def dense_weight(linear: Linear) -> torch.Tensor:
     """`linear`'s dense (out, in) weight: the parameter's tensor while unpacked or shared (a
     tied head keeps the embedding's), else a copy read back exactly from the packed one."""
     if linear.packed is None or linear.weight.numel():
         return linear.weight.detach()
-    return _dense_weight(linear)
+    if linear.packed_by == "mkl":  # identity x W^T, without the bias
+        eye = torch.eye(linear.in_features, dtype=torch.float32)
+        return torch.ops.baton_kernels.mkl_linear(eye, linear.packed, linear.out_features,
+                                                  None).t().contiguous()
+    return linear.packed.to_dense()
 
 
 def model_linears(model: nn.Module) -> list[Linear]:
@@ -182,7 +177,7 @@ def unpack_linears(model: nn.Module) -> None:
             continue
         _PACKING_GENERATION += 1
         if linear.weight.numel() == 0:
-            linear.weight.data = _dense_weight(linear)
+            linear.weight.data = dense_weight(linear)
         linear.packed = None
         linear.packed_by = None
 

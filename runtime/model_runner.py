@@ -7,7 +7,6 @@ layout's `commit`, then sampling.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -86,8 +85,7 @@ class ModelRunner:
                     self._dynamic_forward = compiled
                     compiled = self.static_graphs.wrap(compiled)
             if compile_model == "background":
-                jobs = [functools.partial(self.static_graphs.build, n)
-                        for n in self.static_graphs.rows] if self.static_graphs else []
+                jobs = [self.static_graphs.build_all] if self.static_graphs else []
                 self.background_compile = compiled_forward.BackgroundCompile(
                     model, compiled, compiled_forward.routed_eager_forward(model),
                     jobs=jobs).start()
