@@ -13,6 +13,7 @@ serves every row count in both (no row bucketing or padding):
   AVX2 EPYC oneDNN was the faster. Hence the probe.
 
 `auto` measures the candidates at startup (`probe_speedups`) and takes the fastest.
+`benchmarks/linear_backends.py` times them at any row count, prefill sizes included.
 
 Memory: packing moves a weight into the packed copy and frees the dense one (memory-neutral),
 except where the dense weight is shared (a tied LM head is also the input embedding), which
