@@ -116,6 +116,10 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
                        help="decode attention: auto, native or sdpa")
     bench.add_argument("--compile", action="store_true",
                        help="every contender runs the compiled decoder (runtime.compiled_forward)")
+    bench.add_argument("--static-decode-rows", type=int, nargs="+", metavar="N", default=(),
+                       help="with --compile: every contender also runs fixed-shape graphs for "
+                            "passes of up to these row counts (runtime.static_graphs; built "
+                            "once, shared by all)")
     bench.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     bench.add_argument(
         "--num-threads", type=int, help="torch CPU threads (default: one per physical core)"
@@ -284,6 +288,12 @@ def run_offline_cli(args: argparse.Namespace) -> int:
     from runtime.engine import EngineLimits
     from runtime.loader import load_model, load_model_config
 
+    if args.static_decode_rows and not args.compile:
+        raise ValueError("--static-decode-rows: needs --compile (the fixed-shape graphs are "
+                         "compiled)")
+    if any(rows < 1 for rows in args.static_decode_rows):
+        raise ValueError(f"--static-decode-rows: expected row counts >= 1, got "
+                         f"{list(args.static_decode_rows)}")
     configure_host(args.num_threads)
     model_dir = resolve_model(args.model_spec, args.model)
     config = load_model_config(model_dir)
@@ -305,7 +315,8 @@ def run_offline_cli(args: argparse.Namespace) -> int:
             limits, kv_cache_dtype=own.get("kv_cache_dtype", args.kv_cache_dtype))
         contenders.append(
             EngineContender(label, name, model, None, own_limits, options.get(label),
-                            args.linear_backend, args.compile, attention)
+                            args.linear_backend, args.compile, attention,
+                            tuple(sorted(set(args.static_decode_rows))))
         )
     unavailable = {}
     for name in args.peers:

@@ -68,8 +68,10 @@ class EngineContender:
         linear_backend: str = "auto",
         compile_model: bool = False,
         attention_backend: str = "auto",
+        static_decode_rows: tuple[int, ...] = (),
     ) -> None:
         self.label = label
+        self.static_decode_rows = static_decode_rows
         self.attention_backend = attention_backend
         self.linear_backend = linear_backend
         self.compile_model = compile_model
@@ -97,6 +99,7 @@ class EngineContender:
             linear_backend=self.linear_backend,
             compile_model=self.compile_model,
             attention_backend=self.attention_backend,
+            static_decode_rows=self.static_decode_rows,
         )
 
     def warmup(self) -> None:

@@ -179,3 +179,25 @@ def test_engine_option_errors_name_the_entry(cache, capsys, option, message):
                "--engine-option", option, "--no-progress", "--no-plots"])
     assert rc != 0
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--static-decode-rows", "2"], "--static-decode-rows: needs --compile"),
+    (["--compile", "--static-decode-rows", "0", "2"], "expected row counts >= 1"),
+])
+def test_static_decode_rows_flag_errors(cache, capsys, flags, message):
+    rc = main(["bench", "--model-spec", "tiny", "--workload", "smoke", "--schedulers", "baton",
+               *flags, "--no-progress", "--no-plots"])
+    assert rc != 0
+    assert message in capsys.readouterr().err
+
+
+def test_contender_hands_static_decode_rows_to_its_engine(cache):
+    """The rows reach the engine (which refuses them without a compiled decoder: building the
+    fixed-shape graphs themselves is tests/test_static_graphs.py's)."""
+    from runtime.loader import load_model
+
+    model = load_model(resolve_model("tiny"))
+    contender = EngineContender("baton", "baton", model, static_decode_rows=(1, 2))
+    with pytest.raises(ValueError, match="static_decode_rows: needs compile"):
+        contender.make_engine()
