@@ -27,22 +27,28 @@ import torch
 import torch.nn.functional as F
 
 from runtime.architectures import build_model
+from runtime.architectures.layers import Linear
 from runtime.bench.model_spec import SPECS
 from runtime.hardware import cpu_info
 from runtime.linear_kernels import model_linears, pack_weight, packing_supported
 
 
-def pass_linears(model: torch.nn.Module, backend: str, rows: int) -> Callable[[], None]:
-    """One pass's decoder linears on `rows` rows with `backend`'s kernel."""
-    linears = [m for m in model_linears(model) if m is not model.lm_head]
-    dtype = next(model.parameters()).dtype
+def decoder_linears(model: torch.nn.Module) -> list[Linear]:
+    """The linears of one pass but the LM head."""
+    return [m for m in model_linears(model) if m is not model.lm_head]
+
+
+def pass_linears(linears: list[Linear], packed: list[torch.Tensor] | None, backend: str,
+                 rows: int) -> Callable[[], None]:
+    """One pass's decoder linears on `rows` rows with `backend`'s kernel (`packed`: their
+    weights in its layout, None for `F.linear`)."""
+    dtype = linears[0].weight.dtype
     xs = {m.in_features: torch.randn(rows, m.in_features, dtype=dtype) for m in linears}
-    if backend == "torch":
+    if packed is None:
         def run() -> None:
             for m in linears:
                 F.linear(xs[m.in_features], m.weight, m.bias)
         return run
-    packed = [pack_weight(m.weight, backend) for m in linears]
 
     def run_packed() -> None:
         for m, w in zip(linears, packed, strict=True):
@@ -77,8 +83,10 @@ def main() -> None:
     model.requires_grad_(False)
     cpu = torch.device("cpu")
     backends = ["torch"] + [b for b in ("onednn", "mkl") if packing_supported(b, dtype, cpu)]
-    flops_per_row = sum(2 * m.in_features * m.out_features
-                        for m in model_linears(model) if m is not model.lm_head)
+    linears = decoder_linears(model)
+    packed = {b: None if b == "torch" else [pack_weight(m.weight, b) for m in linears]
+              for b in backends}  # once: every row count runs the same packed copies
+    flops_per_row = sum(2 * m.in_features * m.out_features for m in linears)
     print(f"SmolLM2-135M shape, {args.dtype}, decoder linears of one pass, {args.threads} "
           f"threads, load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
           f"{cpu_info().model_name}")
@@ -88,7 +96,7 @@ def main() -> None:
     with torch.inference_mode():
         for rows in args.rows:
             torch.set_num_threads(args.threads)
-            fns = {b: pass_linears(model, b, rows) for b in backends}
+            fns = {b: pass_linears(linears, packed[b], b, rows) for b in backends}
             rounds = max(3, min(20, 4096 // rows))
             seconds = median_seconds(fns, rounds)
             line = "".join(f"{1000 * seconds[b]:>12.1f}"
