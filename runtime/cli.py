@@ -19,7 +19,7 @@ from runtime.config import (
     RuntimeConfig,
     build_config,
 )
-from runtime.hardware import set_openmp_defaults
+from runtime.hardware import keep_freed_memory, set_openmp_defaults
 
 if TYPE_CHECKING:  # torch is imported after `set_openmp_defaults`
     from runtime.request import Request
@@ -264,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs_a_model = args.func in (cmd_generate, cmd_serve, cmd_bench)
     # Before anything imports torch: libgomp reads its environment when it loads.
     openmp = set_openmp_defaults(measure=runs_a_model)
+    if runs_a_model:  # before any thread takes a malloc arena of its own (see the function)
+        keep_freed_memory()
     logging.getLogger("runtime").info("OpenMP: %s", openmp)
     try:
         return args.func(args)
