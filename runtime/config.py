@@ -30,6 +30,20 @@ class ConfigError(ValueError):
     """A config file or option is invalid; the message names the file and key."""
 
 
+def check_static_decode_rows(rows: object, compiled: bool, key: str = "static_decode_rows",
+                             compile_key: str = "compile (true or background)"
+                             ) -> tuple[int, ...]:
+    """The row counts of the fixed-shape graphs, sorted and unique, or a `ConfigError` naming
+    `key`: one rule for the YAML key, `runtime serve`'s flag and `runtime bench`'s flag."""
+    if isinstance(rows, int) or not isinstance(rows, list | tuple) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in rows):
+        raise ConfigError(f"{key}: expected a list of row counts >= 1 (such as [1, 2, 4, 8]), "
+                          f"got {rows!r}")
+    if rows and not compiled:
+        raise ConfigError(f"{key}: needs {compile_key}: the fixed-shape graphs are compiled")
+    return tuple(sorted(set(rows)))
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     """Every key a YAML config may hold; the long CLI option names with `-` as `_`."""
@@ -109,15 +123,8 @@ class RuntimeConfig:
         self._check_scale_out()
 
     def _check_static_decode_rows(self) -> None:
-        rows = self.static_decode_rows
-        if isinstance(rows, int) or not isinstance(rows, list | tuple) or not all(
-                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in rows):
-            raise ConfigError("static_decode_rows: expected a list of row counts >= 1 (such as "
-                              f"[1, 2, 4, 8]), got {rows!r}")
-        if rows and not self.compile:
-            raise ConfigError("static_decode_rows: needs compile (true or background): the "
-                              "fixed-shape graphs are compiled")
-        object.__setattr__(self, "static_decode_rows", tuple(sorted(set(rows))))
+        rows = check_static_decode_rows(self.static_decode_rows, bool(self.compile))
+        object.__setattr__(self, "static_decode_rows", rows)
 
     def _check_scale_out(self) -> None:
         """The Ray keys only mean something with `replicas`; say so rather than ignore them."""

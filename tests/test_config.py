@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import ConfigError, RuntimeConfig, build_config
+from runtime.config import ConfigError, RuntimeConfig, build_config, check_static_decode_rows
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -95,3 +95,17 @@ def test_server_limits_precedence_and_api_key_sources(tmp_path: Path, monkeypatc
     assert cfg.redacted()["api_key"] == "***" and "from-yaml" not in str(cfg.redacted())
     settings = ServerSettings.from_config(cfg)
     assert (settings.max_prompt_chars, settings.header_timeout) == (900, 3.0)
+
+
+def test_static_decode_rows_rule_is_shared_and_names_the_key() -> None:
+    """One rule for the YAML key and both CLIs' flags: sorted and unique, or an error that
+    names whichever key the user wrote."""
+    assert check_static_decode_rows([8, 2, 2, 1], compiled=True) == (1, 2, 8)
+    assert check_static_decode_rows((), compiled=False) == ()
+    for bad in (4, [0, 2], [True], "1 2", [1.5]):
+        with pytest.raises(ConfigError, match="--static-decode-rows: expected a list"):
+            check_static_decode_rows(bad, True, "--static-decode-rows", "--compile")
+    with pytest.raises(ConfigError, match="--static-decode-rows: needs --compile"):
+        check_static_decode_rows([2], False, "--static-decode-rows", "--compile")
+    with pytest.raises(ConfigError, match="static_decode_rows: needs compile"):
+        RuntimeConfig(static_decode_rows=(2,))

@@ -285,15 +285,12 @@ def run_offline_cli(args: argparse.Namespace) -> int:
     from runtime.bench.offline import EngineContender, run_comparison
     from runtime.bench.peers import PeerUnavailable, make_peer
     from runtime.bootstrap import configure_host
+    from runtime.config import check_static_decode_rows
     from runtime.engine import EngineLimits
     from runtime.loader import load_model, load_model_config
 
-    if args.static_decode_rows and not args.compile:
-        raise ValueError("--static-decode-rows: needs --compile (the fixed-shape graphs are "
-                         "compiled)")
-    if any(rows < 1 for rows in args.static_decode_rows):
-        raise ValueError(f"--static-decode-rows: expected row counts >= 1, got "
-                         f"{list(args.static_decode_rows)}")
+    static_rows = check_static_decode_rows(list(args.static_decode_rows), args.compile,
+                                           "--static-decode-rows", "--compile")
     configure_host(args.num_threads)
     model_dir = resolve_model(args.model_spec, args.model)
     config = load_model_config(model_dir)
@@ -316,7 +313,7 @@ def run_offline_cli(args: argparse.Namespace) -> int:
         contenders.append(
             EngineContender(label, name, model, None, own_limits, options.get(label),
                             args.linear_backend, args.compile, attention,
-                            tuple(sorted(set(args.static_decode_rows))))
+                            static_rows)
         )
     unavailable = {}
     for name in args.peers:

@@ -183,7 +183,7 @@ def test_engine_option_errors_name_the_entry(cache, capsys, option, message):
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--static-decode-rows", "2"], "--static-decode-rows: needs --compile"),
-    (["--compile", "--static-decode-rows", "0", "2"], "expected row counts >= 1"),
+    (["--compile", "--static-decode-rows", "0", "2"], "--static-decode-rows: expected a list of row counts >= 1"),
 ])
 def test_static_decode_rows_flag_errors(cache, capsys, flags, message):
     rc = main(["bench", "--model-spec", "tiny", "--workload", "smoke", "--schedulers", "baton",
