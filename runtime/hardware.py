@@ -220,18 +220,19 @@ def call_on_fresh_thread(fn: Callable[[], T]) -> T:
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-M_MMAP_THRESHOLD = -3
+M_MMAP_THRESHOLD = -3  # moot with mmap off; benchmarks/prefill_passes.py sets it
 M_ARENA_MAX = -8
 
 
-def keep_freed_memory(max_chunk_bytes: int = 32 * 2**20, keep_top_bytes: int = 2**30) -> bool:
+def keep_freed_memory(keep_top_bytes: int = 2**30) -> bool:
     """Stop glibc returning freed activation buffers to the OS after every forward pass.
 
     By default, buffers over 128 KiB are mmap'ed and unmapped when freed, so the next pass
     page-faults them back in (a 1,024-token prefill took 187k minor faults, 17% of its time).
-    Raising the mmap and trim thresholds keeps them in the heap for reuse. glibc caps the mmap
-    threshold at 32 MiB, so a buffer above it (a pass over ~2,700 tokens of a 576-wide model:
-    its MLP's `(tokens, 2 x 1536)` output) was still mapped afresh every pass: 0.23M faults in
+    Raising the mmap and trim thresholds (as this did first) kept them in the heap for reuse,
+    but glibc caps the mmap threshold at 32 MiB, so a buffer above it (a pass over ~2,700
+    tokens of a 576-wide model: its MLP's `(tokens, 2 x 1536)` output) was still mapped afresh
+    every pass: 0.23M faults in
     a 4,096-token pass, 1.05M in an 8,192-token one, which then ran 1.05-1.13x slower per
     token. So mmap is turned off (`M_MMAP_MAX` 0) and every thread allocates from the main
     arena (`M_ARENA_MAX` 1: another thread's arena is made of 64 MiB heaps and maps anything
@@ -248,14 +249,7 @@ def keep_freed_memory(max_chunk_bytes: int = 32 * 2**20, keep_top_bytes: int = 2
         return False
     try:
         libc = ctypes.CDLL(path)
-        settings = ((M_MMAP_THRESHOLD, max_chunk_bytes), (M_TRIM_THRESHOLD, keep_top_bytes),
-                    (M_ARENA_MAX, 1), (M_MMAP_MAX, 0))
+        settings = ((M_TRIM_THRESHOLD, keep_top_bytes), (M_ARENA_MAX, 1), (M_MMAP_MAX, 0))
         return all([libc.mallopt(option, value) == 1 for option, value in settings])
-    except (OSError, AttributeError):  # not glibc
-        return False
-    try:
-        libc = ctypes.CDLL(path)
-        ok = libc.mallopt(M_MMAP_THRESHOLD, max_chunk_bytes) == 1
-        return libc.mallopt(M_TRIM_THRESHOLD, 4 * max_chunk_bytes) == 1 and ok
     except (OSError, AttributeError):  # not glibc
         return False
