@@ -52,6 +52,10 @@ from runtime.api import (
 
 NewcomerPass = Literal["fused", "separate"]
 NEWCOMER_PASSES = ("fused", "separate")
+# Prompt tokens prefilled per step by default: Orca's pass size (`max_pass_tokens`). Against
+# 2048, a burst is prefilled in half as many passes, so fewer decode tokens ride the slow ones:
+# lower mean TPOT and end-to-end latency at about the same first-token wait (docs/baton.md).
+DEFAULT_MAX_PREFILL_TOKENS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +111,8 @@ class BatonCache(KVCache):
     def __init__(self, shape: ModelShape, limits: CacheLimits, device: torch.device,
                  dtype: torch.dtype, max_rows: int | None = None,
                  newcomer_pass: NewcomerPass = "fused", max_buckets: int = 4,
-                 bucket_pad_tolerance: float = 0.15, max_prefill_tokens: int = 2048) -> None:
+                 bucket_pad_tolerance: float = 0.15,
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> None:
         super().__init__(shape, limits, device, dtype)
         self.newcomer_pass = newcomer_pass
         self.max_buckets = max_buckets

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from baton_plugin.cache import NEWCOMER_PASSES, BatonCache
+from baton_plugin.cache import DEFAULT_MAX_PREFILL_TOKENS, NEWCOMER_PASSES, BatonCache
 from baton_plugin.policy import peak_padded_footprint, row_extent
 from runtime.api import (
     AdmissionDecision,
@@ -38,7 +38,9 @@ class BatonScheduler:
     - `max_buckets`: dense length buckets the batch may split into (1 = one dense batch).
     - `bucket_pad_tolerance`: a newcomer joins the bucket it pads least when the pad it adds
       is at most this share of its own keys; else it opens a bucket (while under the max).
-    - `max_prefill_tokens`: prompt tokens prefilled per step; later newcomers wait a step.
+    - `max_prefill_tokens`: prompt tokens prefilled per step (default 4096, Orca's pass size);
+      later newcomers wait a step. Lower starts a burst's requests decoding sooner (first
+      tokens) at a higher TPOT; higher the other way (docs/baton.md).
     """
 
     def __init__(
@@ -48,7 +50,7 @@ class BatonScheduler:
         newcomer_pass: str = "fused",
         max_buckets: int = 4,
         bucket_pad_tolerance: float = 0.15,
-        max_prefill_tokens: int = 2048,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
         kv_budget_tokens: int | None = None,
     ) -> None:
         kv_cache_tokens = renamed_option("baton", "kv_budget_tokens", kv_budget_tokens,
