@@ -54,7 +54,8 @@ NewcomerPass = Literal["fused", "separate"]
 NEWCOMER_PASSES = ("fused", "separate")
 # Prompt tokens prefilled per step by default: Orca's pass size (`max_pass_tokens`). Against
 # 2048, a burst is prefilled in half as many passes, so fewer decode tokens ride the slow ones:
-# lower mean TPOT and end-to-end latency at about the same first-token wait (docs/baton.md).
+# mean TPOT at or below Orca's instead of above it, for most of the first-token lead that 2048
+# gave (docs/baton.md, seventeenth session).
 DEFAULT_MAX_PREFILL_TOKENS = 4096
 
 

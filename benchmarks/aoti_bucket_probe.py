@@ -6,7 +6,7 @@ pickle (docs/benchmarks.md, seventeenth session). This exports the bucket's deco
 through the opaque op, stubbed with zeros), compiles it ahead of time with the same inductor
 settings into a package on disk, loads it back, and times it against the bucket graph the
 engine builds today. Measured on the 2-core Zen 3 host (float32, 1 row): export + compile 117 s,
-package 921 MB, load 1.3 s, 20.5 ms a pass against the in-process bucket's 24.6 ms, outputs
+package 921 MB, load 1.3-5.7 s, 20.5-26.3 ms a pass against the in-process bucket's 24.6-29.1 ms, outputs
 within 2e-5 of the eager twin. Not wired into the engine yet (see the issue notes).
 
     .venv/bin/python benchmarks/aoti_bucket_probe.py --rows 1 --package /tmp/bucket1.pt2
@@ -16,25 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import decode_step
 import torch
-from decode_step import SMOLLM2_135M, make_engine
+from decode_step import SMOLLM2_135M, interleaved_median_ms, make_engine
 
 from runtime import compiled_forward, static_graphs
 from runtime.architectures import build_model
 from runtime.hardware import keep_freed_memory
-
-
-def median_ms(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times[max(1, iters // 8):])
 
 
 def main() -> None:
@@ -52,12 +42,21 @@ def main() -> None:
                                      compiled_forward._OPAQUE).eval()
     rows = args.rows
     ids, positions = torch.zeros(rows, dtype=torch.long), torch.arange(rows)
-    state = compiled_forward._PASS
-    state.attn, state.mask, state.rows = compiled_forward._ZeroAttention(), None, rows
+    graphs = compiled_forward.static_decode_graphs(model, (rows,), True)
+    graphs.build_all()  # the bucket as the engine builds it today
+
+    def with_zero_attention(model_fn) -> torch.Tensor:
+        """`model_fn` with the pass state the opaque attention op reads (zeros, every row
+        real), set per call: the bucket's own calls clear it when they return."""
+        state = compiled_forward._PASS
+        state.attn, state.mask, state.rows = compiled_forward._ZeroAttention(), None, rows
+        return model_fn(ids, positions)
+
     if not os.path.exists(args.package):
         start = time.perf_counter()
         with torch.no_grad():
-            exported = torch.export.export(decoder, (ids, positions), strict=False)
+            exported = with_zero_attention(
+                lambda *inputs: torch.export.export(decoder, inputs, strict=False))
         settings = dict(static_graphs.FROZEN_GEMM_SETTINGS)
         settings.pop("autotune_num_choices_displayed", None)
         torch._inductor.aoti_compile_and_package(exported, package_path=args.package,
@@ -67,15 +66,12 @@ def main() -> None:
     start = time.perf_counter()
     runner = torch._inductor.aoti_load_package(args.package)
     print(f"load {time.perf_counter() - start:.1f} s")
-    graphs = compiled_forward.static_decode_graphs(model, (rows,), True)
-    graphs.build_all()  # clears the pass state when done
-    state.attn, state.mask, state.rows = compiled_forward._ZeroAttention(), None, rows
     with torch.inference_mode():
-        diff = (runner(ids, positions) - decoder(ids, positions)).abs().max().item()
+        diff = (with_zero_attention(runner) - with_zero_attention(decoder)).abs().max().item()
         print(f"max |AOTI - eager twin| {diff:.2e}")
-        aoti = median_ms(lambda: runner(ids, positions), args.iters)
-        jit = median_ms(lambda: graphs._call(rows, ids, positions, graphs._zero, None, rows),
-                        args.iters)
+        aoti, jit = interleaved_median_ms(
+            [lambda: with_zero_attention(runner),
+             lambda: graphs._call(rows, ids, positions, graphs._zero, None, rows)], args.iters)
     print(f"{rows}-row decoder: AOTI package {aoti:.2f} ms, in-process bucket {jit:.2f} ms")
 
 
