@@ -8,6 +8,7 @@ import torch
 
 from runtime.config import RuntimeConfig
 from runtime.engine import Engine, EngineLimits
+from runtime.graph_packages import cache_spec
 from runtime.hardware import choose_num_threads, cpu_info, keep_freed_memory
 from runtime.plugins import instantiate_scheduler
 
@@ -41,7 +42,9 @@ def create_engine(config: RuntimeConfig, observers: tuple[object, ...] = ()) -> 
     engine = Engine(model, tokenizer, scheduler, config.scheduler, limits, observers,
                     linear_backend=config.linear_backend, compile_model=config.compile,
                     attention_backend=config.attention_backend,
-                    static_decode_rows=config.static_decode_rows)
+                    static_decode_rows=config.static_decode_rows,
+                    static_graph_cache=cache_spec(config.static_graph_cache,
+                                                  config.static_graph_cache_gib))
     if config.compile is True:
         logger.info("compiling the decoder (warm-up requests) ...")
         try:

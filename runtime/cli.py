@@ -55,9 +55,17 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="with --compile: also compile the decoder for these fixed row counts "
                         "(such as 1 2 4 8) with frozen, autotuned GEMMs; passes of up to the "
                         "largest run padded to the next one (docs/configuration.md)")
+    p.add_argument("--static-graph-cache", type=graph_cache_flag, metavar="DIR",
+                   help="where the --static-decode-rows graphs are kept between starts: a "
+                        "directory, true (default: $BATON_RUNTIME_CACHE/static-graphs) or false")
     p.add_argument("--seed", type=int, help="global seed for unseeded sampling (default 0)")
     p.add_argument("--num-threads", type=int,
                    help="torch CPU threads (default: one per physical core)")
+
+
+def graph_cache_flag(text: str) -> bool | str:
+    """`--static-graph-cache`: true/false as booleans, anything else a directory."""
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def compile_flag(text: str) -> bool | str:
@@ -71,7 +79,8 @@ def compile_flag(text: str) -> bool | str:
 
 def engine_overrides(args: argparse.Namespace) -> dict:
     keys = ("scheduler", "dtype", "device", "max_model_len", "max_num_seqs", "kv_cache_tokens",
-            "kv_cache_memory", "kv_cache_dtype", "linear_backend", "attention_backend", "compile", "static_decode_rows", "seed",
+            "kv_cache_memory", "kv_cache_dtype", "linear_backend", "attention_backend", "compile", "static_decode_rows",
+            "static_graph_cache", "seed",
             "num_threads")
     out = {k: getattr(args, k, None) for k in keys}
     if getattr(args, "model", None):

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.library import Library
 
-from runtime.architectures.layers import Linear, RotaryEmbedding
+from runtime.architectures.layers import Linear, RotaryEmbedding, rope_tables
 from runtime.attention_kernels import NativeKernelUnavailable, load_native_kernel
 from runtime.linear_kernels import packing_generation
 
@@ -72,6 +72,9 @@ _LIB = Library("baton_runtime", "DEF")
 _LIB.define("attend(int layer, Tensor q, Tensor k, Tensor v) -> Tensor")
 _LIB.define("linear(int slot, Tensor x) -> Tensor")
 _LIB.define("rope(int slot, Tensor positions, ScalarType dtype) -> (Tensor, Tensor)")
+# The same tables from the inverse frequencies themselves, for graphs that outlive the process
+# (`runtime.graph_packages`): a slot number means nothing in the next one.
+_LIB.define("rope_tables(Tensor inv_freq, Tensor positions, ScalarType dtype) -> (Tensor, Tensor)")
 
 
 def _attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -101,7 +104,15 @@ def _fake_rope(slot: int, positions: torch.Tensor, dtype: torch.dtype
     return (positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype))
 
 
+def _fake_rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (*positions.shape, 1, 2 * inv_freq.numel())
+    return (positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype))
+
+
 _LIB.impl("attend", _attend, "CompositeExplicitAutograd")
+_LIB.impl("rope_tables", rope_tables, "CompositeExplicitAutograd")
+torch.library.register_fake("baton_runtime::rope_tables", _fake_rope_tables, lib=_LIB)
 _LIB.impl("linear", _linear, "CompositeExplicitAutograd")
 _LIB.impl("rope", _rope, "CompositeExplicitAutograd")
 torch.library.register_fake("baton_runtime::rope", _fake_rope, lib=_LIB)
@@ -184,6 +195,14 @@ def _opaque_rope_forward(slot: int) -> Callable[..., tuple[torch.Tensor, torch.T
     return lambda positions, dtype: torch.ops.baton_runtime.rope(slot, positions, dtype)
 
 
+def slot_free_rope_forward(rotary: RotaryEmbedding
+                           ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`rotary`'s tables through the `rope_tables` op: eager's numbers, as the `rope` op
+    gives, but with the frequencies in the graph rather than a process's slot number."""
+    return lambda positions, dtype: torch.ops.baton_runtime.rope_tables(
+        rotary.inv_freq.to(positions.device), positions, dtype)
+
+
 def compile_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, Any, Any],
                                                    torch.Tensor]:
     """A drop-in for `model(input_ids, positions, attn, mask)` that runs the compiled graph.
@@ -229,14 +248,16 @@ def compile_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, A
     return forward
 
 
-def static_decode_graphs(model: nn.Module, rows: tuple[int, ...], lazy: bool):
+def static_decode_graphs(model: nn.Module, rows: tuple[int, ...], lazy: bool,
+                         packages: Any = None):
     """`runtime.static_graphs.StaticDecodeGraphs` for `model` (after `compile_decoder`), or
     None (logged) where they cannot serve it; logs what they cost in memory. Like the compiled
-    decoder, one set per model and buckets: engines over the same model share the graphs."""
+    decoder, one set per model and buckets: engines over the same model share the graphs.
+    `packages`: where to keep them on disk (`runtime.graph_packages.PackageCacheSpec`)."""
     from runtime.static_graphs import StaticDecodeGraphs, static_rows_unsupported
 
     rows = tuple(sorted(set(rows)))
-    key = (rows, lazy)
+    key = (rows, lazy, packages)
     shared = getattr(model, "_static_decode_graphs", {})
     if key in shared:
         return shared[key]
@@ -255,7 +276,7 @@ def static_decode_graphs(model: nn.Module, rows: tuple[int, ...], lazy: bool):
                 "copies to freeze them from)", ", ".join(map(str, rows)),
                 "built at warm-up or by the first pass" if lazy else "built in the background",
                 (len(rows) * size + dense) / 2**20, dense / 2**20)
-    graphs = StaticDecodeGraphs(model, rows, _PASS, _OPAQUE, _ZeroAttention(), lazy)
+    graphs = StaticDecodeGraphs(model, rows, _PASS, _OPAQUE, _ZeroAttention(), lazy, packages)
     model._static_decode_graphs = {**shared, key: graphs}
     return graphs
 

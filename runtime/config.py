@@ -62,6 +62,8 @@ class RuntimeConfig:
     attention_backend: str = "auto"
     compile: bool | str = False  # true, false or background (runtime.compiled_forward)
     static_decode_rows: tuple[int, ...] = ()  # fixed-shape graphs (runtime.static_graphs)
+    static_graph_cache: bool | str = True  # their packages on disk (runtime.graph_packages)
+    static_graph_cache_gib: float = 16.0
     seed: int = 0
     num_threads: int | None = None
     host: str = "127.0.0.1"
@@ -100,6 +102,14 @@ class RuntimeConfig:
             raise ConfigError("compile: expected true, false or "
                               f"{', '.join(COMPILE_MODES)}, got {self.compile!r}")
         self._check_static_decode_rows()
+        if not isinstance(self.static_graph_cache, bool | str) or self.static_graph_cache == "":
+            raise ConfigError("static_graph_cache: expected true, false or a directory, got "
+                              f"{self.static_graph_cache!r}")
+        if isinstance(self.static_graph_cache_gib, bool) or not (
+                isinstance(self.static_graph_cache_gib, int | float)
+                and self.static_graph_cache_gib > 0):
+            raise ConfigError("static_graph_cache_gib: must be a number of GiB > 0, got "
+                              f"{self.static_graph_cache_gib!r}")
         try:
             parse_kv_memory(self.kv_cache_memory)
         except ValueError as exc:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from runtime.contracts import check_batch, check_decision, check_kv_cache, check_passes
+from runtime.graph_packages import PackageCacheSpec
 from runtime.kv_cache import ForwardBatch, KVCache, PassStats
 from runtime.model_runner import EngineLimits, ModelRunner
 from runtime.outputs import RequestOutput, extend_output
@@ -49,11 +50,12 @@ class Engine:
                  clock: Callable[[], float] = time.monotonic,
                  linear_backend: str = "auto", compile_model: bool | str = False,
                  attention_backend: str = "auto",
-                 static_decode_rows: tuple[int, ...] = ()) -> None:
+                 static_decode_rows: tuple[int, ...] = (),
+                 static_graph_cache: PackageCacheSpec | None = None) -> None:
         self.tokenizer, self.clock = tokenizer, clock
         self.scheduler, self.scheduler_name = scheduler, scheduler_name
         self.runner = ModelRunner(model, limits, linear_backend, compile_model, attention_backend,
-                                  static_decode_rows)
+                                  static_decode_rows, static_graph_cache)
         self.model, self.device, self.dtype = model, self.runner.device, self.runner.dtype
         self.shape, self.limits = self.runner.shape, self.runner.cache_limits
         self.max_model_len = self.shape.max_model_len

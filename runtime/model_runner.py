@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.attention_kernels import choose_attention_backend
+from runtime.graph_packages import PackageCacheSpec
 from runtime.kv_cache import CacheLimits, ForwardBatch, KVCache, ModelShape, kv_elements_per_token
 from runtime.kv_sizing import kv_capacity
 from runtime.linear_kernels import apply_linear_backend
@@ -62,11 +63,13 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, limits: EngineLimits,
                  linear_backend: str = "auto", compile_model: bool | str = False,
                  attention_backend: str = "auto",
-                 static_decode_rows: tuple[int, ...] = ()) -> None:
+                 static_decode_rows: tuple[int, ...] = (),
+                 static_graph_cache: PackageCacheSpec | None = None) -> None:
         """`compile_model`: False (eager), True (the compiled decoder, compiled at warm-up or
         by the first pass) or "background" (eager until `background_compile` has built it).
         `static_decode_rows`: with a compiled decoder, the row counts of fixed-shape graphs
-        (`runtime.static_graphs`)."""
+        (`runtime.static_graphs`), kept on disk in `static_graph_cache` if given
+        (`runtime.graph_packages`)."""
         self.model = model
         self.linear_kernels = apply_linear_backend(model, linear_backend)
         self.forward = model
@@ -80,7 +83,8 @@ class ModelRunner:
             compiled = compiled_forward.compile_decoder(model)
             if static_decode_rows:
                 self.static_graphs = compiled_forward.static_decode_graphs(
-                    model, static_decode_rows, lazy=compile_model is True)
+                    model, static_decode_rows, lazy=compile_model is True,
+                    packages=static_graph_cache)
                 if self.static_graphs is not None:
                     self._dynamic_forward = compiled
                     compiled = self.static_graphs.wrap(compiled)

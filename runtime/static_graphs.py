@@ -26,22 +26,27 @@ decoder's and the head's) in their packed layout, and they compile from a dense 
 weights kept beside the packed ones the rest of the engine runs (none for weights that are
 dense already, such as a head tied to the embedding), so up to buckets + 1 copies of the
 linear weights in all; each bucket compiles and autotunes for about a minute on 2 cores for a
-30-layer model. float32 and bfloat16 on CPU only: float64 (the exact parity tests)
+30-layer model. With a package cache (`static_graph_cache`, `runtime.graph_packages`) that
+happens once per model: the bucket is saved as an AOTInductor package and the next start loads
+it in seconds. float32 and bfloat16 on CPU only: float64 (the exact parity tests)
 keeps the plain path, and CUDA has its own graph replay to build.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from runtime.architectures.layers import Linear
+from runtime.architectures.layers import Linear, RotaryEmbedding
+from runtime.compiled_forward import slot_free_rope_forward
+from runtime.graph_packages import GraphPackages, PackageCacheSpec, model_key
 from runtime.linear_kernels import dense_weight
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,10 @@ STATIC_DTYPES = (torch.float32, torch.bfloat16)
 FROZEN_GEMM_SETTINGS = {"freezing": True, "max_autotune": True,
                         "max_autotune_gemm_backends": "CPP,ATEN",
                         "autotune_num_choices_displayed": 0}
+# The same for an ahead-of-time package (`runtime.graph_packages`), which takes only the keys
+# that change the code.
+PACKAGE_SETTINGS = {k: v for k, v in FROZEN_GEMM_SETTINGS.items()
+                    if k != "autotune_num_choices_displayed"}
 
 
 def static_rows_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -79,7 +88,8 @@ def dense_twin(model: nn.Module) -> nn.Module:
     """`model`'s module tree again, sharing every parameter and buffer, with each `Linear`
     (the decoder's routed through the compiled decoder's linear op, perhaps packed, and the LM
     head) replaced by `_dense_linear`'s copy over its dense weight (the same tensor when
-    unpacked or shared, else a copy read back exactly from the packed one)."""
+    unpacked or shared, else a copy read back exactly from the packed one), and each rotary
+    embedding's tables through the slot-free op, so a graph of it can outlive the process."""
     twins: dict[int, nn.Module] = {}
 
     def twin(module: nn.Module) -> nn.Module:
@@ -90,6 +100,8 @@ def dense_twin(model: nn.Module) -> nn.Module:
                 clone = copy.copy(module)  # shares the parameter and buffer dicts
                 clone._modules = {name: None if child is None else twin(child)
                                   for name, child in module._modules.items()}
+                if isinstance(module, RotaryEmbedding):  # no slot number in the graph
+                    clone.forward = slot_free_rope_forward(clone)
                 twins[id(module)] = clone
         return twins[id(module)]
 
@@ -132,7 +144,10 @@ class StaticDecodeGraphs:
     """
 
     def __init__(self, model: nn.Module, rows: tuple[int, ...], pass_state: Any,
-                 opaque_attention: object, zero_attention: object, lazy: bool) -> None:
+                 opaque_attention: object, zero_attention: object, lazy: bool,
+                 packages: PackageCacheSpec | None = None) -> None:
+        """`packages`: keep each bucket's graphs on disk there (`runtime.graph_packages`) and
+        load them at the next start; None builds them in the process every time."""
         self.rows = tuple(sorted(set(rows)))
         self.built: dict[int, float] = {}  # bucket -> seconds its graph took
         self.failed: dict[int, str] = {}  # bucket -> why
@@ -152,6 +167,11 @@ class StaticDecodeGraphs:
 
         self._graphs = {n: compiled(_Decoder(twin, opaque_attention)) for n in self.rows}
         self._heads = {n: compiled(_Logits(twin)) for n in self.rows}
+        self.packages = None
+        if packages is not None and on_cpu:
+            self._twin_modules = (_Decoder(twin, opaque_attention).eval(), _Logits(twin).eval())
+            self.packages = GraphPackages(packages, model_key(twin, PACKAGE_SETTINGS),
+                                          PACKAGE_SETTINGS)
 
     def bucket(self, tokens: int) -> int | None:
         """The bucket a pass of `tokens` tokens runs in, or None (the dynamic graph)."""
@@ -167,6 +187,9 @@ class StaticDecodeGraphs:
         start = time.perf_counter()
         ids = torch.zeros(rows, dtype=torch.long, device=self._device)  # made outside
         positions = torch.arange(rows, dtype=torch.long, device=self._device)  # inference mode
+        if self.packages is not None and self._from_packages(rows, ids, positions):
+            self.built[rows] = time.perf_counter() - start
+            return
         try:
             with torch.inference_mode():  # as `ModelRunner.run` runs the forward and head
                 self._call(rows, ids, positions, self._zero, None, rows)
@@ -181,6 +204,42 @@ class StaticDecodeGraphs:
             return
         self.built[rows] = time.perf_counter() - start
         logger.info("static_decode_rows: %d-row graph built in %.1f s", rows, self.built[rows])
+
+    def _from_packages(self, rows: int, ids: torch.Tensor, positions: torch.Tensor) -> bool:
+        """The bucket's decoder and head from their packages (built first if missing); False,
+        logged, where that fails: the bucket is then compiled in the process."""
+        assert self.packages is not None
+        decoder, head = self._twin_modules
+        hidden = torch.zeros(rows, self._hidden_size, dtype=self._dtype, device=self._device)
+        built = len(self.packages.built)
+        start = time.perf_counter()
+        try:
+            graph = self.packages.load_or_build(f"decoder-{rows}", decoder, (ids, positions),
+                                                lambda: self._throwaway_pass(rows))
+            head_graph = self.packages.load_or_build(f"head-{rows}", head, (hidden,),
+                                                     contextlib.nullcontext)
+            with torch.inference_mode(), self._throwaway_pass(rows):
+                graph(ids, positions)  # the first call of a loaded package sets it up
+                head_graph(hidden)
+        except Exception as exc:  # no compiler, an export or AOTInductor limit
+            logger.warning("static_decode_rows: the %d-row graph's package failed (%s: %s); "
+                           "compiling it in the process", rows, type(exc).__name__, exc)
+            return False
+        self._graphs[rows], self._heads[rows] = graph, head_graph
+        how = "built and saved" if len(self.packages.built) > built else "loaded"
+        logger.info("static_decode_rows: %d-row graph %s in %.1f s (%s, %.2f GiB on disk)",
+                    rows, how, time.perf_counter() - start, self.packages.directory,
+                    self.packages.disk_bytes() / 2**30)
+        return True
+
+    @contextlib.contextmanager
+    def _throwaway_pass(self, rows: int) -> Iterator[None]:
+        """The attention op's pass state for tracing or warming a graph: zeros, no state."""
+        self._pass.attn, self._pass.mask, self._pass.rows = self._zero, None, rows
+        try:
+            yield
+        finally:
+            self._pass.attn = self._pass.mask = self._pass.rows = None
 
     def build_all(self) -> None:
         for rows in self.rows:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from runtime.engine import Engine
+from runtime.graph_packages import PackageCacheSpec
 from runtime.plugins import instantiate_scheduler
 from runtime.static_graphs import StaticDecodeGraphs
 from tests.test_compiled_forward import GREEDY, prompts, small_model
@@ -100,3 +101,99 @@ def test_static_decode_rows_is_a_config_key_and_a_flag(tmp_path) -> None:
     with pytest.raises(ValueError, match="static_decode_rows: needs compile"):
         Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton",
                static_decode_rows=(4,))
+
+
+def test_packages_are_built_once_then_loaded_by_the_next_start(tmp_path, caplog) -> None:
+    """The first engine compiles the bucket's packages; a second model with the same weights
+    (a restart: its rotary embeddings get new op slots) loads them, compiling nothing, and both
+    give the eager tokens. An unreadable package is rebuilt, not fatal."""
+    spec = PackageCacheSpec(tmp_path, 2**40)
+
+    def engine(scheduler: str) -> Engine:
+        engine = Engine(small_model(), None, instantiate_scheduler(scheduler, {}), scheduler,
+                        compile_model=True, static_decode_rows=(8,), static_graph_cache=spec)
+        engine.warm_up()
+        return engine
+
+    first = engine("baton")
+    packages = first.runner.static_graphs.packages
+    assert packages.built == ["decoder-8", "head-8"] and not packages.loaded
+    assert sorted(p.name for p in packages.directory.iterdir()) == ["decoder-8.pt2",
+                                                                   "head-8.pt2"]
+    assert [r.output_token_ids for r in first.generate(prompts(), GREEDY)] == \
+        eager_tokens("baton")
+    assert first.runner.static_graphs.passes[8] > 0
+
+    second = engine("orca")
+    graphs = second.runner.static_graphs
+    assert graphs.packages.directory == packages.directory
+    assert graphs.packages.loaded == ["decoder-8", "head-8"] and not graphs.packages.built
+    assert [r.output_token_ids for r in second.generate(prompts(), GREEDY)] == \
+        eager_tokens("orca")
+    assert graphs.passes[8] > 0
+    with torch.inference_mode():
+        hidden = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(graphs.logits(hidden), second.model.compute_logits(hidden))
+
+    head = packages.directory / "head-8.pt2"
+    head.write_bytes(head.read_bytes()[:1000])  # truncated
+    with caplog.at_level(logging.WARNING, logger="runtime.graph_packages"):
+        third = engine("baton")
+    assert "head-8.pt2 unreadable" in caplog.text
+    assert third.runner.static_graphs.packages.built == ["head-8"]
+    assert third.runner.static_graphs.packages.loaded == ["decoder-8"]
+
+
+def test_a_different_model_gets_its_own_packages(tmp_path) -> None:
+    """The key covers the weights: one changed weight is another directory."""
+    from runtime.graph_packages import model_key
+
+    settings = {"freezing": True}
+    model = small_model()
+    key = model_key(model, settings)
+    assert model_key(small_model(), settings) == key
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1
+    assert model_key(model, settings) != key
+    assert model_key(small_model(), {"freezing": False}) != key
+
+
+def test_eviction_removes_the_least_recently_used_models(tmp_path) -> None:
+    import os
+
+    from runtime.graph_packages import GraphPackages
+
+    for age, name in enumerate(["old", "newer", "current"]):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "decoder-1.pt2").write_bytes(b"x" * 1000)
+        os.utime(directory, (1000 + age, 1000 + age))
+    packages = GraphPackages(PackageCacheSpec(tmp_path, 2500), "current", {})
+    packages.evict()
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["current", "newer"]
+    GraphPackages(PackageCacheSpec(tmp_path, 10), "current", {}).evict()
+    assert [d.name for d in tmp_path.iterdir()] == ["current"]  # in use: kept
+
+
+def test_static_graph_cache_is_a_config_key_and_a_flag(tmp_path) -> None:
+    from runtime.cli import build_parser, engine_overrides
+    from runtime.config import ConfigError, build_config
+    from runtime.graph_packages import cache_spec, default_root
+
+    parse = build_parser().parse_args
+    args = parse(["serve", "--compile", "--static-decode-rows", "4",
+                  "--static-graph-cache", str(tmp_path)])
+    config = build_config(overrides=engine_overrides(args))
+    assert config.static_graph_cache == str(tmp_path) and config.static_graph_cache_gib == 16
+    spec = cache_spec(config.static_graph_cache, config.static_graph_cache_gib)
+    assert spec.root == tmp_path and spec.max_bytes == 16 * 2**30
+    args = parse(["serve", "--static-graph-cache", "false"])
+    assert build_config(overrides=engine_overrides(args)).static_graph_cache is False
+    assert cache_spec(False) is None and cache_spec(True).root == default_root()
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("static_graph_cache_gib: 0\n")
+    with pytest.raises(ConfigError, match="static_graph_cache_gib: must be a number of GiB > 0"):
+        build_config(yaml_file)
+    yaml_file.write_text("static_graph_cache: 3\n")
+    with pytest.raises(ConfigError, match="static_graph_cache"):
+        build_config(yaml_file)

@@ -118,12 +118,18 @@ class RotaryEmbedding(nn.Module):
         """positions (*tok,) -> cos and signed sin (*tok, 1, D) for `apply_rope`."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions[..., None, None].float() * self.inv_freq  # (*tok, 1, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (*tok, 1, D)
-        sin = emb.sin()
-        half = sin.shape[-1] // 2
-        sin[..., :half].neg_()  # folds rotate-half's sign into the table, once per forward
-        return emb.cos().to(dtype), sin.to(dtype)
+        return rope_tables(self.inv_freq, positions, dtype)
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`RotaryEmbedding.forward`'s tables for `inv_freq` (float32, on positions' device)."""
+    freqs = positions[..., None, None].float() * inv_freq  # (*tok, 1, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (*tok, 1, D)
+    sin = emb.sin()
+    half = sin.shape[-1] // 2
+    sin[..., :half].neg_()  # folds rotate-half's sign into the table, once per forward
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

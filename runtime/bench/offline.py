@@ -20,6 +20,7 @@ from tqdm import tqdm
 from runtime.bench.metrics import RequestTrace, RunTrace, StepRecorder, compute_metrics
 from runtime.bench.workload import BenchRequest
 from runtime.engine import Engine, EngineLimits
+from runtime.graph_packages import cache_spec
 from runtime.request import FinishReason
 from runtime.sampling_params import SamplingParams
 
@@ -100,6 +101,7 @@ class EngineContender:
             compile_model=self.compile_model,
             attention_backend=self.attention_backend,
             static_decode_rows=self.static_decode_rows,
+            static_graph_cache=cache_spec(True) if self.static_decode_rows else None,
         )
 
     def warmup(self) -> None:

@@ -1,0 +1,172 @@
+"""The fixed-shape bucket graphs kept on disk as AOTInductor packages, so a restart loads them.
+
+Why: a bucket's graph (`runtime.static_graphs`) freezes the weights into packed layouts that
+inductor's FX graph cache cannot pickle ("mkldnn tensors unpickleable"), and its C++ source
+names every constant by a per-process hash, so without this every server start lowers,
+autotunes and compiles each bucket again: about 90 s a bucket for a SmolLM2-135M-shaped model
+on 2 cores, six minutes for `--static-decode-rows 1 2 4 8`. Exported with `torch.export` and
+compiled ahead of time with the same inductor settings, a bucket's decoder and LM head are two
+`.pt2` packages with their constants inside; loading one takes seconds.
+
+A package is reused only where everything that shaped it is unchanged: the model's config,
+dtype and every weight's bytes (a SHA-1 over them, about 0.4 s for 540 MB here), the torch
+version, the CPU's instruction sets, the inductor settings, and the source of the modules that
+trace into the graph. Anything else is a different directory, built on first use. The
+attention stays outside the package (the `baton_runtime::attend` op, called back into Python),
+as it does in the in-process graph.
+
+Cost: disk, about one copy of the model's linear weights per bucket (the same as the memory
+each bucket holds; 0.9 GB a bucket for the 135M shape in float32). `static_graph_cache_gib`
+bounds the directory: past it the least recently used models' packages are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_GIB = 16.0
+# The modules whose source traces into a bucket's graph: a change to any of them is a new key.
+_TRACED_SOURCES = ("architectures", "static_graphs.py", "compiled_forward.py",
+                   "graph_packages.py")
+
+
+@dataclass(frozen=True, slots=True)
+class PackageCacheSpec:
+    """Where the packages live and how much disk they may take (from `static_graph_cache`)."""
+
+    root: Path
+    max_bytes: int
+
+
+def default_root() -> Path:
+    """`$BATON_RUNTIME_CACHE/static-graphs` (else under `$XDG_CACHE_HOME` or ~/.cache)."""
+    from runtime.bench.model_spec import default_cache_dir
+
+    return default_cache_dir() / "static-graphs"
+
+
+def cache_spec(setting: bool | str | os.PathLike, max_gib: float = DEFAULT_MAX_GIB
+               ) -> PackageCacheSpec | None:
+    """`static_graph_cache`: true (the default root), false (no packages) or a directory."""
+    if setting is False:
+        return None
+    root = default_root() if setting is True else Path(setting).expanduser()
+    return PackageCacheSpec(root, int(max_gib * 2**30))
+
+
+def _sha1() -> Any:
+    return hashlib.sha1(usedforsecurity=False)
+
+
+def _source_digest() -> str:
+    digest = _sha1()
+    base = Path(__file__).resolve().parent
+    for name in _TRACED_SOURCES:
+        path = base / name
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(base).as_posix().encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def model_key(model: nn.Module, settings: dict[str, Any]) -> str:
+    """The key of `model`'s packages: its config and weights, and what builds the graphs."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    from runtime.hardware import cpu_info
+
+    digest = _sha1()
+    header = {"torch": torch.__version__, "machine": platform.machine(),
+              "isa": str(pick_vec_isa()), "flags": sorted(cpu_info().flags),
+              "settings": sorted(settings.items()), "config": repr(model.config),
+              "source": _source_digest()}
+    digest.update(json.dumps(header, default=str).encode())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()[:24]
+
+
+class GraphPackages:
+    """One model's bucket packages under `spec.root/<model key>/`: loaded, else built."""
+
+    def __init__(self, spec: PackageCacheSpec, key: str, settings: dict[str, Any]) -> None:
+        self.spec, self.key, self.settings = spec, key, settings
+        self.directory = spec.root / key
+        self.loaded: list[str] = []  # the packages loaded from disk, by name
+        self.built: list[str] = []  # the packages compiled here
+
+    def load_or_build(self, name: str, module: nn.Module, inputs: tuple[torch.Tensor, ...],
+                      tracing: Callable[[], contextlib.AbstractContextManager]
+                      ) -> Callable[..., torch.Tensor]:
+        """The compiled `module` for `inputs`' shapes: `name`'s package, built if missing or
+        unreadable. `tracing()` is held while the module is exported (the attention op's
+        throwaway pass state)."""
+        path = self.directory / f"{name}.pt2"
+        if path.exists():
+            try:
+                runner = torch._inductor.aoti_load_package(str(path))
+            except Exception as exc:  # truncated or from an incompatible build: rebuild it
+                logger.warning("static graph package %s unreadable (%s: %s); rebuilding it",
+                               path, type(exc).__name__, exc)
+            else:
+                os.utime(self.directory)  # recently used: the last to be evicted
+                self.loaded.append(name)
+                return runner
+        self._build(path, module, inputs, tracing)
+        self.built.append(name)
+        self.evict()
+        return torch._inductor.aoti_load_package(str(path))
+
+    def _build(self, path: Path, module: nn.Module, inputs: tuple[torch.Tensor, ...],
+               tracing: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # Another process may build the same package: each writes its own file, then renames.
+        partial = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.partial.pt2")
+        try:
+            with torch.inference_mode(False), torch.no_grad(), tracing():
+                exported = torch.export.export(module, inputs, strict=False)
+            torch._inductor.aoti_compile_and_package(  # a copy: it adds keys to the dict
+                exported, package_path=str(partial), inductor_configs=dict(self.settings))
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def evict(self) -> None:
+        """Remove the least recently used models' packages until the root fits its bound."""
+        models = [(d.stat().st_mtime, d) for d in self.spec.root.iterdir() if d.is_dir()]
+        sizes = {d: sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+                 for _, d in models}
+        total = sum(sizes.values())
+        for _, directory in sorted(models):
+            if total <= self.spec.max_bytes:
+                break
+            if directory == self.directory:
+                continue
+            shutil.rmtree(directory, ignore_errors=True)
+            total -= sizes[directory]
+            logger.info("static graph packages: removed %s (%.2f GiB; bound %.1f GiB)",
+                        directory, sizes[directory] / 2**30, self.spec.max_bytes / 2**30)
+        if total > self.spec.max_bytes:
+            logger.warning("static graph packages: this model's take %.2f GiB, more than "
+                           "static_graph_cache_gib (%.1f GiB); kept, as they are in use",
+                           total / 2**30, self.spec.max_bytes / 2**30)
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.directory.glob("*.pt2"))
