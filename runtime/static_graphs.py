@@ -60,8 +60,13 @@ FROZEN_GEMM_SETTINGS = {"freezing": True, "max_autotune": True,
                         "autotune_num_choices_displayed": 0}
 # The same for an ahead-of-time package (`runtime.graph_packages`), which takes only the keys
 # that change the code.
-PACKAGE_SETTINGS = {k: v for k, v in FROZEN_GEMM_SETTINGS.items()
-                    if k != "autotune_num_choices_displayed"}
+# The constants go into the package as files, not into its shared library: loaded from the
+# library, every weight would take memory twice (the graph keeps the parameters it was
+# exported with beside their packed forms), and the library's copy cannot be freed.
+PACKAGE_SETTINGS = {**{k: v for k, v in FROZEN_GEMM_SETTINGS.items()
+                       if k != "autotune_num_choices_displayed"},
+                    "aot_inductor.package_constants_in_so": False,
+                    "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
 
 
 def static_rows_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
