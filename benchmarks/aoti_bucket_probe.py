@@ -7,7 +7,7 @@ through the opaque op, stubbed with zeros), compiles it ahead of time with the s
 settings into a package on disk, loads it back, and times it against the bucket graph the
 engine builds today. Measured on the 2-core Zen 3 host (float32, 1 row): export + compile 117 s,
 package 921 MB, load 1.3-5.7 s, 20.5-26.3 ms a pass against the in-process bucket's 24.6-29.1 ms, outputs
-within 2e-5 of the eager twin. Not wired into the engine yet (see the issue notes).
+within 2e-5 of the eager twin. The engine now does this itself (`static_graph_cache`, runtime/graph_packages.py); this probe stays as the standalone measurement.
 
     .venv/bin/python benchmarks/aoti_bucket_probe.py --rows 1 --package /tmp/bucket1.pt2
 """
