@@ -79,9 +79,8 @@ def compile_flag(text: str) -> bool | str:
 
 def engine_overrides(args: argparse.Namespace) -> dict:
     keys = ("scheduler", "dtype", "device", "max_model_len", "max_num_seqs", "kv_cache_tokens",
-            "kv_cache_memory", "kv_cache_dtype", "linear_backend", "attention_backend", "compile", "static_decode_rows",
-            "static_graph_cache", "seed",
-            "num_threads")
+            "kv_cache_memory", "kv_cache_dtype", "linear_backend", "attention_backend", "compile",
+            "static_decode_rows", "static_graph_cache", "seed", "num_threads")
     out = {k: getattr(args, k, None) for k in keys}
     if getattr(args, "model", None):
         out["model"] = args.model

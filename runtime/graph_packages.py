@@ -6,7 +6,7 @@ names every constant by a per-process hash, so without this every server start l
 autotunes and compiles each bucket again: about 90 s a bucket for a SmolLM2-135M-shaped model
 on 2 cores, six minutes for `--static-decode-rows 1 2 4 8`. Exported with `torch.export` and
 compiled ahead of time with the same inductor settings, a bucket's decoder and LM head are two
-`.pt2` packages with their constants inside; loading one takes seconds.
+`.pt2` packages, each a compiled library and its constants; loading one takes about a second.
 
 A package is reused only where everything that shaped it is unchanged: the model's config,
 dtype and every weight's bytes (a SHA-1 over them, about 0.4 s for 540 MB here), the torch

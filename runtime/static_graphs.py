@@ -58,11 +58,10 @@ STATIC_DTYPES = (torch.float32, torch.bfloat16)
 FROZEN_GEMM_SETTINGS = {"freezing": True, "max_autotune": True,
                         "max_autotune_gemm_backends": "CPP,ATEN",
                         "autotune_num_choices_displayed": 0}
-# The same for an ahead-of-time package (`runtime.graph_packages`), which takes only the keys
-# that change the code.
-# The constants go into the package as files, not into its shared library: loaded from the
-# library, every weight would take memory twice (the graph keeps the parameters it was
-# exported with beside their packed forms), and the library's copy cannot be freed.
+# The same for an ahead-of-time package (`runtime.graph_packages`), less the display-only key,
+# with the constants stored as files beside its shared library rather than inside it: loaded
+# from the library, every weight would take memory twice (the graph keeps the parameters it
+# was exported with beside their packed forms), and the library's copy cannot be freed.
 PACKAGE_SETTINGS = {**{k: v for k, v in FROZEN_GEMM_SETTINGS.items()
                        if k != "autotune_num_choices_displayed"},
                     "aot_inductor.package_constants_in_so": False,
@@ -238,13 +237,17 @@ class StaticDecodeGraphs:
         return True
 
     @contextlib.contextmanager
-    def _throwaway_pass(self, rows: int) -> Iterator[None]:
-        """The attention op's pass state for tracing or warming a graph: zeros, no state."""
-        self._pass.attn, self._pass.mask, self._pass.rows = self._zero, None, rows
+    def _pass_state(self, attn: Any, mask: Any, rows: int) -> Iterator[None]:
+        """The pass state the attention op reads, set for one graph call and cleared after."""
+        self._pass.attn, self._pass.mask, self._pass.rows = attn, mask, rows
         try:
             yield
         finally:
             self._pass.attn = self._pass.mask = self._pass.rows = None
+
+    def _throwaway_pass(self, rows: int) -> contextlib.AbstractContextManager:
+        """The pass state for tracing or warming a graph: zero attention, no engine state."""
+        return self._pass_state(self._zero, None, rows)
 
     def build_all(self) -> None:
         for rows in self.rows:
@@ -252,14 +255,11 @@ class StaticDecodeGraphs:
 
     def _call(self, rows: int, input_ids: torch.Tensor, positions: torch.Tensor, attn: Any,
               mask: Any, real: int) -> torch.Tensor:
-        self._pass.attn, self._pass.mask, self._pass.rows = attn, mask, real
-        try:
+        with self._pass_state(attn, mask, real):
             if rows in self.built:
                 return self._graphs[rows](input_ids, positions)
             with torch._inductor.config.patch(FROZEN_GEMM_SETTINGS):
                 return self._graphs[rows](input_ids, positions)
-        finally:
-            self._pass.attn = self._pass.mask = self._pass.rows = None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The logits of `hidden`'s rows (the sampled ones, made in inference mode) from the
