@@ -271,9 +271,10 @@ def static_decode_graphs(model: nn.Module, rows: tuple[int, ...], lazy: bool,
     size = sum(m.in_features * m.out_features for m in linears) * weight.element_size()
     dense = sum(m.in_features * m.out_features for m in linears
                 if m.packed is not None and not m.weight.numel()) * weight.element_size()
-    logger.info("static_decode_rows %s: fixed-shape graphs with frozen GEMMs (%s); about "
-                "%.0f MiB more (a copy of the linear weights per bucket, %.0f MiB of dense "
-                "copies to freeze them from)", ", ".join(map(str, rows)),
+    logger.info("static_decode_rows %s: fixed-shape graphs with frozen GEMMs (%s); up to "
+                "%.0f MiB more (a copy of the linear weights per bucket, one for all buckets "
+                "whose packed layouts coincide when they come from packages; %.0f MiB of "
+                "dense copies to freeze them from)", ", ".join(map(str, rows)),
                 "built at warm-up or by the first pass" if lazy else "built in the background",
                 (len(rows) * size + dense) / 2**20, dense / 2**20)
     graphs = StaticDecodeGraphs(model, rows, _PASS, _OPAQUE, _ZeroAttention(), lazy, packages)

@@ -15,15 +15,20 @@ trace into the graph. Anything else is a different directory, built on first use
 attention stays outside the package (the `baton_runtime::attend` op, called back into Python),
 as it does in the in-process graph.
 
-The constants are stored as files beside the package's library, not inside it, and loaded
-by `_load`: the graph keeps the parameters it was exported with beside their packed forms
-(only the packed ones are read), so those are handed the model's own tensors, and a loaded
-bucket takes the memory an in-process one does (from the library, both copies were resident:
-the 135M shape's head took 292 MiB instead of 160 here).
+The constants are kept out of the package's library and out of the package itself: the graph
+keeps the parameters it was exported with beside their packed forms (only the packed ones are
+read), so at load those are handed the model's own tensors, and the packed forms go to a
+content-addressed store, `constants/<sha1>.pt` beside the packages. The buckets of one model
+freeze the same weights, and where inductor picked the same blocking for two row counts their
+packed forms are byte for byte the same (all four of `1 2 4 8` for the 135M shape here): those
+are stored once and loaded once, shared by every bucket's graph. A loaded bucket then costs
+the memory of the packed forms no other bucket already has (from the library, every weight was
+resident twice: the 135M shape's head took 292 MiB instead of 160; without the store, each
+bucket held its own copy of the same packed weights: 3.84 GB RSS at four buckets).
 
-Cost: disk, about two copies of the model's linear weights per bucket, plain and packed (1.1 GB
-a bucket, decoder and head, for the 135M shape in float32). `static_graph_cache_gib` bounds the
-directory: past it the least recently used models' packages are removed.
+Cost: disk, one copy of the packed linear weights per distinct blocking (0.5 GB for the four
+buckets of the 135M shape in float32). `static_graph_cache_gib` bounds the directory: past it
+the least recently used models' packages are removed.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import os
 import platform
 import shutil
 import threading
+import weakref
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,6 +117,39 @@ def model_key(model: nn.Module, settings: dict[str, Any]) -> str:
     return digest.hexdigest()[:24]
 
 
+_CONFIG = "aotinductor/model/weights_config.json"  # inside a package's data folder
+_MANIFEST = "baton_constants.json"  # ours, beside it: constant name -> digest in the store
+_STORE = "constants"  # the model directory's content-addressed packed constants
+# The packed constants loaded in this process, by digest: every bucket (and every engine over
+# the same model) that names one gets the same tensor while any of them holds it.
+_LOADED: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def _data_prefix(archive: zipfile.ZipFile) -> str:
+    """The folder inside a package that holds `aotinductor/` and `weights/`."""
+    config = next(n for n in archive.namelist() if n.endswith("/" + _CONFIG))
+    return config[: -len(_CONFIG)]
+
+
+def _sha1_of(blob: bytes) -> str:
+    digest = _sha1()
+    digest.update(blob)
+    return digest.hexdigest()
+
+
+def _write_once(path: Path, blob: bytes) -> None:
+    """`blob` at `path` unless a complete copy is there (content-addressed: same name, same
+    bytes), written to a per-process file first so a reader never sees half of it."""
+    if path.exists() and path.stat().st_size == len(blob):
+        return
+    partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    try:
+        partial.write_bytes(blob)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 class GraphPackages:
     """One model's bucket packages under `spec.root/<model key>/`: loaded, else built."""
 
@@ -119,6 +158,8 @@ class GraphPackages:
         self.directory = spec.root / key
         self.loaded: list[str] = []  # the packages loaded from disk, by name
         self.built: list[str] = []  # the packages compiled here
+        self.constant_digests: set[str] = set()  # the packed constants the loaded graphs use
+        self.constant_bytes = 0  # their memory, each counted once
 
     def load_or_build(self, name: str, module: nn.Module, inputs: tuple[torch.Tensor, ...],
                       tracing: Callable[[], contextlib.AbstractContextManager]
@@ -145,44 +186,84 @@ class GraphPackages:
     def _load(self, path: Path, module: nn.Module) -> Callable[..., torch.Tensor]:
         """The package's runner with its constants: the module's own parameters and buffers
         where the package names them (the graph keeps them beside their packed forms, which
-        the kernels read), so only the packed forms take memory, once, as in the process."""
+        the kernels read), the packed forms from the store, each loaded once per process
+        however many buckets' graphs name it."""
         runner = torch._inductor.aoti_load_package(str(path))
         own = dict(module.state_dict(keep_vars=True))
         constants: dict[str, torch.Tensor] = {}
         with zipfile.ZipFile(path) as archive:
-            config_name = next(n for n in archive.namelist()
-                               if n.endswith("/weights_config.json"))
-            stored = json.loads(archive.read(config_name))
-            weights = config_name.rsplit("/aotinductor/", 1)[0] + "/weights/"
+            data = _data_prefix(archive)
+            stored = json.loads(archive.read(data + _CONFIG))
+            manifest = (json.loads(archive.read(data + _MANIFEST))
+                        if data + _MANIFEST in archive.namelist() else {})
             for fqn in runner.get_constant_fqns():
                 if fqn in own:
                     constants[fqn] = own[fqn].detach()
-                else:
-                    data = io.BytesIO(archive.read(weights + stored[fqn][0]))
-                    constants[fqn] = torch.load(data, weights_only=True).detach()
+                elif fqn in manifest:
+                    constants[fqn] = self._stored_constant(manifest[fqn])
+                else:  # a package that keeps its constants inside
+                    blob = io.BytesIO(archive.read(data + "weights/" + stored[fqn][0]))
+                    constants[fqn] = torch.load(blob, weights_only=True).detach()
         runner.load_constants(constants, check_full_update=True, user_managed=True)
         runner.constants = constants  # user-managed: they live as long as the runner
         return runner
 
+    def _stored_constant(self, digest: str) -> torch.Tensor:
+        """The packed constant with this digest: the tensor already loaded for another
+        bucket's graph if one is alive, else read from the store."""
+        tensor = _LOADED.get(digest)
+        if tensor is None:
+            tensor = torch.load(self.directory / _STORE / f"{digest}.pt", weights_only=True)
+            tensor = tensor.detach()
+            _LOADED[digest] = tensor
+        if digest not in self.constant_digests:
+            self.constant_digests.add(digest)
+            self.constant_bytes += tensor.untyped_storage().nbytes()
+        return tensor
+
     def _build(self, path: Path, module: nn.Module, inputs: tuple[torch.Tensor, ...],
                tracing: Callable[[], contextlib.AbstractContextManager]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        # Another process may build the same package: each writes its own file, then renames.
+        # Another process may build the same package: each writes its own files, then renames.
         partial = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.partial.pt2")
+        compiled = partial.with_name(partial.name.replace(".partial.", ".partial-aoti."))
         try:
             with torch.inference_mode(False), torch.no_grad(), tracing():
                 exported = torch.export.export(module, inputs, strict=False)
             torch._inductor.aoti_compile_and_package(  # a copy: it adds keys to the dict
-                exported, package_path=str(partial), inductor_configs=dict(self.settings))
+                exported, package_path=str(compiled), inductor_configs=dict(self.settings))
+            self._externalize(compiled, partial, set(module.state_dict()))
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
+            compiled.unlink(missing_ok=True)
+
+    def _externalize(self, compiled: Path, package: Path, own: set[str]) -> None:
+        """`compiled` again as `package`, without its constants: the module's own tensors are
+        dropped (`_load` hands them over), the packed forms go to the store by the SHA-1 of
+        their bytes, named in a manifest inside the package."""
+        store = self.directory / _STORE
+        store.mkdir(exist_ok=True)
+        manifest: dict[str, str] = {}
+        with zipfile.ZipFile(compiled) as archive, zipfile.ZipFile(package, "w") as result:
+            data = _data_prefix(archive)
+            stored = json.loads(archive.read(data + _CONFIG))
+            names = {data + "weights/" + meta[0]: fqn for fqn, meta in stored.items()}
+            for info in archive.infolist():
+                fqn = names.get(info.filename)
+                if fqn is None:
+                    result.writestr(info, archive.read(info))
+                elif fqn not in own:
+                    blob = archive.read(info)
+                    digest = _sha1_of(blob)
+                    _write_once(store / f"{digest}.pt", blob)
+                    manifest[fqn] = digest
+            result.writestr(data + _MANIFEST, json.dumps(manifest, sort_keys=True))
 
     def evict(self) -> None:
         """Remove the least recently used models' packages until the root fits its bound."""
         models = [(d.stat().st_mtime, d) for d in self.spec.root.iterdir() if d.is_dir()]
-        sizes = {d: sum(f.stat().st_size for f in d.iterdir() if f.is_file())
-                 for _, d in models}
+        sizes = {d: _tree_bytes(d) for _, d in models}
         total = sum(sizes.values())
         for _, directory in sorted(models):
             if total <= self.spec.max_bytes:
@@ -199,4 +280,8 @@ class GraphPackages:
                            total / 2**30, self.spec.max_bytes / 2**30)
 
     def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.directory.glob("*.pt2"))
+        return _tree_bytes(self.directory)
+
+
+def _tree_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())

@@ -28,7 +28,8 @@ dense already, such as a head tied to the embedding), so up to buckets + 1 copie
 linear weights in all; each bucket compiles and autotunes for about a minute on 2 cores for a
 30-layer model. With a package cache (`static_graph_cache`, `runtime.graph_packages`) that
 happens once per model: the bucket is saved as an AOTInductor package and the next start loads
-it in seconds. float32 and bfloat16 on CPU only: float64 (the exact parity tests)
+it in about a second, and buckets whose packed weights are the same bytes (inductor chose the
+same blocking) share one copy of them, on disk and in memory. float32 and bfloat16 on CPU only: float64 (the exact parity tests)
 keeps the plain path, and CUDA has its own graph replay to build.
 """
 
@@ -231,9 +232,11 @@ class StaticDecodeGraphs:
             return False
         self._graphs[rows], self._heads[rows] = graph, head_graph
         how = "built and saved" if len(self.packages.built) > built else "loaded"
-        logger.info("static_decode_rows: %d-row graph %s in %.1f s (%s, %.2f GiB on disk)",
-                    rows, how, time.perf_counter() - start, self.packages.directory,
-                    self.packages.disk_bytes() / 2**30)
+        logger.info("static_decode_rows: %d-row graph %s in %.1f s (%s, %.2f GiB on disk; "
+                    "%.0f MiB of packed weights in memory for the buckets so far, shared "
+                    "where their layouts coincide)", rows, how, time.perf_counter() - start,
+                    self.packages.directory, self.packages.disk_bytes() / 2**30,
+                    self.packages.constant_bytes / 2**20)
         return True
 
     @contextlib.contextmanager

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import zipfile
 
 import pytest
 import torch
 
+from runtime import graph_packages
 from runtime.engine import Engine
 from runtime.graph_packages import PackageCacheSpec
 from runtime.plugins import instantiate_scheduler
@@ -39,6 +41,7 @@ def test_buckets_serve_padded_passes_with_the_eager_tokens(scheduler: str,
     assert isinstance(graphs, StaticDecodeGraphs) and graphs.rows == (8,)
     engine.warm_up()
     assert set(graphs.built) == {8} and not graphs.failed
+    assert sorted(graphs.packages.built + graphs.packages.loaded) == ["decoder-8", "head-8"]
     before = counters["stats"]["unique_graphs"]
     tokens = [r.output_token_ids for r in engine.generate(prompts(), GREEDY)]
     assert counters["stats"]["unique_graphs"] == before
@@ -128,8 +131,14 @@ def test_packages_are_built_once_then_loaded_by_the_next_start(
     first = engine("baton")
     packages = first.runner.static_graphs.packages
     assert sorted(packages.built + packages.loaded) == ["decoder-8", "head-8"]
-    assert sorted(p.name for p in packages.directory.iterdir()) == ["decoder-8.pt2",
+    assert sorted(p.name for p in packages.directory.iterdir()) == ["constants",
+                                                                   "decoder-8.pt2",
                                                                    "head-8.pt2"]
+    stored = {p.stem for p in (packages.directory / "constants").iterdir()}
+    assert stored and all(p.suffix == ".pt" for p in (packages.directory / "constants").iterdir())
+    for name in ("decoder-8.pt2", "head-8.pt2"):  # neither the model's weights nor packed ones
+        with zipfile.ZipFile(packages.directory / name) as archive:
+            assert not [n for n in archive.namelist() if "/weights/weight_" in n]
 
     second = engine("orca")
     graphs = second.runner.static_graphs
@@ -141,6 +150,13 @@ def test_packages_are_built_once_then_loaded_by_the_next_start(
     with torch.inference_mode():
         hidden = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(graphs.logits(hidden), second.model.compute_logits(hidden))
+    # The packed constants both engines name are one tensor each in this process.
+    assert graphs.packages.constant_digests == stored
+    assert graphs.packages.constant_bytes > 0
+    first_constants = _packed_constants(first.runner.static_graphs)
+    second_constants = _packed_constants(graphs)
+    assert first_constants and first_constants.keys() == second_constants.keys()
+    assert all(first_constants[k] is second_constants[k] for k in first_constants)
 
     head = packages.directory / "head-8.pt2"
     head.write_bytes(head.read_bytes()[:1000])  # truncated
@@ -149,6 +165,27 @@ def test_packages_are_built_once_then_loaded_by_the_next_start(
     assert "head-8.pt2 unreadable" in caplog.text
     assert third.runner.static_graphs.packages.built == ["head-8"]
     assert third.runner.static_graphs.packages.loaded == ["decoder-8"]
+
+    # The store lost, in a new process (nothing loaded from it yet).
+    graph_packages._LOADED.clear()
+    for constant in (packages.directory / "constants").iterdir():
+        constant.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="runtime.graph_packages"):
+        fourth = engine("orca")
+    assert "decoder-8.pt2 unreadable" in caplog.text and "head-8.pt2 unreadable" in caplog.text
+    assert sorted(fourth.runner.static_graphs.packages.built) == ["decoder-8", "head-8"]
+    assert [r.output_token_ids for r in fourth.generate(prompts(), GREEDY)] == \
+        eager_tokens("orca")
+
+
+def _packed_constants(graphs: StaticDecodeGraphs) -> dict[tuple[int, str], torch.Tensor]:
+    """The store's constants each bucket's loaded graphs hold, by (bucket, name)."""
+    model_names = {name for runner in (*graphs._graphs.values(), *graphs._heads.values())
+                   for name in runner.constants if name.startswith("twin.")}
+    return {(rows, name): tensor for rows in graphs.built
+            for runner in (graphs._graphs[rows], graphs._heads[rows])
+            for name, tensor in runner.constants.items() if name not in model_names}
 
 
 def test_a_different_model_gets_its_own_packages(tmp_path) -> None:
