@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import zipfile
 
@@ -186,6 +187,36 @@ def _packed_constants(graphs: StaticDecodeGraphs) -> dict[tuple[int, str], torch
     return {(rows, name): tensor for rows in graphs.built
             for runner in (graphs._graphs[rows], graphs._heads[rows])
             for name, tensor in runner.constants.items() if name not in model_names}
+
+
+def test_packages_with_the_same_packed_weights_share_one_stored_copy(tmp_path) -> None:
+    """Two packages whose packed constants are the same bytes (here the same frozen GEMM under
+    two names, as buckets get when inductor picks one blocking for both) store them once and
+    load them as one tensor, counted once; each still computes its module's output."""
+    from runtime.graph_packages import GraphPackages
+    from runtime.static_graphs import PACKAGE_SETTINGS
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 64)
+    packages = GraphPackages(PackageCacheSpec(tmp_path, 2**40), "key", PACKAGE_SETTINGS)
+    first = packages.load_or_build("first", module, (x,), contextlib.nullcontext)
+    second = packages.load_or_build("second", module, (x,), contextlib.nullcontext)
+    assert packages.built == ["first", "second"]
+    store = list((packages.directory / "constants").iterdir())
+    own = set(module.state_dict())
+    packed = {name: t for name, t in first.constants.items() if name not in own}
+    assert packed and len(store) == len(packed)  # the second package added nothing
+    assert {name: t for name, t in second.constants.items() if name not in own}.keys() == \
+        packed.keys()
+    assert all(second.constants[name] is tensor for name, tensor in packed.items())
+    assert packages.constant_bytes == sum(t.untyped_storage().nbytes() for t in packed.values())
+    for name in own & first.constants.keys():  # the module's own tensors, not copies
+        assert first.constants[name].data_ptr() == module.state_dict()[name].data_ptr()
+    with torch.inference_mode():
+        expected = module(x)
+        torch.testing.assert_close(first(x), expected)
+        torch.testing.assert_close(second(x), expected)
 
 
 def test_a_different_model_gets_its_own_packages(tmp_path) -> None:
