@@ -25,7 +25,8 @@ Cost, stated at startup: each bucket's graphs hold their own copy of the linear 
 decoder's and the head's) in their packed layout, and they compile from a dense copy of those
 weights kept beside the packed ones the rest of the engine runs (none for weights that are
 dense already, such as a head tied to the embedding), so up to buckets + 1 copies of the
-linear weights in all; each bucket compiles and autotunes for about a minute on 2 cores for a
+linear weights in all (two where the buckets come from packages and share one packed layout,
+as all of `1 2 4 8 16 32 64` do for the 135M shape); each bucket compiles and autotunes for about a minute on 2 cores for a
 30-layer model. With a package cache (`static_graph_cache`, `runtime.graph_packages`) that
 happens once per model: the bucket is saved as an AOTInductor package and the next start loads
 it in about a second, and buckets whose packed weights are the same bytes (inductor chose the
