@@ -137,10 +137,10 @@ def _sha1_of(blob: bytes) -> str:
     return digest.hexdigest()
 
 
-def _write_once(path: Path, blob: bytes) -> None:
-    """`blob` at `path` unless a complete copy is there (content-addressed: same name, same
-    bytes), written to a per-process file first so a reader never sees half of it."""
-    if path.exists() and path.stat().st_size == len(blob):
+def _write_once(path: Path, digest: str, blob: bytes) -> None:
+    """`blob` at `path` unless an intact copy is there (its name is the digest of its bytes),
+    written to a per-process file first so a reader never sees half of it."""
+    if path.exists() and _sha1_of(path.read_bytes()) == digest:
         return
     partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
     try:
@@ -210,11 +210,15 @@ class GraphPackages:
 
     def _stored_constant(self, digest: str) -> torch.Tensor:
         """The packed constant with this digest: the tensor already loaded for another
-        bucket's graph if one is alive, else read from the store."""
+        bucket's graph if one is alive, else read from the store and checked against its
+        digest (about 1 s a GB; a mismatch makes the package unreadable, so it is rebuilt)."""
         tensor = _LOADED.get(digest)
         if tensor is None:
-            tensor = torch.load(self.directory / _STORE / f"{digest}.pt", weights_only=True)
-            tensor = tensor.detach()
+            path = self.directory / _STORE / f"{digest}.pt"
+            blob = path.read_bytes()
+            if _sha1_of(blob) != digest:  # a damaged file would be wrong weights, silently
+                raise ValueError(f"{path}: contents do not match the digest it is named by")
+            tensor = torch.load(io.BytesIO(blob), weights_only=True).detach()
             _LOADED[digest] = tensor
         if digest not in self.constant_digests:
             self.constant_digests.add(digest)
@@ -256,7 +260,7 @@ class GraphPackages:
                 elif fqn not in own:
                     blob = archive.read(info)
                     digest = _sha1_of(blob)
-                    _write_once(store / f"{digest}.pt", blob)
+                    _write_once(store / f"{digest}.pt", digest, blob)
                     manifest[fqn] = digest
             result.writestr(data + _MANIFEST, json.dumps(manifest, sort_keys=True))
 

@@ -167,15 +167,22 @@ def test_packages_are_built_once_then_loaded_by_the_next_start(
     assert third.runner.static_graphs.packages.built == ["head-8"]
     assert third.runner.static_graphs.packages.loaded == ["decoder-8"]
 
-    # The store lost, in a new process (nothing loaded from it yet).
+    # The store damaged (one file's bytes changed, same size) and lost (the others), in a new
+    # process (nothing loaded from it yet): both packages are rebuilt, the store rewritten.
     graph_packages._LOADED.clear()
-    for constant in (packages.directory / "constants").iterdir():
+    damaged, *lost = sorted((packages.directory / "constants").iterdir())
+    damaged.write_bytes(damaged.read_bytes()[::-1])
+    for constant in lost:
         constant.unlink()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="runtime.graph_packages"):
         fourth = engine("orca")
     assert "decoder-8.pt2 unreadable" in caplog.text and "head-8.pt2 unreadable" in caplog.text
     assert sorted(fourth.runner.static_graphs.packages.built) == ["decoder-8", "head-8"]
+    used = fourth.runner.static_graphs.packages.constant_digests
+    assert used and all(  # rewritten intact (the same digests unless autotuning chose anew)
+        graph_packages._sha1_of((packages.directory / "constants" / f"{d}.pt").read_bytes())
+        == d for d in used)
     assert [r.output_token_ids for r in fourth.generate(prompts(), GREEDY)] == \
         eager_tokens("orca")
 
