@@ -154,28 +154,43 @@ def parse_targets(values: list[str]) -> list[tuple[str, str]]:
 
 
 def run_online_cli(args: Any) -> int:
-    """Replay the workload against each server in turn (interleaved repeats), same client."""
-    from runtime.bench.main import _header, _summarise, _workload
-    from runtime.bench.metrics import compute_metrics
+    """Replay each workload against each server in turn (interleaved repeats), same client;
+    several workloads (comma separated) write to OUT/<name>/, as offline mode does."""
+    from runtime.bench.main import _csv
     from runtime.bench.model_spec import resolve_model
-    from runtime.bench.offline import ComparisonResult
     from runtime.loader import load_model_config
 
     model_dir = resolve_model(args.model_spec, args.model)
     config = load_model_config(model_dir)
-    spec0 = load_workload(args.workload)
-    max_len = min(config.max_position_embeddings, spec0.max_total_len())
-    spec, requests = _workload(args, args.workload, config.vocab_size, max_len)
+    names = _csv(args.workload)
+    for name in names:  # every name checked before the first server starts
+        load_workload(name)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     servers = {s.name: s for s in load_servers(args.servers)} if args.servers else {}
     targets = parse_targets(args.base_url) + [(s.name, s.url) for s in servers.values()]
     if not targets:
         raise ValueError("bench serve: give --base-url URL or --servers FILE")
+    for name in names:
+        out = Path(args.out) / Path(name).stem if len(names) > 1 else Path(args.out)
+        _replay_workload(args, name, config, model_dir, servers, targets, out)
+        print(f"results written to {out}/")
+    return 0
+
+
+def _replay_workload(args: Any, name: str, config: Any, model_dir: Path,
+                     servers: dict[str, ServerSpec], targets: list[tuple[str, str]],
+                     out: Path) -> None:
+    from runtime.bench.main import _header, _summarise, _workload
+    from runtime.bench.metrics import compute_metrics
+    from runtime.bench.offline import ComparisonResult
+
+    max_len = min(config.max_position_embeddings, load_workload(name).max_total_len())
+    spec, requests = _workload(args, name, config.vocab_size, max_len)
     result = ComparisonResult()
     for rep in range(args.repeats):
         for label, url in targets[rep % len(targets) :] + targets[: rep % len(targets)]:
             print(f"{label}: replaying {len(requests)} requests of {spec.name} against {url}")
-            with _maybe_started(servers.get(label), Path(args.out)):
+            with _maybe_started(servers.get(label), out):
                 trace, _ = run_online(url, requests, args.served_model_name,
                                       not args.no_progress, args.max_concurrency)
             result.runs.setdefault(label, []).append(compute_metrics(trace))
@@ -186,9 +201,7 @@ def run_online_cli(args: Any) -> int:
     header = _header(args, spec, model_dir, "online") | {"base_urls": dict(targets)}
     if servers:
         header["servers"] = {n: {"command": s.command, "env": s.env} for n, s in servers.items()}
-    _summarise(result, args, header, Path(args.out))
-    print(f"results written to {args.out}/")
-    return 0
+    _summarise(result, args, header, out)
 
 
 @contextlib.contextmanager

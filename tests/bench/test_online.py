@@ -135,6 +135,29 @@ def test_bench_serve_cli_compares_two_servers(stub_url, tmp_path, monkeypatch, c
     assert data["ratios"]["a"]["request_throughput"] == 1.0
 
 
+def test_bench_serve_replays_several_workloads_into_their_own_folders(
+        stub_url, tmp_path, monkeypatch, capsys):
+    """`--workload a,b` (as offline mode takes it): each workload is replayed against every
+    server and written to OUT/<name>/; an unknown name fails before any replay."""
+    monkeypatch.setenv("BATON_RUNTIME_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "online"
+    args = ["bench", "serve", "--base-url", f"a={stub_url}", "--model-spec", "tiny",
+            "--num-requests", "2", "--out", str(out), "--no-progress", "--no-plots"]
+    other = tmp_path / "short.yaml"  # a workload file beside a named one
+    other.write_text("name: short\nseed: 1\nnum_requests: 3\narrival: all-at-once\n"
+                     "prompt_len: [4, 8]\noutput_len: [2, 4]\n")
+    assert main([*args, "--workload", f"smoke,{other}"]) == 0
+    text = capsys.readouterr().out
+    assert "requests of smoke against" in text and "requests of short against" in text
+    for name in ("smoke", "short"):
+        data = json.loads((out / name / "results.json").read_text())
+        assert data["workload"]["name"] == name and data["results"]["a"]["completed"] == 2
+    assert not (out / "results.json").exists()
+    assert main([*args, "--workload", "smoke,nope"]) == 2
+    captured = capsys.readouterr()
+    assert "unknown workload 'nope'" in captured.err and "replaying" not in captured.out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
