@@ -192,18 +192,11 @@ class GraphPackages:
         own = dict(module.state_dict(keep_vars=True))
         constants: dict[str, torch.Tensor] = {}
         with zipfile.ZipFile(path) as archive:
-            data = _data_prefix(archive)
-            stored = json.loads(archive.read(data + _CONFIG))
-            manifest = (json.loads(archive.read(data + _MANIFEST))
-                        if data + _MANIFEST in archive.namelist() else {})
-            for fqn in runner.get_constant_fqns():
-                if fqn in own:
-                    constants[fqn] = own[fqn].detach()
-                elif fqn in manifest:
-                    constants[fqn] = self._stored_constant(manifest[fqn])
-                else:  # a package that keeps its constants inside
-                    blob = io.BytesIO(archive.read(data + "weights/" + stored[fqn][0]))
-                    constants[fqn] = torch.load(blob, weights_only=True).detach()
+            manifest = json.loads(archive.read(_data_prefix(archive) + _MANIFEST))
+        for fqn in runner.get_constant_fqns():
+            own_tensor = own.get(fqn)
+            constants[fqn] = (own_tensor.detach() if own_tensor is not None
+                              else self._stored_constant(manifest[fqn]))
         runner.load_constants(constants, check_full_update=True, user_managed=True)
         runner.constants = constants  # user-managed: they live as long as the runner
         return runner

@@ -26,12 +26,13 @@ decoder's and the head's) in their packed layout, and they compile from a dense 
 weights kept beside the packed ones the rest of the engine runs (none for weights that are
 dense already, such as a head tied to the embedding), so up to buckets + 1 copies of the
 linear weights in all (two where the buckets come from packages and share one packed layout,
-as all of `1 2 4 8 16 32 64` do for the 135M shape); each bucket compiles and autotunes for about a minute on 2 cores for a
-30-layer model. With a package cache (`static_graph_cache`, `runtime.graph_packages`) that
-happens once per model: the bucket is saved as an AOTInductor package and the next start loads
-it in about a second, and buckets whose packed weights are the same bytes (inductor chose the
-same blocking) share one copy of them, on disk and in memory. float32 and bfloat16 on CPU only: float64 (the exact parity tests)
-keeps the plain path, and CUDA has its own graph replay to build.
+as all of `1 2 4 8 16 32 64` do for the 135M shape); each bucket compiles and autotunes for
+about a minute on 2 cores for a 30-layer model. With a package cache (`static_graph_cache`,
+`runtime.graph_packages`) that happens once per model: the bucket is saved as an AOTInductor
+package and the next start loads it in about a second, and buckets whose packed weights are
+the same bytes (inductor chose the same blocking) share one copy of them, on disk and in
+memory. float32 and bfloat16 on CPU only: float64 (the exact parity tests) keeps the plain
+path, and CUDA has its own graph replay to build.
 """
 
 from __future__ import annotations
