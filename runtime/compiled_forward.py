@@ -274,10 +274,12 @@ def static_decode_graphs(model: nn.Module, rows: tuple[int, ...], lazy: bool,
     logger.info("static_decode_rows %s: fixed-shape graphs with frozen GEMMs (%s); up to "
                 "%.0f MiB more (a copy of the linear weights per bucket, one for all buckets "
                 "whose packed layouts coincide when they come from packages; %.0f MiB of "
-                "dense copies to freeze them from)", ", ".join(map(str, rows)),
+                "dense copies to freeze them from, released when every bucket comes from a "
+                "package)", ", ".join(map(str, rows)),
                 "built at warm-up or by the first pass" if lazy else "built in the background",
                 (len(rows) * size + dense) / 2**20, dense / 2**20)
-    graphs = StaticDecodeGraphs(model, rows, _PASS, _OPAQUE, _ZeroAttention(), lazy, packages)
+    graphs = StaticDecodeGraphs(model, rows, _PASS, _OPAQUE, _ZeroAttention(), lazy, packages,
+                                _PassThroughAttention())
     model._static_decode_graphs = {**shared, key: graphs}
     return graphs
 
@@ -304,6 +306,15 @@ class _ZeroAttention:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: Any) -> torch.Tensor:
         return torch.zeros_like(q)
+
+
+class _PassThroughAttention:
+    """A pass's attention handle for probing a graph without an engine: q itself, plus zero
+    times the sum of k and v, so a NaN in any of the three reaches the output."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: Any) -> torch.Tensor:
+        return q + (k.sum() + v.sum()) * 0
 
 
 # What selects a compiled graph: per tensor its dtype and, per dimension, 1 or "more"

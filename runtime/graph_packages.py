@@ -16,9 +16,12 @@ attention stays outside the package (the `baton_runtime::attend` op, called back
 as it does in the in-process graph.
 
 The constants are kept out of the package's library and out of the package itself: the graph
-keeps the parameters it was exported with beside their packed forms (only the packed ones are
-read), so at load those are handed the model's own tensors, and the packed forms go to a
-content-addressed store, `constants/<sha1>.pt` beside the packages. The buckets of one model
+keeps the parameters it was exported with beside their packed forms, so at load those are
+handed the module's own tensors, and the packed forms go to a content-addressed store,
+`constants/<sha1>.pt` beside the packages. Which of the module's tensors the code never reads
+(the dense weights of the GEMMs it packed) is shown when a package is built, by running it with
+each replaced by NaNs, and listed in the package: a load hands those a one-element stand-in,
+so the caller may free them (`runtime.static_graphs` drops the dense copies it froze from). The buckets of one model
 freeze the same weights, and where inductor picked the same blocking for two row counts their
 packed forms are byte for byte the same (all four of `1 2 4 8` for the 135M shape here): those
 are stored once and loaded once, shared by every bucket's graph. A loaded bucket then costs
@@ -119,6 +122,7 @@ def model_key(model: nn.Module, settings: dict[str, Any]) -> str:
 
 _CONFIG = "aotinductor/model/weights_config.json"  # inside a package's data folder
 _MANIFEST = "baton_constants.json"  # ours, beside it: constant name -> digest in the store
+_UNREAD = "baton_unread.json"  # ours too: the module's tensors the graph's code never reads
 _STORE = "constants"  # the model directory's content-addressed packed constants
 # The packed constants loaded in this process, by digest: every bucket (and every engine over
 # the same model) that names one gets the same tensor while any of them holds it.
@@ -153,6 +157,8 @@ def _write_once(path: Path, digest: str, blob: bytes) -> None:
 class GraphPackages:
     """One model's bucket packages under `spec.root/<model key>/`: loaded, else built."""
 
+    min_unread_bytes = 1 << 16  # smaller tensors are not worth a probe run each
+
     def __init__(self, spec: PackageCacheSpec, key: str, settings: dict[str, Any]) -> None:
         self.spec, self.key, self.settings = spec, key, settings
         self.directory = spec.root / key
@@ -162,11 +168,13 @@ class GraphPackages:
         self.constant_bytes = 0  # their memory, each counted once
 
     def load_or_build(self, name: str, module: nn.Module, inputs: tuple[torch.Tensor, ...],
-                      tracing: Callable[[], contextlib.AbstractContextManager]
+                      tracing: Callable[[], contextlib.AbstractContextManager],
+                      probing: Callable[[], contextlib.AbstractContextManager] | None = None
                       ) -> Callable[..., torch.Tensor]:
         """The compiled `module` for `inputs`' shapes: `name`'s package, built if missing or
         unreadable. `tracing()` is held while the module is exported (the attention op's
-        throwaway pass state)."""
+        throwaway pass state); `probing()`, if given, while a new package is run to find the
+        module's tensors its code never reads (`_find_unread`: they are not kept alive)."""
         path = self.directory / f"{name}.pt2"
         if path.exists():
             try:
@@ -178,7 +186,7 @@ class GraphPackages:
                 os.utime(self.directory)  # recently used: the last to be evicted
                 self.loaded.append(name)
                 return runner
-        self._build(path, module, inputs, tracing)
+        self._build(path, module, inputs, tracing, probing)
         self.built.append(name)
         self.evict()
         return self._load(path, module)
@@ -190,16 +198,58 @@ class GraphPackages:
         however many buckets' graphs name it."""
         runner = torch._inductor.aoti_load_package(str(path))
         own = dict(module.state_dict(keep_vars=True))
-        constants: dict[str, torch.Tensor] = {}
         with zipfile.ZipFile(path) as archive:
-            manifest = json.loads(archive.read(_data_prefix(archive) + _MANIFEST))
+            data = _data_prefix(archive)
+            manifest = json.loads(archive.read(data + _MANIFEST))
+            names = set(archive.namelist())
+            unread = (set(json.loads(archive.read(data + _UNREAD))) if data + _UNREAD in names
+                      else set())
+        constants: dict[str, torch.Tensor] = {}
         for fqn in runner.get_constant_fqns():
             own_tensor = own.get(fqn)
-            constants[fqn] = (own_tensor.detach() if own_tensor is not None
-                              else self._stored_constant(manifest[fqn]))
+            if own_tensor is None:
+                constants[fqn] = self._stored_constant(manifest[fqn])
+            elif fqn in unread:  # shape and dtype only: one element, never read
+                constants[fqn] = own_tensor.new_empty(1).expand(own_tensor.shape)
+            else:
+                constants[fqn] = own_tensor.detach()
         runner.load_constants(constants, check_full_update=True, user_managed=True)
         runner.constants = constants  # user-managed: they live as long as the runner
         return runner
+
+    def _find_unread(self, path: Path, module: nn.Module, inputs: tuple[torch.Tensor, ...],
+                     probing: Callable[[], contextlib.AbstractContextManager]) -> list[str]:
+        """The module's tensors of at least `min_unread_bytes` that `path`'s code never reads.
+
+        A frozen graph computes from the packed forms of the weights it was exported with, yet
+        names the originals too (the dense copies the twin made of packed linears: 405 MiB of
+        the 135M shape's 540 MB). Shown, not assumed: each candidate in turn is replaced by a
+        tensor of NaNs of its shape, and it is unread if the outputs stay bit for bit those
+        of the real weights (a read would spread the NaNs; `probing()` is a pass state whose
+        attention passes its inputs on, so even the projections feeding it would show)."""
+        runner = self._load(path, module)
+        own = {fqn: t for fqn, t in module.state_dict(keep_vars=True).items()
+               if fqn in runner.constants
+               and t.numel() * t.element_size() >= self.min_unread_bytes}
+
+        def outputs() -> list[torch.Tensor]:
+            with torch.inference_mode(), probing():
+                result = runner(*inputs)
+            return [t.clone() for t in (result if isinstance(result, list | tuple)
+                                        else [result])]
+
+        reference = outputs()
+        if not all(torch.isfinite(t).all() for t in reference):
+            return []  # nothing can be shown on these inputs
+        unread = []
+        constants = dict(runner.constants)
+        for fqn, tensor in own.items():
+            trial = {**constants, fqn: torch.full_like(tensor.detach(), float("nan"))}
+            runner.load_constants(trial, check_full_update=True, user_managed=True)
+            if all(torch.equal(a, b) for a, b in zip(outputs(), reference, strict=True)):
+                unread.append(fqn)
+        runner.load_constants(constants, check_full_update=True, user_managed=True)
+        return sorted(unread)
 
     def _stored_constant(self, digest: str) -> torch.Tensor:
         """The packed constant with this digest: the tensor already loaded for another
@@ -219,7 +269,8 @@ class GraphPackages:
         return tensor
 
     def _build(self, path: Path, module: nn.Module, inputs: tuple[torch.Tensor, ...],
-               tracing: Callable[[], contextlib.AbstractContextManager]) -> None:
+               tracing: Callable[[], contextlib.AbstractContextManager],
+               probing: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         # Another process may build the same package: each writes its own files, then renames.
         partial = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.partial.pt2")
@@ -230,6 +281,10 @@ class GraphPackages:
             torch._inductor.aoti_compile_and_package(  # a copy: it adds keys to the dict
                 exported, package_path=str(compiled), inductor_configs=dict(self.settings))
             self._externalize(compiled, partial, set(module.state_dict()))
+            if probing is not None:
+                unread = self._find_unread(partial, module, inputs, probing)
+                with zipfile.ZipFile(partial, "a") as package:
+                    package.writestr(_data_prefix(package) + _UNREAD, json.dumps(unread))
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)

@@ -253,3 +253,17 @@ def keep_freed_memory(keep_top_bytes: int = 2**30) -> bool:
         return all([libc.mallopt(option, value) == 1 for option, value in settings])
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc's `malloc_trim`), after a one-off
+    release of a large block (the dense weight copies `runtime.static_graphs` drops): with
+    `keep_freed_memory`'s settings glibc would otherwise keep it resident until reused. True
+    if glibc released any."""
+    path = ctypes.util.find_library("c")
+    if path is None:
+        return False
+    try:
+        return bool(ctypes.CDLL(path).malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False

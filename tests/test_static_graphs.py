@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import zipfile
 
@@ -224,6 +225,60 @@ def test_packages_with_the_same_packed_weights_share_one_stored_copy(tmp_path) -
         expected = module(x)
         torch.testing.assert_close(first(x), expected)
         torch.testing.assert_close(second(x), expected)
+
+
+def test_a_package_lists_the_tensors_its_code_never_reads(tmp_path, monkeypatch) -> None:
+    """A frozen GEMM computes from its packed weight: the probe finds the original unread
+    (a NaN copy of it leaves the output bit for bit the same), and a load hands a one-element
+    stand-in for it; the embedding, which the graph does read, is kept. Without a probe
+    nothing is listed and every tensor is the module's own."""
+    from runtime.graph_packages import GraphPackages
+    from runtime.static_graphs import PACKAGE_SETTINGS
+
+    monkeypatch.setattr(GraphPackages, "min_unread_bytes", 0)
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Embedding(32, 64), torch.nn.Linear(64, 96),
+                                 torch.nn.ReLU()).eval()
+    ids = torch.arange(4)
+    packages = GraphPackages(PackageCacheSpec(tmp_path, 2**40), "key", PACKAGE_SETTINGS)
+    probed = packages.load_or_build("probed", module, (ids,), contextlib.nullcontext,
+                                    contextlib.nullcontext)
+    with zipfile.ZipFile(packages.directory / "probed.pt2") as archive:
+        unread = json.loads(archive.read(next(n for n in archive.namelist()
+                                              if n.endswith("/baton_unread.json"))))
+    assert "1.weight" in unread and "0.weight" not in unread
+    assert probed.constants["1.weight"].untyped_storage().nbytes() == 4  # a stand-in
+    assert probed.constants["0.weight"].data_ptr() == module[0].weight.data_ptr()
+    with torch.inference_mode():
+        torch.testing.assert_close(probed(ids), module(ids))
+
+    plain = packages.load_or_build("plain", module, (ids,), contextlib.nullcontext)
+    assert all(plain.constants[name].data_ptr() == tensor.data_ptr()
+               for name, tensor in module.state_dict().items() if name in plain.constants)
+
+
+def test_buckets_from_packages_release_the_dense_copies(tmp_path, monkeypatch) -> None:
+    """With the linears packed for oneDNN, the twin the buckets are frozen from holds dense
+    copies of their weights. Once every bucket's graphs come from packages that never read
+    them, they are freed (built here or loaded by a restart), and the tokens stay eager's."""
+    from runtime.graph_packages import GraphPackages
+
+    monkeypatch.setattr(GraphPackages, "min_unread_bytes", 0)  # the small model's linears
+    spec = PackageCacheSpec(tmp_path, 2**40)
+    for expected_built in (["decoder-8", "head-8"], []):
+        engine = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton",
+                        linear_backend="onednn", compile_model=True, static_decode_rows=(8,),
+                        static_graph_cache=spec)
+        engine.warm_up()
+        graphs = engine.runner.static_graphs
+        assert graphs.packages.built == expected_built
+        assert graphs._dense_copies and not graphs._alive_dense_copies()
+        assert graphs.released_bytes == sum(
+            m.in_features * m.out_features * 4 for m in engine.model.modules()
+            if getattr(m, "packed", None) is not None and not m.weight.numel())
+        assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == \
+            eager_tokens("baton")
+        assert graphs.passes[8] > 0
 
 
 def test_a_different_model_gets_its_own_packages(tmp_path) -> None:
