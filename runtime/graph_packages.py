@@ -129,6 +129,11 @@ _STORE = "constants"  # the model directory's content-addressed packed constants
 _LOADED: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
 
 
+def _stand_in(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of `tensor`'s shape and dtype over one element: for a constant never read."""
+    return tensor.new_empty(1).expand(tensor.shape)
+
+
 def _data_prefix(archive: zipfile.ZipFile) -> str:
     """The folder inside a package that holds `aotinductor/` and `weights/`."""
     config = next(n for n in archive.namelist() if n.endswith("/" + _CONFIG))
@@ -210,7 +215,7 @@ class GraphPackages:
             if own_tensor is None:
                 constants[fqn] = self._stored_constant(manifest[fqn])
             elif fqn in unread:  # shape and dtype only: one element, never read
-                constants[fqn] = own_tensor.new_empty(1).expand(own_tensor.shape)
+                constants[fqn] = _stand_in(own_tensor)
             else:
                 constants[fqn] = own_tensor.detach()
         runner.load_constants(constants, check_full_update=True, user_managed=True)
@@ -248,7 +253,11 @@ class GraphPackages:
             runner.load_constants(trial, check_full_update=True, user_managed=True)
             if all(torch.equal(a, b) for a, b in zip(outputs(), reference, strict=True)):
                 unread.append(fqn)
-        runner.load_constants(constants, check_full_update=True, user_managed=True)
+        # The loaded library outlives this runner object and would keep the last tensors it
+        # was handed (the module's, a NaN copy): hand it stand-ins before letting it go.
+        stand_ins = {fqn: _stand_in(t) if fqn in own else t for fqn, t in constants.items()}
+        runner.load_constants(stand_ins, check_full_update=True, user_managed=True)
+        runner.constants = stand_ins
         return sorted(unread)
 
     def _stored_constant(self, digest: str) -> torch.Tensor:

@@ -44,12 +44,12 @@ import copy
 import gc
 import logging
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from runtime.architectures.layers import Linear, RotaryEmbedding
 from runtime.compiled_forward import slot_free_rope_forward
@@ -177,9 +177,14 @@ class StaticDecodeGraphs:
         self._device = next(model.parameters()).device
         twin = dense_twin(model)
         own = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self._dense_copies = [weakref.ref(m.weight) for m in twin.modules()
-                              if isinstance(m, Linear)
-                              and m.weight.untyped_storage().data_ptr() not in own]
+        # Weak references to the copies' storages, not their tensors: a view of one kept by
+        # anything (torch.export leaves one of each weight alive in a process that built a
+        # package) keeps the memory too.
+        copies = [m.weight.untyped_storage() for m in twin.modules()
+                  if isinstance(m, Linear) and m.weight.untyped_storage().data_ptr() not in own]
+        self._dense_copies = [(StorageWeakRef(c), c.nbytes()) for c in copies]
+        self._copy_pointers = {c.data_ptr() for c in copies}  # while they live
+        del copies
         self._hidden_size = model.config.hidden_size
         self._dtype = next(model.parameters()).dtype
         on_cpu = self._device.type == "cpu"
@@ -272,21 +277,21 @@ class StaticDecodeGraphs:
                 or any(r not in self.built and r not in self.failed for r in self.rows)
                 or any(r not in self._packaged for r in self.built)):
             return
-        copies = self._alive_dense_copies()
         held = {t.untyped_storage().data_ptr() for rows in self.built
                 for runner in (self._graphs[rows], self._heads[rows])
                 for t in runner.constants.values()}
-        if copies.keys() & held:
+        if held & self._copy_pointers:
             return
-        size = sum(copies.values())
+        size = self._alive_dense_copy_bytes()
         self._twin_modules = None
         for rows in self.failed:  # their compile wrappers hold the twin too
             self._graphs.pop(rows, None)
             self._heads.pop(rows, None)
         gc.collect()
-        if self._alive_dense_copies():
-            logger.info("static_decode_rows: the dense weight copies are still referenced; "
-                        "kept")
+        if self._alive_dense_copy_bytes():
+            logger.info("static_decode_rows: the twin is dropped, but its dense weight copies "
+                        "are still referenced (as in a process that built packages); they go "
+                        "at the next start that loads them")
             return
         self.released_bytes = size
         release_freed_memory()
@@ -294,11 +299,9 @@ class StaticDecodeGraphs:
             logger.info("static_decode_rows: every bucket came from a package: released the "
                         "%.0f MiB of dense weight copies they were frozen from", size / 2**20)
 
-    def _alive_dense_copies(self) -> dict[int, int]:
-        """The twin's dense copies still alive: their storages' addresses and sizes."""
-        tensors = [ref() for ref in self._dense_copies]
-        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in tensors if t is not None}
+    def _alive_dense_copy_bytes(self) -> int:
+        """The memory of the twin's dense copies still alive."""
+        return sum(size for ref, size in self._dense_copies if not ref.expired())
 
     @contextlib.contextmanager
     def _pass_state(self, attn: Any, mask: Any, rows: int) -> Iterator[None]:

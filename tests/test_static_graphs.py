@@ -260,7 +260,9 @@ def test_a_package_lists_the_tensors_its_code_never_reads(tmp_path, monkeypatch)
 def test_buckets_from_packages_release_the_dense_copies(tmp_path, monkeypatch) -> None:
     """With the linears packed for oneDNN, the twin the buckets are frozen from holds dense
     copies of their weights. Once every bucket's graphs come from packages that never read
-    them, they are freed (built here or loaded by a restart), and the tokens stay eager's."""
+    them, the twin is dropped; a restart that loads the packages frees the copies (a process
+    that built them may keep them: torch.export leaves views of the weights alive, and then
+    nothing is counted as released). The tokens stay eager's."""
     from runtime.graph_packages import GraphPackages
 
     monkeypatch.setattr(GraphPackages, "min_unread_bytes", 0)  # the small model's linears
@@ -272,10 +274,14 @@ def test_buckets_from_packages_release_the_dense_copies(tmp_path, monkeypatch) -
         engine.warm_up()
         graphs = engine.runner.static_graphs
         assert graphs.packages.built == expected_built
-        assert graphs._dense_copies and not graphs._alive_dense_copies()
-        assert graphs.released_bytes == sum(
-            m.in_features * m.out_features * 4 for m in engine.model.modules()
-            if getattr(m, "packed", None) is not None and not m.weight.numel())
+        assert graphs._dense_copies and graphs._twin_modules is None
+        size = sum(m.in_features * m.out_features * 4 for m in engine.model.modules()
+                   if getattr(m, "packed", None) is not None and not m.weight.numel())
+        alive = graphs._alive_dense_copy_bytes()
+        if expected_built:  # consistent: counted as released only if the memory went
+            assert (graphs.released_bytes, alive) in ((size, 0), (0, size))
+        else:
+            assert graphs.released_bytes == size and alive == 0
         assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == \
             eager_tokens("baton")
         assert graphs.passes[8] > 0
