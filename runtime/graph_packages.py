@@ -21,8 +21,8 @@ handed the module's own tensors, and the packed forms go to a content-addressed 
 `constants/<sha1>.pt` beside the packages. Which of the module's tensors the code never reads
 (the dense weights of the GEMMs it packed) is shown when a package is built, by running it with
 each replaced by NaNs, and listed in the package: a load hands those a one-element stand-in,
-so the caller may free them (`runtime.static_graphs` drops the dense copies it froze from). The buckets of one model
-freeze the same weights, and where inductor picked the same blocking for two row counts their
+so the caller may free them (`runtime.static_graphs` drops the dense copies it froze from).
+The buckets of one model freeze the same weights, and where inductor picked the same blocking for two row counts their
 packed forms are byte for byte the same (all four of `1 2 4 8` for the 135M shape here): those
 are stored once and loaded once, shared by every bucket's graph. A loaded bucket then costs
 the memory of the packed forms no other bucket already has (from the library, every weight was
@@ -253,8 +253,8 @@ class GraphPackages:
             runner.load_constants(trial, check_full_update=True, user_managed=True)
             if all(torch.equal(a, b) for a, b in zip(outputs(), reference, strict=True)):
                 unread.append(fqn)
-        # The loaded library outlives this runner object and would keep the last tensors it
-        # was handed (the module's, a NaN copy): hand it stand-ins before letting it go.
+        # Leave the runner pointing at nothing of the module's (its constants are user-managed
+        # raw pointers): stand-ins, as a load gives the unread ones.
         stand_ins = {fqn: _stand_in(t) if fqn in own else t for fqn, t in constants.items()}
         runner.load_constants(stand_ins, check_full_update=True, user_managed=True)
         runner.constants = stand_ins

@@ -244,14 +244,13 @@ def keep_freed_memory(keep_top_bytes: int = 2**30) -> bool:
     settled at 790 MiB resident against 356 MiB with glibc's defaults). Call it before the
     engine's threads start; threads already attached to an arena keep it. True if applied.
     """
-    path = ctypes.util.find_library("c")
-    if path is None:
+    libc = _glibc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(path)
         settings = ((M_TRIM_THRESHOLD, keep_top_bytes), (M_ARENA_MAX, 1), (M_MMAP_MAX, 0))
         return all([libc.mallopt(option, value) == 1 for option, value in settings])
-    except (OSError, AttributeError):  # not glibc
+    except AttributeError:  # not glibc
         return False
 
 
@@ -260,10 +259,21 @@ def release_freed_memory() -> bool:
     release of a large block (the dense weight copies `runtime.static_graphs` drops): with
     `keep_freed_memory`'s settings glibc would otherwise keep it resident until reused. True
     if glibc released any."""
-    path = ctypes.util.find_library("c")
-    if path is None:
+    libc = _glibc()
+    if libc is None:
         return False
     try:
-        return bool(ctypes.CDLL(path).malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc
+        return bool(libc.malloc_trim(0))
+    except AttributeError:  # not glibc
         return False
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library, for glibc's allocator controls; None where it cannot be loaded."""
+    path = ctypes.util.find_library("c")
+    if path is None:
+        return None
+    try:
+        return ctypes.CDLL(path)
+    except OSError:
+        return None
