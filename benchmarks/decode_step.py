@@ -64,14 +64,17 @@ def interleaved_median_ms(fns: list[Callable[[], object]], iters: int) -> list[f
 
 COMPILE = False  # --compile: the engine's compiled decoder (runtime/compiled_forward.py)
 ATTENTION = "auto"  # --attention-backend: the engine's decode attention (runtime.attention_kernels)
+STATIC_ROWS: tuple[int, ...] = ()  # --static-decode-rows: fixed-shape buckets (runtime.static_graphs)
+KV_DTYPE = "auto"  # --kv-cache-dtype: the cache's dtype (runtime.model_runner.resolve_kv_dtype)
 
 
 def make_engine(model: torch.nn.Module, scheduler: str, rows: int, backend: str,
                 max_model_len: int) -> Engine:
     limits = EngineLimits(max_num_seqs=max(rows, 1), max_model_len=max_model_len,
-                          kv_cache_tokens=max(rows, 1) * max_model_len)
+                          kv_cache_tokens=max(rows, 1) * max_model_len, kv_cache_dtype=KV_DTYPE)
     return Engine(model, None, instantiate_scheduler(scheduler, {}), scheduler, limits,
-                  linear_backend=backend, compile_model=COMPILE, attention_backend=ATTENTION)
+                  linear_backend=backend, compile_model=COMPILE, attention_backend=ATTENTION,
+                  static_decode_rows=STATIC_ROWS)
 
 
 def linears_alone(model: torch.nn.Module, rows: int, head_rows: int | None = None
@@ -92,22 +95,54 @@ def linears_alone(model: torch.nn.Module, rows: int, head_rows: int | None = Non
     return run
 
 
+def frozen_linears_alone(model: torch.nn.Module, rows: int) -> Callable[[], None]:
+    """The same linears as a `static_decode_rows` bucket of `rows` rows runs them: the dense
+    weights frozen into one fixed-shape graph, each GEMM autotuned (inductor's C++ template or
+    ATen) as `runtime.static_graphs` builds a bucket, so the step in a bucket is set against
+    its own kernels. Compiles at the first call (about a minute)."""
+    from runtime.static_graphs import FROZEN_GEMM_SETTINGS, dense_twin
+
+    dtype = next(model.parameters()).dtype
+    linears = model_linears(dense_twin(model))
+
+    class Linears(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linears = torch.nn.ModuleList(linears)
+
+        def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [m(x) for m, x in zip(self.linears, xs, strict=True)]
+
+    graph = torch.compile(Linears().eval(), dynamic=False, options={"cpp_wrapper": True})
+    xs = [torch.randn(rows, m.in_features, dtype=dtype) for m in linears]
+    with torch.inference_mode(), torch._inductor.config.patch(FROZEN_GEMM_SETTINGS):
+        graph(xs)
+
+    def run() -> None:
+        with torch.inference_mode():
+            graph(xs)
+
+    return run
+
+
 def gemm_flops(model: torch.nn.Module, rows: int) -> int:
     return sum(2 * rows * m.in_features * m.out_features for m in model_linears(model))
 
 
 def attention_alone(model: torch.nn.Module, rows: int, context: int,
-                    kernel: DecodeKernel | None = None) -> Callable[[], None]:
+                    kernel: DecodeKernel | None = None,
+                    kv_dtype: torch.dtype | None = None) -> Callable[[], None]:
     """The decode attention of `rows` rows over `context + 1` keys in every layer: the
     engine's decode kernel when it has one, else a folded-GQA SDPA. Each layer has its own K
     and V, so the keys stream from memory as in a step (one buffer reused for every layer
     stayed in the caches and read 3.5x faster than the step's attention ran)."""
     cfg = model.config
     dtype = next(model.parameters()).dtype
+    kv_dtype = dtype if kernel is None or kv_dtype is None else kv_dtype  # SDPA: q's dtype
     kv_heads, dim = cfg.num_key_value_heads, cfg.head_dim
     group = cfg.num_attention_heads // kv_heads
     q = torch.randn(rows, kv_heads, group, dim, dtype=dtype)
-    layers = [tuple(torch.randn(rows, kv_heads, context + 1, dim, dtype=dtype) for _ in "kv")
+    layers = [tuple(torch.randn(rows, kv_heads, context + 1, dim, dtype=kv_dtype) for _ in "kv")
               for _ in range(cfg.num_hidden_layers)]
     offsets = torch.arange(rows) * kv_heads * (context + 1) * dim
     counts = torch.full((rows,), context + 1)
@@ -133,10 +168,10 @@ def decode_rows(model, scheduler: str, rows: int, context: int, iters: int, back
     engine.step()  # prefill every row and their first decode
     engine.step()
     kernel = engine.kv_cache.decode_kernel
+    gemms = frozen_linears_alone(model, rows) if rows in STATIC_ROWS else linears_alone(model, rows)
     return interleaved_median_ms(
-        [engine.step, linears_alone(model, rows), attention_alone(model, rows, context, kernel)],
-        iters,
-    )
+        [engine.step, gemms, attention_alone(model, rows, context, kernel, engine.runner.kv_dtype)],
+        iters)
 
 
 @contextlib.contextmanager
@@ -258,13 +293,22 @@ def main() -> None:
                         help="decode attention: auto, native (the kernel) or sdpa")
     parser.add_argument("--compile", action="store_true",
                         help="time the compiled decoder (the first step of each size compiles)")
+    parser.add_argument("--static-decode-rows", type=int, nargs="*", default=[],
+                        help="with --compile: fixed-shape buckets; a batch size that is one "
+                             "is timed in its bucket, against the same linears frozen and "
+                             "autotuned as the bucket builds them")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="auto (the model's dtype), bfloat16 or float16")
     parser.add_argument("--split", action="store_true",
                         help="also take the real decode step apart: GEMMs, SDPA, the rest")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's mmap/trim thresholds alone (to count the faults)")
     args = parser.parse_args()
-    global COMPILE, ATTENTION
+    global COMPILE, ATTENTION, STATIC_ROWS, KV_DTYPE
     COMPILE, ATTENTION = args.compile, args.attention_backend
+    STATIC_ROWS, KV_DTYPE = tuple(args.static_decode_rows), args.kv_cache_dtype
+    if STATIC_ROWS and not COMPILE:
+        parser.error("--static-decode-rows needs --compile")
     if args.split and args.compile:  # the C++ linear op cannot be replayed from Python
         compiled_forward.use_python_linear_op()
         print("--split --compile: linears run through the Python op (about 50 us more per "

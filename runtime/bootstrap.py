@@ -10,6 +10,7 @@ from runtime.config import RuntimeConfig
 from runtime.engine import Engine, EngineLimits
 from runtime.graph_packages import cache_spec
 from runtime.hardware import choose_num_threads, cpu_info, keep_freed_memory
+from runtime.package_builder import ModelSource
 from runtime.plugins import instantiate_scheduler
 
 logger = logging.getLogger(__name__)
@@ -39,12 +40,14 @@ def create_engine(config: RuntimeConfig, observers: tuple[object, ...] = ()) -> 
     tokenizer = Tokenizer.from_dir(path)
     limits = EngineLimits(config.max_num_seqs, config.max_model_len, config.kv_cache_tokens,
                           config.kv_cache_memory, config.kv_cache_dtype)
+    # Missing bucket packages are built by another process loading the same folder and dtype.
+    builder = ModelSource(path, str(next(model.parameters()).dtype).removeprefix("torch."))
     engine = Engine(model, tokenizer, scheduler, config.scheduler, limits, observers,
                     linear_backend=config.linear_backend, compile_model=config.compile,
                     attention_backend=config.attention_backend,
                     static_decode_rows=config.static_decode_rows,
                     static_graph_cache=cache_spec(config.static_graph_cache,
-                                                  config.static_graph_cache_gib))
+                                                  config.static_graph_cache_gib, builder))
     if config.compile is True:
         logger.info("compiling the decoder (warm-up requests) ...")
         try:

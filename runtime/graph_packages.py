@@ -55,6 +55,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime.package_builder import ModelSource
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_GIB = 16.0
@@ -65,10 +67,13 @@ _TRACED_SOURCES = ("architectures", "static_graphs.py", "compiled_forward.py",
 
 @dataclass(frozen=True, slots=True)
 class PackageCacheSpec:
-    """Where the packages live and how much disk they may take (from `static_graph_cache`)."""
+    """Where the packages live and how much disk they may take (from `static_graph_cache`),
+    and where a separate process can load the model to build missing ones
+    (`runtime.package_builder`; None: they are built in this process)."""
 
     root: Path
     max_bytes: int
+    builder: ModelSource | None = None
 
 
 def default_root() -> Path:
@@ -78,13 +83,13 @@ def default_root() -> Path:
     return default_cache_dir() / "static-graphs"
 
 
-def cache_spec(setting: bool | str | os.PathLike, max_gib: float = DEFAULT_MAX_GIB
-               ) -> PackageCacheSpec | None:
+def cache_spec(setting: bool | str | os.PathLike, max_gib: float = DEFAULT_MAX_GIB,
+               builder: ModelSource | None = None) -> PackageCacheSpec | None:
     """`static_graph_cache`: true (the default root), false (no packages) or a directory."""
     if setting is False:
         return None
     root = default_root() if setting is True else Path(setting).expanduser()
-    return PackageCacheSpec(root, int(max_gib * 2**30))
+    return PackageCacheSpec(root, int(max_gib * 2**30), builder)
 
 
 def _sha1() -> Any:
@@ -171,6 +176,10 @@ class GraphPackages:
         self.built: list[str] = []  # the packages compiled here
         self.constant_digests: set[str] = set()  # the packed constants the loaded graphs use
         self.constant_bytes = 0  # their memory, each counted once
+
+    def has(self, name: str) -> bool:
+        """Whether `name`'s package is on disk (readable or not: a load tells)."""
+        return (self.directory / f"{name}.pt2").exists()
 
     def load_or_build(self, name: str, module: nn.Module, inputs: tuple[torch.Tensor, ...],
                       tracing: Callable[[], contextlib.AbstractContextManager],

@@ -317,8 +317,33 @@ class StaticDecodeGraphs:
         return self._pass_state(self._zero, None, rows)
 
     def build_all(self) -> None:
+        """Every bucket: their missing packages first built by a separate process where the
+        packages say how to load the model there, then each loaded (or built here)."""
+        self._build_missing_packages_apart()
         for rows in self.rows:
             self.build(rows)
+
+    def packaged(self) -> set[int]:
+        """The buckets whose graphs came from packages."""
+        return set(self._packaged)
+
+    def _build_missing_packages_apart(self) -> None:
+        """Have `runtime.package_builder` build the packages no bucket has yet, so that what
+        the build allocates goes with its process; the buckets then load them. Where it fails,
+        `build` makes them here, as without it."""
+        if self.packages is None or self.packages.spec.builder is None:
+            return
+        missing = tuple(rows for rows in self.rows
+                        if rows not in self.built and rows not in self.failed
+                        and not all(self.packages.has(f"{part}-{rows}")
+                                    for part in ("decoder", "head")))
+        if missing:
+            from runtime.package_builder import build_apart
+
+            spec = self.packages.spec
+            if not build_apart(spec.builder, spec.root, spec.max_bytes, missing):
+                logger.warning("static_decode_rows: building what is missing in this "
+                               "process instead")
 
     def _call(self, rows: int, input_ids: torch.Tensor, positions: torch.Tensor, attn: Any,
               mask: Any, real: int) -> torch.Tensor:

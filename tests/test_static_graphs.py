@@ -340,3 +340,57 @@ def test_static_graph_cache_is_a_config_key_and_a_flag(tmp_path) -> None:
     yaml_file.write_text("static_graph_cache: 3\n")
     with pytest.raises(ConfigError, match="static_graph_cache"):
         build_config(yaml_file)
+
+
+def test_a_served_model_has_its_missing_packages_built_by_a_separate_process(
+        tmp_path, model_dir, caplog) -> None:
+    """`create_engine` (what `serve` runs) hands its model's folder and dtype to
+    `runtime.package_builder`, which builds the missing bucket packages in a child process;
+    the server then loads them (it compiles none itself) and gives the eager tokens."""
+    from runtime.bootstrap import create_engine
+    from runtime.config import build_config
+    from runtime.package_builder import ModelSource
+
+    def engine(cache: str, **extra) -> Engine:
+        config = build_config(overrides={"model": str(model_dir), "dtype": "float32",
+                                         "compile": True, "static_decode_rows": [4],
+                                         "static_graph_cache": cache, **extra})
+        return create_engine(config)
+
+    prompts_ = [[(5 * i + 3 * j) % 500 + 3 for j in range(3 + 4 * i)] for i in range(3)]
+    eager = build_config(overrides={"model": str(model_dir), "dtype": "float32"})
+    expected = [r.output_token_ids for r in create_engine(eager).generate(prompts_, GREEDY)]
+
+    with caplog.at_level(logging.INFO):
+        served = engine(str(tmp_path / "graphs"))
+    graphs = served.runner.static_graphs
+    spec = graphs.packages.spec
+    assert spec.builder == ModelSource(model_dir, "float32")
+    assert "package builder finished" in caplog.text
+    assert graphs.packages.loaded == ["decoder-4", "head-4"] and not graphs.packages.built
+    assert graphs.packaged() == {4}
+    assert [r.output_token_ids for r in served.generate(prompts_, GREEDY)] == expected
+    assert graphs.passes[4] > 0
+
+
+
+def test_a_package_builder_that_fails_leaves_the_buckets_to_this_process(tmp_path, caplog,
+                                                                        capfd) -> None:
+    """The child cannot load the model (here: no such folder): logged, and `build` then
+    makes the buckets in the serving process, as without a builder."""
+    from runtime.package_builder import ModelSource
+
+    spec = PackageCacheSpec(tmp_path, 2**40, ModelSource(tmp_path / "no-such-model", "float32"))
+    engine = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton",
+                    compile_model=True, static_decode_rows=(2,), static_graph_cache=spec)
+    graphs = engine.runner.static_graphs
+    built: list[int] = []
+    graphs.build = built.append  # the in-process build, covered by the tests above
+    with caplog.at_level(logging.INFO):
+        graphs.build_all()
+    assert "building the packages of buckets 2 in a separate process" in caplog.text
+    assert "package builder exited with status 1" in caplog.text
+    child = capfd.readouterr().err  # the child's log, on this process's stderr
+    assert "[package builder]" in child and "model folder not found" in child
+    assert "building what is missing in this process instead" in caplog.text
+    assert built == [2]
