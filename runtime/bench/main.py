@@ -288,6 +288,7 @@ def run_offline_cli(args: argparse.Namespace) -> int:
     from runtime.config import check_static_decode_rows
     from runtime.engine import EngineLimits
     from runtime.loader import load_model, load_model_config
+    from runtime.package_builder import ModelSource
 
     static_rows = check_static_decode_rows(list(args.static_decode_rows), args.compile,
                                            "--static-decode-rows", "--compile")
@@ -298,6 +299,7 @@ def run_offline_cli(args: argparse.Namespace) -> int:
     longest = max(load_workload(n).max_total_len() for n in names)
     max_len = args.max_model_len or min(config.max_position_embeddings, longest)
     model = load_model(model_dir, dtype=args.dtype)
+    source = ModelSource(model_dir, str(next(model.parameters()).dtype).removeprefix("torch."))
     limits = EngineLimits(args.max_num_seqs, max_len, args.kv_cache_tokens, args.kv_cache_memory,
                           args.kv_cache_dtype)
     options = _scheduler_options(args.scheduler_option)
@@ -313,7 +315,7 @@ def run_offline_cli(args: argparse.Namespace) -> int:
         contenders.append(
             EngineContender(label, name, model, None, own_limits, options.get(label),
                             args.linear_backend, args.compile, attention,
-                            static_rows)
+                            static_rows, source)
         )
     unavailable = {}
     for name in args.peers:

@@ -21,6 +21,7 @@ from runtime.bench.metrics import RequestTrace, RunTrace, StepRecorder, compute_
 from runtime.bench.workload import BenchRequest
 from runtime.engine import Engine, EngineLimits
 from runtime.graph_packages import cache_spec
+from runtime.package_builder import ModelSource
 from runtime.request import FinishReason
 from runtime.sampling_params import SamplingParams
 
@@ -70,9 +71,13 @@ class EngineContender:
         compile_model: bool = False,
         attention_backend: str = "auto",
         static_decode_rows: tuple[int, ...] = (),
+        model_source: ModelSource | None = None,
     ) -> None:
+        """`model_source`: where a separate process loads `model` to build its missing bucket
+        packages (`runtime.package_builder`); None builds them in this process."""
         self.label = label
         self.static_decode_rows = static_decode_rows
+        self.model_source = model_source
         self.attention_backend = attention_backend
         self.linear_backend = linear_backend
         self.compile_model = compile_model
@@ -101,7 +106,8 @@ class EngineContender:
             compile_model=self.compile_model,
             attention_backend=self.attention_backend,
             static_decode_rows=self.static_decode_rows,
-            static_graph_cache=cache_spec(True) if self.static_decode_rows else None,
+            static_graph_cache=(cache_spec(True, builder=self.model_source)
+                                if self.static_decode_rows else None),
         )
 
     def warmup(self) -> None:

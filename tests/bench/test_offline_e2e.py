@@ -201,3 +201,18 @@ def test_contender_hands_static_decode_rows_to_its_engine(cache):
     contender = EngineContender("baton", "baton", model, static_decode_rows=(1, 2))
     with pytest.raises(ValueError, match="static_decode_rows: needs compile"):
         contender.make_engine()
+
+
+def test_contender_hands_its_model_folder_to_the_package_builder(cache):
+    """With `--static-decode-rows` the engine's package cache names where a separate process
+    loads the model (`runtime.package_builder`), so the bench's first run builds there too."""
+    from runtime.loader import load_model
+    from runtime.package_builder import ModelSource
+
+    folder = resolve_model("tiny")
+    source = ModelSource(folder, "float32")
+    contender = EngineContender("baton", "baton", load_model(folder, dtype="float32"),
+                                compile_model=True, static_decode_rows=(2,),
+                                model_source=source)
+    spec = contender.make_engine().runner.static_graphs.packages.spec
+    assert spec.builder == source
