@@ -14,7 +14,10 @@ AVX-512 BF16, or on CUDA), with the engine's fast path applied (`--linear-backen
   too; the differences are what the GEMMs and the attention cost inside the step (including
   what they evict from the caches for the ops around them), and the remainder is everything
   else. With `--compile` the linears then go through the compiled decoder's Python op, which
-  can be replayed, rather than its C++ op (about 50 us more per call).
+  can be replayed, rather than its C++ op (about 50 us more per call);
+- `--static-decode-rows N ...` (with `--compile`): a batch size that is a bucket is timed in
+  its fixed-shape graph, against the same linears frozen and autotuned as the bucket builds
+  them (runtime/static_graphs.py); `--kv-cache-dtype bfloat16` stores the cache in 16 bits.
 
 Random seeded weights; each figure is the median of interleaved repeats, so background load
 hits the step and its GEMMs alike.
