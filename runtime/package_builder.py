@@ -21,12 +21,15 @@ OpenMP's thread pool hangs in a forked child once the parent has used it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +102,28 @@ def build(source: ModelSource, root: Path, max_bytes: int, rows: tuple[int, ...]
         factory_log.setLevel(level)
     if graphs is None or graphs.packages is None:
         return False
-    graphs.build_all()
+    with one_builder_at_a_time(graphs.packages.directory):
+        graphs.build_all()  # loads what another builder finished meanwhile
     return graphs.packaged() == set(graphs.rows)
+
+
+@contextlib.contextmanager
+def one_builder_at_a_time(directory: Path) -> Iterator[None]:
+    """Hold the model directory's build lock: servers starting together on one machine (Ray
+    replicas, a restart beside a running server) would each build the same packages; the
+    later builders wait, then load what the first built. Released if the holder dies."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".build.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another process is building the packages in %s; waiting for it",
+                        directory)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def main(argv: list[str] | None = None) -> int:

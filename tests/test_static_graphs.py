@@ -372,6 +372,25 @@ def test_a_served_model_has_its_missing_packages_built_by_a_separate_process(
     assert [r.output_token_ids for r in served.generate(prompts_, GREEDY)] == expected
     assert graphs.passes[4] > 0
 
+    # A second builder while another holds the model directory's build lock waits for it,
+    # then loads what is there rather than building it again.
+    import fcntl
+    import threading
+    import time
+
+    from runtime import package_builder
+
+    holder = open(graphs.packages.directory / ".build.lock", "w")  # noqa: SIM115
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    threading.Timer(2.0, holder.close).start()  # closing releases it
+    caplog.clear()
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO):
+        assert package_builder.build(spec.builder, spec.root, spec.max_bytes, (4,))
+    assert time.perf_counter() - start >= 2.0
+    assert "another process is building the packages" in caplog.text
+    assert "4-row graph loaded" in caplog.text and "built and saved" not in caplog.text
+
 
 
 def test_a_package_builder_that_fails_leaves_the_buckets_to_this_process(tmp_path, caplog,
