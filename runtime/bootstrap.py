@@ -41,7 +41,7 @@ def create_engine(config: RuntimeConfig, observers: tuple[object, ...] = ()) -> 
     limits = EngineLimits(config.max_num_seqs, config.max_model_len, config.kv_cache_tokens,
                           config.kv_cache_memory, config.kv_cache_dtype)
     # Missing bucket packages are built by another process loading the same folder and dtype.
-    builder = ModelSource(path, str(next(model.parameters()).dtype).removeprefix("torch."))
+    builder = ModelSource(path, model.config.torch_dtype)
     engine = Engine(model, tokenizer, scheduler, config.scheduler, limits, observers,
                     linear_backend=config.linear_backend, compile_model=config.compile,
                     attention_backend=config.attention_backend,

@@ -2,9 +2,9 @@
 
 Why: building a bucket's package (`runtime.graph_packages`: export, AOTInductor compile,
 autotuning, the probe) in the serving process left that process holding what the build
-allocated until it exited: inductor's compile-time heap, and a view of every exported weight
-that torch.export's lowering keeps alive (so the dense copies the buckets freeze from could not
-be released). On the 135M shape in float32 the start that built `1 2 4 8` stayed at 4.6-5.1 GB
+allocated until it exited: inductor's compile-time heap, and every exported weight, which the
+AOTInductor compile keeps alive (so the dense copies the buckets freeze from could not be
+released). On the 135M shape in float32 the start that built `1 2 4 8` stayed at 4.6-5.1 GB
 of anonymous memory against 1.6 GB for a start that loads them. A fresh interpreter builds
 them instead and exits, returning all of that to the OS; the server then loads the packages as
 any later start does. While it builds, a `compile: background` server keeps serving on the
@@ -43,7 +43,7 @@ class ModelSource:
     """Where another process loads the serving process's model from: its folder and dtype."""
 
     path: Path
-    dtype: str  # as loaded ("float32"), never "auto": the child must not choose again
+    dtype: str  # as loaded (`model.config.torch_dtype`), never "auto": no second choice
 
 
 def build_apart(source: ModelSource, root: Path, max_bytes: int, rows: tuple[int, ...]) -> bool:

@@ -299,7 +299,7 @@ def run_offline_cli(args: argparse.Namespace) -> int:
     longest = max(load_workload(n).max_total_len() for n in names)
     max_len = args.max_model_len or min(config.max_position_embeddings, longest)
     model = load_model(model_dir, dtype=args.dtype)
-    source = ModelSource(model_dir, str(next(model.parameters()).dtype).removeprefix("torch."))
+    source = ModelSource(model_dir, model.config.torch_dtype)
     limits = EngineLimits(args.max_num_seqs, max_len, args.kv_cache_tokens, args.kv_cache_memory,
                           args.kv_cache_dtype)
     options = _scheduler_options(args.scheduler_option)
