@@ -121,6 +121,9 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
                             "passes of up to these row counts (runtime.static_graphs; built "
                             "once, shared by all)")
     bench.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    bench.add_argument("--device", default="cpu",
+                       help="where the model and every contender run: cpu, cuda, cuda:N or "
+                            "auto (CUDA when available; default cpu)")
     bench.add_argument(
         "--num-threads", type=int, help="torch CPU threads (default: one per physical core)"
     )
@@ -262,10 +265,12 @@ def _summarise(
     return results
 
 
-def _header(args: argparse.Namespace, spec: Any, model_dir: Path, mode: str) -> dict:
+def _header(args: argparse.Namespace, spec: Any, model_dir: Path, mode: str,
+            **where: Any) -> dict:
+    """The run's identity in its JSON; `where`: offline mode's device and dtype."""
     from runtime.bench.report import machine_info
 
-    return {
+    return where | {
         "mode": mode,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "runtime " + " ".join(sys.argv[1:]),
@@ -284,7 +289,7 @@ def run_offline_cli(args: argparse.Namespace) -> int:
     from runtime.bench.model_spec import resolve_model
     from runtime.bench.offline import EngineContender, run_comparison
     from runtime.bench.peers import PeerUnavailable, make_peer
-    from runtime.bootstrap import configure_host
+    from runtime.bootstrap import configure_host, resolve_device
     from runtime.config import check_static_decode_rows
     from runtime.engine import EngineLimits
     from runtime.loader import load_model, load_model_config
@@ -292,13 +297,14 @@ def run_offline_cli(args: argparse.Namespace) -> int:
 
     static_rows = check_static_decode_rows(list(args.static_decode_rows), args.compile,
                                            "--static-decode-rows", "--compile")
+    device = resolve_device(args.device)
     configure_host(args.num_threads)
     model_dir = resolve_model(args.model_spec, args.model)
     config = load_model_config(model_dir)
     names = _csv(args.workload)
     longest = max(load_workload(n).max_total_len() for n in names)
     max_len = args.max_model_len or min(config.max_position_embeddings, longest)
-    model = load_model(model_dir, dtype=args.dtype)
+    model = load_model(model_dir, dtype=args.dtype, device=device)
     source = ModelSource(model_dir, model.config.torch_dtype)
     limits = EngineLimits(args.max_num_seqs, max_len, args.kv_cache_tokens, args.kv_cache_memory,
                           args.kv_cache_dtype)
@@ -320,7 +326,8 @@ def run_offline_cli(args: argparse.Namespace) -> int:
     unavailable = {}
     for name in args.peers:
         try:
-            contenders.append(make_peer(name, model_dir, args.max_num_seqs, max_len))
+            contenders.append(make_peer(name, model_dir, args.max_num_seqs, max_len,
+                                        getattr(torch, model.config.torch_dtype), device))
         except PeerUnavailable as exc:
             unavailable[name] = str(exc)
             print(f"peer {name}: not available: {exc}", file=sys.stderr)
@@ -333,17 +340,27 @@ def run_offline_cli(args: argparse.Namespace) -> int:
             print(
                 f"workload {spec.name}: {len(requests)} requests, {arrival}; model {model_dir}, "
                 f"max_model_len {max_len}; contenders {', '.join(c.label for c in contenders)}; "
-                f"{args.repeats} repeat(s), {torch.get_num_threads()} torch thread(s)"
+                f"{args.repeats} repeat(s), {_where(device)}"
             )
             result = run_comparison(contenders, requests, args.repeats, not args.no_progress)
             result.errors |= unavailable
-            header = _header(args, spec, model_dir, "offline")
+            header = _header(args, spec, model_dir, "offline", device=_where(device),
+                             dtype=model.config.torch_dtype)
             tag = f"-rate{rate:g}" if rate is not None else ""
             sweep[spec.rate] = _summarise(result, args, header, out, tag)
         if args.rate_sweep:
             _write_sweep(sweep, out, name, args.no_plots)
         print(f"results written to {out}/")
     return 0
+
+
+def _where(device: Any) -> str:
+    """What the contenders run on, for the run's header line."""
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{torch.get_num_threads()} torch thread(s)"
 
 
 def _write_sweep(sweep: dict, out: Path, name: str, no_plots: bool) -> None:

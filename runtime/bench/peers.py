@@ -27,12 +27,13 @@ class PeerUnavailable(RuntimeError):
     """A peer engine cannot run here (not installed, too old); the message says why."""
 
 
-def _load_hf(model_dir: Path, dtype: torch.dtype):
+def _load_hf(model_dir: Path, dtype: torch.dtype, device: torch.device):
+    """The folder in `transformers`, in the dtype and on the device our contenders use."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as exc:
         raise PeerUnavailable(f"transformers is not installed ({exc})") from exc
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
 
 
 class _StepClock:
@@ -56,8 +57,10 @@ class TransformersStatic:
 
     label = "transformers"
 
-    def __init__(self, model_dir: Path, max_batch_size: int, dtype: torch.dtype = torch.float32):
-        self.model = _load_hf(model_dir, dtype)
+    def __init__(self, model_dir: Path, max_batch_size: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.model = _load_hf(model_dir, dtype, self.device)
         self.max_batch_size = max_batch_size
 
     def _generate(self, batch: Sequence[BenchRequest]) -> list[float]:
@@ -80,7 +83,10 @@ class TransformersStatic:
         clock = _StepClock()
         with torch.inference_mode():
             self.model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=config, streamer=clock
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                generation_config=config,
+                streamer=clock,
             )
         return clock.times
 
@@ -124,8 +130,9 @@ class TransformersContinuous:
         max_batch_size: int,
         max_total_len: int,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ):
-        self.model = _load_hf(model_dir, dtype)
+        self.model = _load_hf(model_dir, dtype, torch.device(device))
         if not hasattr(self.model, "continuous_batching_context_manager"):
             import transformers
 
@@ -209,10 +216,12 @@ class TransformersContinuous:
         return RunTrace(traces, start, end)
 
 
-def make_peer(name: str, model_dir: Path, max_batch_size: int, max_total_len: int):
-    """Build a peer adapter by name; raises PeerUnavailable with the reason."""
+def make_peer(name: str, model_dir: Path, max_batch_size: int, max_total_len: int,
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """Build a peer adapter by name, in our contenders' dtype and on their device; raises
+    PeerUnavailable with the reason."""
     if name == "transformers":
-        return TransformersStatic(model_dir, max_batch_size)
+        return TransformersStatic(model_dir, max_batch_size, dtype, device)
     if name == "transformers-cb":
-        return TransformersContinuous(model_dir, max_batch_size, max_total_len)
+        return TransformersContinuous(model_dir, max_batch_size, max_total_len, dtype, device)
     raise PeerUnavailable(f"unknown peer {name!r}; known: {', '.join(PEERS)}")

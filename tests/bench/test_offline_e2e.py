@@ -216,3 +216,47 @@ def test_contender_hands_its_model_folder_to_the_package_builder(cache):
                                 model_source=source)
     spec = contender.make_engine().runner.static_graphs.packages.spec
     assert spec.builder == source
+
+
+def _device_run(tmp_path, device: str, dtype: str, schedulers: str, *extra: str) -> dict:
+    out = tmp_path / "out"
+    rc = main(["bench", "--model-spec", "tiny", "--workload", "smoke", "--num-requests", "4",
+               "--schedulers", schedulers, "--device", device, "--dtype", dtype, "--out",
+               str(out), "--no-progress", "--no-plots", *extra])
+    assert rc == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_the_results_say_where_and_in_what_dtype_the_contenders_ran(tmp_path, cache):
+    """`--device auto` takes CUDA where there is one, else the CPU; the JSON names the device
+    and the dtype the model was loaded in, and the transformers peer runs in the same dtype."""
+    import torch
+
+    data = _device_run(tmp_path, "auto", "float64", "baton,orca", "--peers", "transformers")
+    expected = "cuda" if torch.cuda.is_available() else "torch thread"
+    assert expected in data["device"]
+    assert data["dtype"] == "float64"
+    for label in ("baton", "orca", "transformers"):
+        assert data["results"][label]["completed"] == 4, label
+
+
+def test_bench_on_cuda_without_cuda_is_a_clear_error(cache, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    rc = main(["bench", "--model-spec", "tiny", "--workload", "smoke", "--device", "cuda",
+               "--no-progress", "--no-plots"])
+    assert rc != 0
+    assert "'cuda' requested but CUDA is not available" in capsys.readouterr().err
+
+
+def test_bench_runs_every_scheduler_on_cuda(tmp_path, cache):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    data = _device_run(tmp_path, "cuda", "bfloat16", "baton,orca,static,default")
+    assert "cuda" in data["device"] and data["dtype"] == "bfloat16"
+    for label, result in data["results"].items():
+        assert result["completed"] == 4 and result["failed"] == 0, label

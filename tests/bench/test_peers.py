@@ -35,3 +35,17 @@ def test_peer_generates_forced_lengths(name, tmp_path, monkeypatch):
 def test_unknown_peer_says_which_exist(tmp_path):
     with pytest.raises(PeerUnavailable, match="transformers-cb"):
         make_peer("llama.cpp", tmp_path, 4, 64)
+
+
+@pytest.mark.parametrize("name", ["transformers", "transformers-cb"])
+def test_peer_runs_in_the_contenders_dtype(name, tmp_path, monkeypatch):
+    """A peer compared in float64 (or bfloat16) runs in it too, not in float32."""
+    import torch
+
+    monkeypatch.setenv("BATON_RUNTIME_CACHE", str(tmp_path))
+    try:
+        peer = make_peer(name, resolve_model("tiny"), 4, 64, dtype=torch.float64, device="cpu")
+    except PeerUnavailable as exc:
+        pytest.skip(str(exc))
+    assert {p.dtype for p in peer.model.parameters()} == {torch.float64}
+    assert sorted(r.output_len for r in peer.run(REQUESTS).requests) == [2, 3, 5]
