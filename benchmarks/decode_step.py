@@ -19,6 +19,9 @@ AVX-512 BF16, or on CUDA), with the engine's fast path applied (`--linear-backen
   its fixed-shape graph, against the same linears frozen and autotuned as the bucket builds
   them (runtime/static_graphs.py); `--kv-cache-dtype bfloat16` stores the cache in 16 bits.
 
+- `--device cuda`: the same on a GPU (each timed call ends with a synchronize; the decode
+  kernel is CPU-only, so the attention is SDPA's there), for float32 and bfloat16.
+
 Random seeded weights; each figure is the median of interleaved repeats, so background load
 hits the step and its GEMMs alike.
 
@@ -43,6 +46,7 @@ from runtime.architectures import build_model
 from runtime.architectures.layers import Linear
 from runtime.attention_kernels import DecodeKernel
 from runtime.bench.model_spec import SPECS
+from runtime.bootstrap import resolve_device
 from runtime.engine import Engine, EngineLimits
 from runtime.hardware import cpu_info, keep_freed_memory
 from runtime.linear_kernels import model_linears
@@ -52,6 +56,12 @@ from runtime.sampling_params import SamplingParams
 SMOLLM2_135M = SPECS["smollm2-135m-shape"].replace(max_position_embeddings=4096)
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so a timer reads what a call cost (no-op on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def interleaved_median_ms(fns: list[Callable[[], object]], iters: int) -> list[float]:
     """Median ms of each function, run in turn each round so background load hits all alike."""
     for fn in fns:
@@ -59,8 +69,10 @@ def interleaved_median_ms(fns: list[Callable[[], object]], iters: int) -> list[f
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(iters):
         for fn, out in zip(fns, times, strict=True):
+            synchronize()
             start = time.perf_counter()
             fn()
+            synchronize()
             out.append(time.perf_counter() - start)
     return [1000 * statistics.median(t) for t in times]
 
@@ -69,6 +81,7 @@ COMPILE = False  # --compile: the engine's compiled decoder (runtime/compiled_fo
 ATTENTION = "auto"  # --attention-backend: the engine's decode attention (runtime.attention_kernels)
 STATIC_ROWS: tuple[int, ...] = ()  # --static-decode-rows: fixed-shape buckets (runtime.static_graphs)
 KV_DTYPE = "auto"  # --kv-cache-dtype: the cache's dtype (runtime.model_runner.resolve_kv_dtype)
+DEVICE = torch.device("cpu")  # --device: where the model, its engine and the timed tensors live
 
 
 def make_engine(model: torch.nn.Module, scheduler: str, rows: int, backend: str,
@@ -88,7 +101,7 @@ def linears_alone(model: torch.nn.Module, rows: int, head_rows: int | None = Non
     linears = model_linears(model)
     head = model.lm_head
     xs = [torch.randn(rows if m is not head or head_rows is None else head_rows, m.in_features,
-                      dtype=dtype) for m in linears]
+                      dtype=dtype, device=DEVICE) for m in linears]
 
     def run() -> None:
         with torch.inference_mode():
@@ -117,7 +130,7 @@ def frozen_linears_alone(model: torch.nn.Module, rows: int) -> Callable[[], None
             return [m(x) for m, x in zip(self.linears, xs, strict=True)]
 
     graph = torch.compile(Linears().eval(), dynamic=False, options={"cpp_wrapper": True})
-    xs = [torch.randn(rows, m.in_features, dtype=dtype) for m in linears]
+    xs = [torch.randn(rows, m.in_features, dtype=dtype, device=DEVICE) for m in linears]
     with torch.inference_mode(), torch._inductor.config.patch(FROZEN_GEMM_SETTINGS):
         graph(xs)
 
@@ -144,8 +157,9 @@ def attention_alone(model: torch.nn.Module, rows: int, context: int,
     kv_dtype = dtype if kernel is None or kv_dtype is None else kv_dtype  # SDPA: q's dtype
     kv_heads, dim = cfg.num_key_value_heads, cfg.head_dim
     group = cfg.num_attention_heads // kv_heads
-    q = torch.randn(rows, kv_heads, group, dim, dtype=dtype)
-    layers = [tuple(torch.randn(rows, kv_heads, context + 1, dim, dtype=kv_dtype) for _ in "kv")
+    q = torch.randn(rows, kv_heads, group, dim, dtype=dtype, device=DEVICE)
+    layers = [tuple(torch.randn(rows, kv_heads, context + 1, dim, dtype=kv_dtype, device=DEVICE)
+                    for _ in "kv")
               for _ in range(cfg.num_hidden_layers)]
     offsets = torch.arange(rows) * kv_heads * (context + 1) * dim
     counts = torch.full((rows,), context + 1)
@@ -302,12 +316,19 @@ def main() -> None:
                              "autotuned as the bucket builds them")
     parser.add_argument("--kv-cache-dtype", default="auto",
                         help="auto (the model's dtype), bfloat16 or float16")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:N: where the model runs (on CUDA each timed "
+                             "call ends with a synchronize)")
     parser.add_argument("--split", action="store_true",
                         help="also take the real decode step apart: GEMMs, SDPA, the rest")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's mmap/trim thresholds alone (to count the faults)")
     args = parser.parse_args()
-    global COMPILE, ATTENTION, STATIC_ROWS, KV_DTYPE
+    global COMPILE, ATTENTION, STATIC_ROWS, KV_DTYPE, DEVICE
+    try:
+        DEVICE = resolve_device(args.device)
+    except RuntimeError as exc:
+        parser.error(str(exc))
     COMPILE, ATTENTION = args.compile, args.attention_backend
     STATIC_ROWS, KV_DTYPE = tuple(args.static_decode_rows), args.kv_cache_dtype
     if STATIC_ROWS and not COMPILE:
@@ -319,12 +340,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not args.default_allocator:
         keep_freed_memory()
-    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else native_dtypes("cpu")
+    dtypes = ([getattr(torch, d) for d in args.dtypes] if args.dtypes
+              else native_dtypes(DEVICE.type))
     print(f"SmolLM2-135M shape, {args.threads} threads, {args.scheduler} step, context "
           f"{args.context}, linears {args.linear_backend}, median of {args.iters}, load average "
-          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {cpu_info().model_name}")
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {cpu_info().model_name}"
+          + (f"; {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else ""))
     for dtype in dtypes:
-        model = build_model(SMOLLM2_135M).init_weights(args.seed).to(dtype).eval()
+        model = build_model(SMOLLM2_135M).init_weights(args.seed).to(DEVICE, dtype).eval()
         report(model.requires_grad_(False), args)
 
 

@@ -7,7 +7,8 @@
 # On the lent machine (its image has PyTorch with CUDA, transformers, pytest and our other
 # offline dependencies, but no FastAPI/uvicorn and no internet): installs this checkout without
 # dependencies (so the scheduler entry points exist and the image's torch stays), runs the CUDA
-# tests, then `runtime bench --device cuda` on the SmolLM2-135M shape: BATON against Orca and
+# tests, `benchmarks/decode_step.py --device cuda` (the step against its GEMMs at 1-64 rows and
+# in prefill), then `runtime bench --device cuda` on the SmolLM2-135M shape: BATON against Orca and
 # the literal Orca (`attention: loop`) on the two traces, in bfloat16 and float32. Each step has
 # its own time limit so that a slow one cannot eat the others'. Everything lands in
 # $OUT/device_check.tgz (results.json per workload and dtype) and $OUT/device_check.log, which
@@ -37,6 +38,10 @@ step "CUDA tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -k cuda \
     tests/test_architectures_parity.py tests/test_baton_layout.py tests/test_orca.py \
     tests/test_sampler.py tests/bench/test_offline_e2e.py
+
+step "the decode step against its GEMMs (issue 11), $DEVICE"
+timeout 120 python3 benchmarks/decode_step.py --device "$DEVICE" --iters 10 \
+    2>"$WORK/decode_step.stderr.log" | tee "$WORK/decode_step.txt"
 
 # BATON, Orca and the literal Orca on the two traces: `bench_traces NAME SECONDS DTYPE ARGS...`
 bench_traces() {
