@@ -306,6 +306,7 @@ def run_offline_cli(args: argparse.Namespace) -> int:
     max_len = args.max_model_len or min(config.max_position_embeddings, longest)
     model = load_model(model_dir, dtype=args.dtype, device=device)
     source = ModelSource(model_dir, model.config.torch_dtype)
+    where = _where(device)  # for the header line and results.json
     limits = EngineLimits(args.max_num_seqs, max_len, args.kv_cache_tokens, args.kv_cache_memory,
                           args.kv_cache_dtype)
     options = _scheduler_options(args.scheduler_option)
@@ -340,11 +341,11 @@ def run_offline_cli(args: argparse.Namespace) -> int:
             print(
                 f"workload {spec.name}: {len(requests)} requests, {arrival}; model {model_dir}, "
                 f"max_model_len {max_len}; contenders {', '.join(c.label for c in contenders)}; "
-                f"{args.repeats} repeat(s), {_where(device)}"
+                f"{args.repeats} repeat(s), {where}"
             )
             result = run_comparison(contenders, requests, args.repeats, not args.no_progress)
             result.errors |= unavailable
-            header = _header(args, spec, model_dir, "offline", device=_where(device),
+            header = _header(args, spec, model_dir, "offline", device=where,
                              dtype=model.config.torch_dtype)
             tag = f"-rate{rate:g}" if rate is not None else ""
             sweep[spec.rate] = _summarise(result, args, header, out, tag)

@@ -59,8 +59,7 @@ class TransformersStatic:
 
     def __init__(self, model_dir: Path, max_batch_size: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.model = _load_hf(model_dir, dtype, self.device)
+        self.model = _load_hf(model_dir, dtype, torch.device(device))
         self.max_batch_size = max_batch_size
 
     def _generate(self, batch: Sequence[BenchRequest]) -> list[float]:
@@ -83,8 +82,8 @@ class TransformersStatic:
         clock = _StepClock()
         with torch.inference_mode():
             self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
+                input_ids=ids.to(self.model.device),
+                attention_mask=mask.to(self.model.device),
                 generation_config=config,
                 streamer=clock,
             )
