@@ -13,6 +13,13 @@ With `--threads-scaling`, each kernel is also timed on one thread, to show how m
 second core a row count uses.
 
     python benchmarks/linear_backends.py --rows 1 8 32 64 256 1024 2048
+
+`--only openblas` times numpy's BLAS (OpenBLAS in numpy's wheels) on the same weights, as a
+reference from outside torch, not a kernel the engine can pick. Its threads spin after each
+call and slow torch's (and torch's slow it), so run each kernel in its own process, alternated:
+
+    for i in 1 2; do for b in onednn openblas; do
+        python benchmarks/linear_backends.py --rows 1 8 32 64 256 --only $b; done; done
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +52,8 @@ def pass_linears(linears: list[Linear], packed: list[torch.Tensor] | None, backe
     weights in its layout, None for `F.linear`)."""
     dtype = linears[0].weight.dtype
     xs = {m.in_features: torch.randn(rows, m.in_features, dtype=dtype) for m in linears}
+    if backend == "openblas":
+        return _numpy_pass(linears, {k: x.numpy() for k, x in xs.items()})
     if packed is None:
         def run() -> None:
             for m in linears:
@@ -54,6 +64,19 @@ def pass_linears(linears: list[Linear], packed: list[torch.Tensor] | None, backe
         for m, w in zip(linears, packed, strict=True):
             m.packed_forward(xs[m.in_features], w, backend)
     return run_packed
+
+
+def _numpy_pass(linears: list[Linear], xs: dict[int, np.ndarray]) -> Callable[[], None]:
+    """The pass through numpy's `matmul` (its BLAS), each weight a transposed view as
+    `F.linear` reads it, into preallocated outputs."""
+    weights = [m.weight.detach().numpy().T for m in linears]
+    outs = [np.empty((next(iter(xs.values())).shape[0], m.out_features), np.float32)
+            for m in linears]
+
+    def run() -> None:
+        for m, w, out in zip(linears, weights, outs, strict=True):
+            np.matmul(xs[m.in_features], w, out=out)
+    return run
 
 
 def median_seconds(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
@@ -77,14 +100,24 @@ def main() -> None:
     parser.add_argument("--threads-scaling", action="store_true",
                         help="also time each kernel on one thread")
     parser.add_argument("--seed", type=int, default=0, help="weight seed")
+    parser.add_argument("--only", choices=["torch", "onednn", "mkl", "openblas"],
+                        help="time this kernel alone (openblas: numpy's BLAS, float32 only)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     model = build_model(SPECS["smollm2-135m-shape"]).init_weights(args.seed).to(dtype).eval()
     model.requires_grad_(False)
     cpu = torch.device("cpu")
     backends = ["torch"] + [b for b in ("onednn", "mkl") if packing_supported(b, dtype, cpu)]
+    if args.only == "openblas" and (dtype != torch.float32 or args.threads_scaling):
+        parser.error("--only openblas: float32, and its threads are OPENBLAS_NUM_THREADS's "
+                     "(every core by default), not --threads")
+    if args.only:
+        if args.only not in backends + ["openblas"]:
+            parser.error(f"--only {args.only}: no such kernel for {args.dtype} here")
+        backends = [args.only]
     linears = decoder_linears(model)
-    packed = {b: None if b == "torch" else [pack_weight(m.weight, b) for m in linears]
+    packed = {b: None if b in ("torch", "openblas") else [pack_weight(m.weight, b)
+                                                          for m in linears]
               for b in backends}  # once: every row count runs the same packed copies
     flops_per_row = sum(2 * m.in_features * m.out_features for m in linears)
     print(f"SmolLM2-135M shape, {args.dtype}, decoder linears of one pass, {args.threads} "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orca_plugin import OrcaScheduler
-from orca_plugin.attention import VariantChooser
+from orca_plugin.attention import KernelAttention, LoopAttention, VariantChooser
 from orca_plugin.cache import split_iteration
 from orca_plugin.groups import DecodeGroup, plan_groups
 from orca_plugin.masks import build_orca_mask, decode_padding_mask
@@ -169,6 +169,33 @@ def test_solo_tokens_equal_the_runtime_default_layout(model) -> None:
     reference = run_alone(model, lambda: None, arrival)
     for mode in MODES:
         assert run_alone(model, lambda m=mode: OrcaScheduler(attention=m), arrival) == reference
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_one_decode_row_takes_the_kernel_unless_literal(model, native_kernel, mode: str,
+                                                        backend: str) -> None:
+    """A lone request's increments run in the decode kernel (one call a layer, its keys read
+    in place) wherever the batched variants would, with the tokens of the default layout; the
+    literal loop keeps its per-request call, and without the kernel one row is not gathered."""
+    scheduler = OrcaScheduler(attention=mode)
+    engine = engine_for(model, scheduler, attention_backend=backend)
+    request = engine.add_request(list(range(3, 20)), greedy(8))
+    engine.step()  # the initiation
+    cache = scheduler.cache
+    original, used = cache.attention, []
+
+    def recording(batch):
+        handle = original(batch)
+        used.append(type(handle))
+        return handle
+
+    cache.attention = recording
+    drain(engine)
+    kernel = backend == "native" and mode != "loop"
+    assert len(used) == 7 and set(used) == {KernelAttention if kernel else LoopAttention}
+    arrival = Arrival(0, tuple(range(3, 20)), greedy(8))
+    assert request.output_token_ids == run_alone(model, lambda: None, arrival)
 
 
 class _UnmaskedFused(OrcaScheduler):
