@@ -89,6 +89,8 @@ class BatonAttention:
         self.prompts = prompts
         self.num_decode = sum(s.rows for s in decode)
         self.kernel, self.kernel_rows = kernel, kernel_rows
+        if kernel is not None:  # every layer's view made in one call, not two ops a layer
+            self.k_layers, self.v_layers = k_cache.unbind(0), v_cache.unbind(0)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: BatonMask | None) -> torch.Tensor:
@@ -111,9 +113,10 @@ class BatonAttention:
         The kernel also writes each row's new key and value at its bucket's `end` column (the
         row's last real key): no indexed copy per bucket."""
         n, r = self.num_decode, self.kernel_rows
-        return self.kernel(q[:n].contiguous(), self.k_cache[layer], self.v_cache[layer],
-                           r.offsets, r.counts, r.key_stride, r.head_stride, r.kv_heads,
-                           k[:n], v[:n])
+        if q.shape[0] != n:  # a decode-only pass (most of them) needs no slicing
+            q, k, v = q[:n], k[:n], v[:n]
+        return self.kernel(q.contiguous(), self.k_layers[layer], self.v_layers[layer],
+                           r.offsets, r.counts, r.key_stride, r.head_stride, r.kv_heads, k, v)
 
     def _decode(self, layer: int, seg: DecodeSegment, mask: torch.Tensor | None,
                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

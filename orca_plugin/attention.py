@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -121,14 +122,15 @@ def _one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tor
 class LoopAttention:
     """One SDPA call per request: its queries against its own pool slice."""
 
-    def __init__(self, pool: torch.Tensor, layout: OrcaLayout, times: AttentionTimes) -> None:
-        self.pool = pool  # (L, 2, H_kv, capacity, D)
+    def __init__(self, planes: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: OrcaLayout,
+                 times: AttentionTimes) -> None:
+        self.planes = planes  # per layer: the pool's (keys, values), each (H_kv, capacity, D)
         self.layout = layout
         self.times = times
 
     def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store the pass's keys/values at their slots; return this layer's pool (H_kv, cap, D)."""
-        keys, values = self.pool[layer_idx, 0], self.pool[layer_idx, 1]
+        keys, values = self.planes[layer_idx]
         slots = self.layout.write_slots  # k, v: (N, H_kv, D); rounded if the pool is 16-bit
         keys.index_copy_(1, slots, k.transpose(0, 1).to(keys.dtype))
         values.index_copy_(1, slots, v.transpose(0, 1).to(values.dtype))
@@ -219,21 +221,24 @@ class KernelAttention(LoopAttention):
     indexed copies per layer cost 4 ms of a 200 ms 64-row decode pass on a 2-core host.
     """
 
-    def __init__(self, pool: torch.Tensor, layout: OrcaLayout, times: AttentionTimes,
-                 kernel: DecodeKernel) -> None:
-        super().__init__(pool, layout, times)
+    def __init__(self, planes: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: OrcaLayout,
+                 times: AttentionTimes, kernel: DecodeKernel) -> None:
+        super().__init__(planes, layout, times)
         self.kernel = kernel
         self.initiation_slots = layout.write_slots[layout.num_decode:]
+        self.decode_only = not self.initiation_slots.numel()  # no slicing off initiations
         self.new_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # this layer's decode K/V
 
     def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store the initiations' keys/values; keep the decode rows' for the kernel call."""
-        keys, values = self.pool[layer_idx, 0], self.pool[layer_idx, 1]
+        keys, values = self.planes[layer_idx]
+        if self.decode_only and k.shape[0] == self.layout.num_decode:
+            self.new_kv = (k, v)
+            return keys, values
         n = self.layout.num_decode
         self.new_kv = (k[:n], v[:n])
-        if self.initiation_slots.numel():
-            keys.index_copy_(1, self.initiation_slots, k[n:].transpose(0, 1).to(keys.dtype))
-            values.index_copy_(1, self.initiation_slots, v[n:].transpose(0, 1).to(values.dtype))
+        keys.index_copy_(1, self.initiation_slots, k[n:].transpose(0, 1).to(keys.dtype))
+        values.index_copy_(1, self.initiation_slots, v[n:].transpose(0, 1).to(values.dtype))
         return keys, values
 
     def attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -241,5 +246,6 @@ class KernelAttention(LoopAttention):
         kv_heads, dim = keys.shape[0], keys.shape[2]  # keys: (H_kv, capacity, D)
         lay = self.layout
         new_k, new_v = self.new_kv
-        return [self.kernel(q[: lay.num_decode].contiguous(), keys, values, lay.kernel_offsets,
+        rows = q if q.shape[0] == lay.num_decode else q[: lay.num_decode]
+        return [self.kernel(rows.contiguous(), keys, values, lay.kernel_offsets,
                             lay.decode_lengths, dim, keys.stride(0), kv_heads, new_k, new_v)]

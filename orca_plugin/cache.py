@@ -116,7 +116,7 @@ class OrcaKVCache(KVCache):
         self.mode = attention
         self.max_pass_tokens = max_pass_tokens
         self.slots = SlotAllocator()
-        self.pool = self._empty_pool(0)
+        self._set_pool(self._empty_pool(0))
         self.time_attention = time_attention and self.device.type == "cpu"
         if attention == "auto" and not self.time_attention:
             self.mode = "fused"  # nothing to measure with (CUDA): the batched call
@@ -138,6 +138,13 @@ class OrcaKVCache(KVCache):
     def pool_tokens(self) -> int:
         """Slots physically allocated so far (grows on demand up to `kv_cache_tokens`)."""
         return self.slots.capacity
+
+    def _set_pool(self, pool: torch.Tensor) -> None:
+        """Install `pool` with its per-layer `(keys, values)` planes, each `(H_kv, cap, D)`,
+        made once here rather than by two indexing ops per layer of every pass (about 0.5 ms
+        of a 29 ms one-row step of a 30-layer model)."""
+        self.pool = pool
+        self.planes = [(layer[0], layer[1]) for layer in pool.unbind(0)]
 
     def _empty_pool(self, capacity: int) -> torch.Tensor:
         s = self.shape
@@ -168,7 +175,7 @@ class OrcaKVCache(KVCache):
         pool = self._empty_pool(capacity)
         live = self.slots.high_water
         pool[:, :, :, :live] = self.pool[:, :, :, :live]
-        self.pool = pool
+        self._set_pool(pool)
         self.slots.capacity = capacity
 
     def _compact(self) -> None:
@@ -256,9 +263,9 @@ class OrcaKVCache(KVCache):
         self.iteration_passes.append((batch.layout, times))
         lay: OrcaLayout = batch.layout
         if lay.kernel_offsets is not None:
-            return KernelAttention(self.pool, lay, times, self.decode_kernel)
+            return KernelAttention(self.planes, lay, times, self.decode_kernel)
         cls = FusedAttention if lay.gather_index is not None else LoopAttention
-        return cls(self.pool, lay, times)
+        return cls(self.planes, lay, times)
 
     def commit(self, batch: ForwardBatch) -> None:
         """Feed `auto` its measurement; lengths need no update (`num_computed_tokens` is it)."""
