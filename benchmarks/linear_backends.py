@@ -53,7 +53,7 @@ def pass_linears(linears: list[Linear], packed: list[torch.Tensor] | None, backe
     dtype = linears[0].weight.dtype
     xs = {m.in_features: torch.randn(rows, m.in_features, dtype=dtype) for m in linears}
     if backend == "openblas":
-        return _numpy_pass(linears, {k: x.numpy() for k, x in xs.items()})
+        return _numpy_pass(linears, {k: x.numpy() for k, x in xs.items()}, rows)
     if packed is None:
         def run() -> None:
             for m in linears:
@@ -66,12 +66,12 @@ def pass_linears(linears: list[Linear], packed: list[torch.Tensor] | None, backe
     return run_packed
 
 
-def _numpy_pass(linears: list[Linear], xs: dict[int, np.ndarray]) -> Callable[[], None]:
+def _numpy_pass(linears: list[Linear], xs: dict[int, np.ndarray], rows: int
+                ) -> Callable[[], None]:
     """The pass through numpy's `matmul` (its BLAS), each weight a transposed view as
     `F.linear` reads it, into preallocated outputs."""
     weights = [m.weight.detach().numpy().T for m in linears]
-    outs = [np.empty((next(iter(xs.values())).shape[0], m.out_features), np.float32)
-            for m in linears]
+    outs = [np.empty((rows, m.out_features), np.float32) for m in linears]
 
     def run() -> None:
         for m, w, out in zip(linears, weights, outs, strict=True):

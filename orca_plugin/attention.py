@@ -226,16 +226,15 @@ class KernelAttention(LoopAttention):
         super().__init__(planes, layout, times)
         self.kernel = kernel
         self.initiation_slots = layout.write_slots[layout.num_decode:]
-        self.decode_only = not self.initiation_slots.numel()  # no slicing off initiations
         self.new_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # this layer's decode K/V
 
     def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store the initiations' keys/values; keep the decode rows' for the kernel call."""
         keys, values = self.planes[layer_idx]
-        if self.decode_only and k.shape[0] == self.layout.num_decode:
+        n = self.layout.num_decode
+        if k.shape[0] == n:  # a decode-only pass (most of them) needs no slicing
             self.new_kv = (k, v)
             return keys, values
-        n = self.layout.num_decode
         self.new_kv = (k[:n], v[:n])
         keys.index_copy_(1, self.initiation_slots, k[n:].transpose(0, 1).to(keys.dtype))
         values.index_copy_(1, self.initiation_slots, v[n:].transpose(0, 1).to(values.dtype))

@@ -235,9 +235,7 @@ class OrcaKVCache(KVCache):
         if not segments or self.mode == "loop":
             return {}
         if len(segments) == 1:
-            if self.decode_kernel is None:
-                return {}
-            variant = "fused"
+            variant = "loop" if self.decode_kernel is None else "fused"
         else:
             variant = self.chooser.choose() if self.mode == "auto" else self.mode
         if variant != "fused":
