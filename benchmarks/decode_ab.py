@@ -29,16 +29,22 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="the engine's compiled decoder")
+    p.add_argument("--linear-backends", default="auto",
+                   help="comma list: each scheduler runs on each (a model of its own per "
+                        "backend), e.g. onednn,native")
     args = p.parse_args()
     decode_step.COMPILE = args.compile  # its make_engine reads the flag
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(SMOLLM2_135M).init_weights(0).to(torch.float32).eval()
-    vocab = model.config.vocab_size
-    names = args.schedulers.split(",")
+    backends = args.linear_backends.split(",")
+    models = {b: build_model(SMOLLM2_135M).init_weights(0).to(torch.float32).eval()
+              for b in backends}
+    vocab = SMOLLM2_135M.vocab_size
+    contenders = [(name, b) for name in args.schedulers.split(",") for b in backends]
+    names = [name if len(backends) == 1 else f"{name}/{b}" for name, b in contenders]
     engines = []
-    for name in names:
-        engine = make_engine(model, name, args.rows, "auto", 1024)
+    for name, backend in contenders:
+        engine = make_engine(models[backend], name, args.rows, backend, 1024)
         params = SamplingParams(max_tokens=6 * args.iters + 64, temperature=0.0, ignore_eos=True)
         requests = []
         for i in range(args.rows):

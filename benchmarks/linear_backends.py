@@ -38,7 +38,7 @@ from runtime.architectures import build_model
 from runtime.architectures.layers import Linear
 from runtime.bench.model_spec import SPECS
 from runtime.hardware import cpu_info
-from runtime.linear_kernels import model_linears, pack_weight, packing_supported
+from runtime.linear_kernels import PACKED_BACKENDS, model_linears, pack_weight, packing_supported
 
 
 def decoder_linears(model: torch.nn.Module) -> list[Linear]:
@@ -100,14 +100,14 @@ def main() -> None:
     parser.add_argument("--threads-scaling", action="store_true",
                         help="also time each kernel on one thread")
     parser.add_argument("--seed", type=int, default=0, help="weight seed")
-    parser.add_argument("--only", choices=["torch", "onednn", "mkl", "openblas"],
+    parser.add_argument("--only", choices=["torch", *PACKED_BACKENDS, "openblas"],
                         help="time this kernel alone (openblas: numpy's BLAS, float32 only)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     model = build_model(SPECS["smollm2-135m-shape"]).init_weights(args.seed).to(dtype).eval()
     model.requires_grad_(False)
     cpu = torch.device("cpu")
-    backends = ["torch"] + [b for b in ("onednn", "mkl") if packing_supported(b, dtype, cpu)]
+    backends = ["torch"] + [b for b in PACKED_BACKENDS if packing_supported(b, dtype, cpu)]
     if args.only == "openblas" and (dtype != torch.float32 or args.threads_scaling):
         parser.error("--only openblas: float32, and its threads are OPENBLAS_NUM_THREADS's "
                      "(every core by default), not --threads")

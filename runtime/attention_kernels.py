@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 ATTENTION_BACKENDS = ("auto", "sdpa", "native")
 NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 SOURCES = tuple(Path(__file__).parent / "kernels" / name
-                for name in ("decode_attention.cpp", "linear_slots.cpp", "mkl_linear.cpp"))
+                for name in ("decode_attention.cpp", "linear_slots.cpp", "mkl_linear.cpp",
+                             "packed_sgemm.cpp"))
 
 
 class DecodeKernel:

@@ -43,7 +43,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int,
                    help="KV capacity in tokens; overrides --kv-cache-memory")
     p.add_argument("--linear-backend", choices=LINEAR_BACKENDS,
-                   help="GEMM kernels: auto (measured at startup), torch, onednn or mkl (prepacked)")
+                   help="GEMM kernels: auto (measured at startup), torch, or prepacked: onednn, mkl, native")
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                    help="decode attention: auto (the native kernel on CPU where it builds), "
                         "native or sdpa")

@@ -147,7 +147,7 @@ def _register_native_linear_fake() -> None:
         lambda slot, x: x.new_empty((*x.shape[:-1], _LINEARS[slot].out_features)))
 
 
-_SLOT_KINDS = {None: 0, "onednn": 1, "mkl": 2}  # linear_slots.cpp's `Kind`
+_SLOT_KINDS = {None: 0, "onednn": 1, "mkl": 2, "native": 3}  # linear_slots.cpp's `Kind`
 
 
 class _NativeSlots:

@@ -16,7 +16,7 @@ from runtime.kv_sizing import parse_kv_memory
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16")  # runtime.model_runner.resolve_kv_dtype
-LINEAR_BACKENDS = ("auto", "torch", "onednn", "mkl")  # runtime.linear_kernels
+LINEAR_BACKENDS = ("auto", "torch", "onednn", "mkl", "native")  # runtime.linear_kernels
 ATTENTION_BACKENDS = ("auto", "sdpa", "native")  # runtime.attention_kernels
 COMPILE_MODES = ("background",)  # besides true and false: runtime.compiled_forward
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "kjv-llama-tiny"

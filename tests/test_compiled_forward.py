@@ -228,7 +228,7 @@ def test_compiled_linears_run_as_one_cpp_op_with_the_eager_tokens(native_kernel)
     assert [r.output_token_ids for r in compiled.generate(prompts(), GREEDY)] == want
 
 
-@pytest.mark.parametrize("backend", ["onednn", "mkl"])
+@pytest.mark.parametrize("backend", ["onednn", "mkl", "native"])
 def test_the_cpp_linear_table_follows_packing_changes(native_kernel, backend: str) -> None:
     """Packing after compiling empties the dense weights the C++ table held: the table is
     refreshed before the next pass (a stale entry would fail on a 0-element weight)."""

@@ -1,4 +1,4 @@
-"""Prepacked linears (oneDNN, MKL): same tokens as `F.linear`, exact unpacking, float64
+"""Prepacked linears (oneDNN, MKL, the engine's own sgemm): same tokens as `F.linear`, exact unpacking, float64
 untouched, and the startup probe's choice."""
 
 import pytest
@@ -24,7 +24,9 @@ FP32_PACKING = onednn_packing_supported(torch.float32, CPU)
 needs_onednn = pytest.mark.skipif(not FP32_PACKING, reason="oneDNN cannot pack float32 here")
 PACKED = [pytest.param(b, marks=pytest.mark.skipif(
     not packing_supported(b, torch.float32, CPU), reason=f"{b} cannot pack float32 here"))
-    for b in ("onednn", "mkl")]
+    for b in ("onednn", "mkl", "native")]
+needs_native = pytest.mark.skipif(not packing_supported("native", torch.float32, CPU),
+                                  reason="the engine's sgemm needs AVX2 and FMA")
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
@@ -42,7 +44,7 @@ def prompts():
 def test_float64_always_runs_plain() -> None:
     model = tiny_model()
     assert choose_linear_backend(model, "auto").backend == "torch"
-    for backend in ("onednn", "mkl"):
+    for backend in ("onednn", "mkl", "native"):
         with pytest.raises(ValueError, match=f"linear_backend {backend}: .* cannot pack"):
             choose_linear_backend(model, backend)
     Engine(model)
@@ -116,6 +118,10 @@ def test_repacking_for_the_other_kernel_goes_through_the_dense_weights() -> None
     pack_linears(model, "mkl")
     assert {m.packed_by for m in model_linears(model)} == {"mkl"}
     assert (logits() - plain).abs().max() <= 1e-4 * plain.abs().max()
+    if packing_supported("native", torch.float32, CPU):
+        pack_linears(model, "native")
+        assert {m.packed_by for m in model_linears(model)} == {"native"}
+        assert (logits() - plain).abs().max() <= 1e-4 * plain.abs().max()
     unpack_linears(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -178,7 +184,7 @@ def test_auto_logs_its_choice(caplog) -> None:
 
     with caplog.at_level(logging.INFO, logger="runtime.linear_kernels"):
         choice = apply_linear_backend(small_model(), "auto")
-    assert choice.backend in ("torch", "onednn", "mkl") and "probe" in choice.reason
+    assert choice.backend in ("torch", "onednn", "mkl", "native") and "probe" in choice.reason
     assert "linear kernels" in caplog.text
 
 
@@ -204,3 +210,30 @@ def test_config_and_cli_offer_every_linear_backend():
 
     assert config.LINEAR_BACKENDS == linear_kernels.LINEAR_BACKENDS
     assert config.RuntimeConfig(linear_backend="mkl").linear_backend == "mkl"
+
+
+@needs_native
+@pytest.mark.parametrize("out_features,in_features", [(576, 576), (192, 576), (64, 1536),
+                                                       (17, 5), (33, 300), (16, 1), (5, 0)])
+def test_native_sgemm_matches_float64_and_is_row_invariant(out_features: int,
+                                                           in_features: int) -> None:
+    """Panel tails (features not a multiple of 16), depth blocks (K > 256), row tails (not a
+    multiple of 6) and row blocks (> 192): within float32 rounding of a float64 product, and
+    each row's values the same whatever rows share the call (one FMA chain per output)."""
+    ops = torch.ops.baton_kernels
+    gen = torch.Generator().manual_seed(out_features * 1000 + in_features)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    bias = torch.randn(out_features, generator=gen)
+    packed = ops.sgemm_pack(weight)
+    assert torch.equal(ops.sgemm_unpack(packed, out_features), weight)
+    for rows in (1, 5, 6, 7, 32, 200, 400):
+        x = torch.randn(rows, in_features, generator=gen)
+        y = ops.sgemm_linear(x, packed, out_features, bias)
+        want = x.double() @ weight.double().T + bias.double()
+        assert (y.double() - want).abs().max() <= 1e-5 * max(1.0, in_features ** 0.5)
+        for r in {0, rows // 2, rows - 1}:
+            assert torch.equal(ops.sgemm_linear(x[r:r + 1], packed, out_features, bias)[0], y[r])
+    batched = torch.randn(2, 3, in_features, generator=gen)
+    assert ops.sgemm_linear(batched, packed, out_features, None).shape == (2, 3, out_features)
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops.sgemm_linear(torch.randn(2, in_features + 1), packed, out_features, None)

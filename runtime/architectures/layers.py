@@ -38,12 +38,13 @@ class Linear(nn.Linear):
     """`nn.Linear` that can run on a prepacked weight (`runtime.linear_kernels.pack_linears`).
 
     `packed` is None for the plain `F.linear` path; when set, it is the weight laid out once
-    for the kernel `packed_by` names (oneDNN's blocked layout, or MKL's packed sgemm format),
+    for the kernel `packed_by` names (oneDNN's blocked layout, MKL's packed sgemm format, or
+    the engine's own sgemm's 16-feature panels),
     so the GEMM skips re-laying the weight out on every call.
     """
 
     packed: torch.Tensor | None = None
-    packed_by: str | None = None  # "onednn" or "mkl" while `packed` is set
+    packed_by: str | None = None  # "onednn", "mkl" or "native" while `packed` is set
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
@@ -56,6 +57,8 @@ class Linear(nn.Linear):
         (the probe in `runtime.linear_kernels` times copies it has not installed yet)."""
         if packed_by == "mkl":
             return torch.ops.baton_kernels.mkl_linear(x, packed, self.out_features, self.bias)
+        if packed_by == "native":
+            return torch.ops.baton_kernels.sgemm_linear(x, packed, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 

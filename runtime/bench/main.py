@@ -111,7 +111,8 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     bench.add_argument("--kv-cache-memory", help="KV budget: auto, a fraction or a size (4GiB)")
     bench.add_argument("--kv-cache-dtype", default="auto",
                        help="KV storage: auto (the model's dtype), bfloat16 or float16")
-    bench.add_argument("--linear-backend", default="auto", help="auto, torch or onednn")
+    bench.add_argument("--linear-backend", default="auto",
+                       help="auto, torch, onednn, mkl or native")
     bench.add_argument("--attention-backend", default="auto",
                        help="decode attention: auto, native or sdpa")
     bench.add_argument("--compile", action="store_true",

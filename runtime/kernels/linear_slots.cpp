@@ -6,7 +6,8 @@
 // (120 calls per 30-layer pass: ~6 ms of a 55 ms one-row step on a 2-core AVX2 host). Here the
 // slot's weight is looked up in a table filled from Python (`runtime/compiled_forward.py`)
 // and the GEMM is called directly: `mkldnn::_linear_pointwise` on a oneDNN-packed weight, MKL's
-// packed sgemm on an MKL-packed one (mkl_linear.cpp), `at::linear` on a dense one: the same
+// packed sgemm on an MKL-packed one (mkl_linear.cpp), the engine's own sgemm on one packed for
+// it (packed_sgemm.cpp), `at::linear` on a dense one: the same
 // kernels `Linear.forward` runs, so results are identical.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include "mkl_linear.h"
+#include "packed_sgemm.h"
 
 #include <cstdint>
 #include <mutex>
@@ -24,7 +26,7 @@
 namespace {
 
 // How a slot's weight tensor is laid out (`Linear.packed_by` in Python).
-enum Kind : int64_t { kDense = 0, kOneDnn = 1, kMkl = 2 };
+enum Kind : int64_t { kDense = 0, kOneDnn = 1, kMkl = 2, kNative = 3 };
 
 struct Slot {
   at::Tensor weight;  // dense (out, in), or the packed form `kind` names
@@ -40,7 +42,7 @@ std::vector<Slot> slots;
 void set_linear(int64_t slot, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 int64_t kind, int64_t out_features) {
   TORCH_CHECK(slot >= 0, "baton_kernels::set_linear: negative slot ", slot);
-  TORCH_CHECK(kind == kDense || kind == kOneDnn || kind == kMkl,
+  TORCH_CHECK(kind == kDense || kind == kOneDnn || kind == kMkl || kind == kNative,
               "baton_kernels::set_linear: unknown weight kind ", kind);
   std::lock_guard<std::mutex> lock(slots_mutex);
   if (static_cast<size_t>(slot) >= slots.size()) slots.resize(slot + 1);
@@ -73,6 +75,7 @@ at::Tensor linear(int64_t slot, const at::Tensor& x) {
   const Slot s = slot_of(slot);
   if (s.kind == kOneDnn) return packed_linear(x, s);
   if (s.kind == kMkl) return baton::mkl_packed_linear(x, s.weight, s.out_features, s.bias);
+  if (s.kind == kNative) return baton::sgemm_packed_linear(x, s.weight, s.out_features, s.bias);
   return at::linear(x, s.weight, s.bias);
 }
 

@@ -1,0 +1,215 @@
+// float32 linears on the engine's own packed sgemm (AVX2 + FMA), `linear_backend: native`.
+//
+// Why: at decode sizes (1-64 rows) the library kernels leave most of a 2-core AVX2 CPU idle.
+// On a Zen 3 EPYC a SmolLM2-135M-shaped model's decoder linears ran, per pass, at 103 GFLOP/s
+// on oneDNN's packed weights at 32 rows and 123 at 64, against about 150 for a large sgemm;
+// this kernel ran them at 139 and 155, and 1.2-1.6x oneDNN's rate from 1 to 16 rows, level or
+// better at prefill sizes (256-2048 rows). See docs/benchmarks.md (twenty-fourth session).
+//
+// Layout: the weight W (N, K) is cut into panels of 16 output features; each panel is stored
+// as K rows of 16 floats, contiguous (N padded to a multiple of 16 with zero features). The
+// kernel walks a panel's K rows once per block of 6 input rows, holding a 6 x 16 tile of the
+// output in 12 AVX registers: two 8-float loads of W and six broadcasts of x per 12 FMAs.
+// The K dimension is cut into blocks of 256, so a panel's block (16 KiB) stays in L1 while
+// every row block of x uses it; rows are cut into blocks of 192 so x's block stays in L2 at
+// prefill sizes. Threads split the panels (at::parallel_for), each writing its own columns.
+//
+// Exactness: each output is one float32 FMA chain over k in order, block by block, so the
+// result does not depend on the row count or the thread count (a row's values are the same
+// alone or in a batch), but it differs from `F.linear`'s summation order by float32 rounding;
+// like the other packed kernels it runs for float32 only (float64 keeps `F.linear`).
+#include "packed_sgemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define BATON_SGEMM 1
+#endif
+
+namespace {
+
+constexpr int64_t kPanel = 16;      // output features per panel (two 8-float vectors)
+constexpr int64_t kDepth = 256;     // K block: a panel's block is 16 KiB, L1-resident
+constexpr int64_t kRowBlock = 192;  // x rows per block at prefill sizes (L2-resident)
+
+bool sgemm_available() {
+#ifdef BATON_SGEMM
+  return true;
+#else
+  return false;
+#endif
+}
+
+int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
+
+// W (N, K) float32 -> (panels, K, 16) float32; W itself is not changed.
+at::Tensor sgemm_pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_cpu(),
+              "baton_kernels::sgemm_pack: weight must be a 2-D float32 CPU tensor");
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), k = w.size(1), p = panels(n);
+  at::Tensor packed = at::zeros({p, k, kPanel}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, p, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t q = p0; q < p1; ++q) {
+      const int64_t cols = std::min(kPanel, n - q * kPanel);
+      for (int64_t c = 0; c < cols; ++c) {
+        const float* row = src + (q * kPanel + c) * k;
+        float* out = dst + q * k * kPanel + c;
+        for (int64_t j = 0; j < k; ++j) out[j * kPanel] = row[j];
+      }
+    }
+  });
+  return packed;
+}
+
+// The packed weight back as W (N, K), exactly (the packing only moves values).
+at::Tensor sgemm_unpack(const at::Tensor& packed, int64_t out_features) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel &&
+              packed.scalar_type() == at::kFloat && packed.is_contiguous() &&
+              panels(out_features) == packed.size(0),
+              "baton_kernels::sgemm_unpack: not a packed weight of ", out_features, " features");
+  const int64_t n = out_features, k = packed.size(1);
+  at::Tensor w = at::empty({n, k}, packed.options());
+  const float* src = packed.data_ptr<float>();
+  float* dst = w.data_ptr<float>();
+  for (int64_t f = 0; f < n; ++f) {
+    const float* col = src + (f / kPanel) * k * kPanel + f % kPanel;
+    for (int64_t j = 0; j < k; ++j) dst[f * k + j] = col[j * kPanel];
+  }
+  return w;
+}
+
+#ifdef BATON_SGEMM
+
+// One output row's 16 columns: stored, or added to what an earlier K block stored.
+inline void store_row(float* out, __m256 lo, __m256 hi, bool first, int64_t cols) {
+  if (cols == kPanel) {
+    if (!first) {
+      lo = _mm256_add_ps(lo, _mm256_loadu_ps(out));
+      hi = _mm256_add_ps(hi, _mm256_loadu_ps(out + 8));
+    }
+    _mm256_storeu_ps(out, lo);
+    _mm256_storeu_ps(out + 8, hi);
+    return;
+  }
+  alignas(32) float tile[kPanel];  // the last panel of an N that is not a multiple of 16
+  _mm256_store_ps(tile, lo);
+  _mm256_store_ps(tile + 8, hi);
+  for (int64_t j = 0; j < cols; ++j) out[j] = first ? tile[j] : out[j] + tile[j];
+}
+
+// ROWS (1-6) rows of x times one panel's K block. Named accumulators, not an array: with an
+// array GCC kept the tile on the stack and stored it every iteration (half the rate).
+#define BATON_ROW_FMA(r)                                                  \
+  if constexpr (ROWS > r) {                                               \
+    const __m256 xv = _mm256_broadcast_ss(x + r * ldx + j);               \
+    acc##r##lo = _mm256_fmadd_ps(xv, w_lo, acc##r##lo);                   \
+    acc##r##hi = _mm256_fmadd_ps(xv, w_hi, acc##r##hi);                   \
+  }
+#define BATON_ROW_STORE(r) \
+  if constexpr (ROWS > r) store_row(out + r * ldo, acc##r##lo, acc##r##hi, first, cols);
+
+template <int ROWS>
+inline void tile(const float* x, int64_t ldx, const float* w, float* out, int64_t ldo,
+                 int64_t depth, bool first, int64_t cols) {
+  __m256 acc0lo = _mm256_setzero_ps(), acc0hi = acc0lo, acc1lo = acc0lo, acc1hi = acc0lo,
+         acc2lo = acc0lo, acc2hi = acc0lo, acc3lo = acc0lo, acc3hi = acc0lo, acc4lo = acc0lo,
+         acc4hi = acc0lo, acc5lo = acc0lo, acc5hi = acc0lo;
+  for (int64_t j = 0; j < depth; ++j) {
+    const __m256 w_lo = _mm256_loadu_ps(w + j * kPanel);
+    const __m256 w_hi = _mm256_loadu_ps(w + j * kPanel + 8);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (j + 8) * kPanel), _MM_HINT_T0);
+    BATON_ROW_FMA(0) BATON_ROW_FMA(1) BATON_ROW_FMA(2)
+    BATON_ROW_FMA(3) BATON_ROW_FMA(4) BATON_ROW_FMA(5)
+  }
+  BATON_ROW_STORE(0) BATON_ROW_STORE(1) BATON_ROW_STORE(2)
+  BATON_ROW_STORE(3) BATON_ROW_STORE(4) BATON_ROW_STORE(5)
+}
+#undef BATON_ROW_FMA
+#undef BATON_ROW_STORE
+
+// `rows` rows of x times one panel's K block, six rows at a time.
+void row_block(const float* x, int64_t ldx, const float* w, float* out, int64_t ldo,
+               int64_t depth, bool first, int64_t cols, int64_t rows) {
+  int64_t i = 0;
+  for (; i + 6 <= rows; i += 6) tile<6>(x + i * ldx, ldx, w, out + i * ldo, ldo, depth, first, cols);
+  const float* xr = x + i * ldx;
+  float* o = out + i * ldo;
+  switch (rows - i) {
+    case 5: tile<5>(xr, ldx, w, o, ldo, depth, first, cols); break;
+    case 4: tile<4>(xr, ldx, w, o, ldo, depth, first, cols); break;
+    case 3: tile<3>(xr, ldx, w, o, ldo, depth, first, cols); break;
+    case 2: tile<2>(xr, ldx, w, o, ldo, depth, first, cols); break;
+    case 1: tile<1>(xr, ldx, w, o, ldo, depth, first, cols); break;
+    default: break;
+  }
+}
+
+#endif  // BATON_SGEMM
+
+at::Tensor sgemm_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                        const std::optional<at::Tensor>& bias) {
+  return baton::sgemm_packed_linear(x, packed, out_features, bias);
+}
+
+}  // namespace
+
+namespace baton {
+
+at::Tensor sgemm_packed_linear(const at::Tensor& x, const at::Tensor& packed,
+                               int64_t out_features, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(sgemm_available(), "baton_kernels::sgemm_linear: built without AVX2 and FMA");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_cpu() && x.dim() >= 1,
+              "baton_kernels::sgemm_linear: x must be a float32 CPU tensor");
+  const at::Tensor a = x.contiguous();
+  const int64_t k = a.size(-1), m = a.numel() / std::max<int64_t>(k, 1);
+  TORCH_CHECK(packed.dim() == 3 && packed.size(1) == k && packed.size(2) == kPanel &&
+              packed.size(0) == panels(out_features) && packed.is_contiguous(),
+              "baton_kernels::sgemm_linear: packed weight does not match ", k, " inputs and ",
+              out_features, " outputs");
+  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
+  shape.back() = out_features;
+  at::Tensor out = k == 0 ? at::zeros(shape, a.options()) : at::empty(shape, a.options());
+#ifdef BATON_SGEMM
+  if (m > 0 && k > 0) {
+    const float* xs = a.data_ptr<float>();
+    const float* ws = packed.data_ptr<float>();
+    float* os = out.data_ptr<float>();
+    const int64_t n = out_features;
+    at::parallel_for(0, panels(n), 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, m - r0);
+        for (int64_t q = p0; q < p1; ++q) {
+          const int64_t cols = std::min(kPanel, n - q * kPanel);
+          for (int64_t j0 = 0; j0 < k; j0 += kDepth) {
+            row_block(xs + r0 * k + j0, k, ws + (q * k + j0) * kPanel, os + r0 * n + q * kPanel,
+                      n, std::min(kDepth, k - j0), j0 == 0, cols, rows);
+          }
+        }
+      }
+    });
+  }
+#endif
+  if (bias.has_value() && bias->defined()) out.add_(*bias);
+  return out;
+}
+
+}  // namespace baton
+
+TORCH_LIBRARY_FRAGMENT(baton_kernels, m) {
+  m.def("sgemm_available() -> bool", TORCH_FN(sgemm_available));
+  m.def("sgemm_pack(Tensor weight) -> Tensor", TORCH_FN(sgemm_pack));
+  m.def("sgemm_unpack(Tensor packed, int out_features) -> Tensor", TORCH_FN(sgemm_unpack));
+  m.def("sgemm_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
+  m.impl("sgemm_linear", c10::DispatchKey::CPU, TORCH_FN(sgemm_linear));
+}
