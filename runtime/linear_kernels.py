@@ -91,28 +91,28 @@ def onednn_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     return True
 
 
-def mkl_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    """True when MKL's packed sgemm can run a weight of `dtype` here (float32 on a CPU whose
-    torch links MKL, with the engine's C++ kernels built)."""
+def _cpp_float32_kernel(available_op: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """True when the engine's C++ kernels build here and their `available_op` says the kernel
+    it names can run (float32 on a CPU only)."""
     if device.type != "cpu" or dtype != torch.float32:
         return False
     try:
         load_native_kernel()
     except NativeKernelUnavailable:
         return False
-    return bool(torch.ops.baton_kernels.mkl_available())
+    return bool(getattr(torch.ops.baton_kernels, available_op)())
+
+
+def mkl_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """True when MKL's packed sgemm can run a weight of `dtype` here (float32 on a CPU whose
+    torch links MKL, with the engine's C++ kernels built)."""
+    return _cpp_float32_kernel("mkl_available", dtype, device)
 
 
 def native_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     """True when the engine's own packed sgemm can run a weight of `dtype` here (float32 on a
     CPU whose C++ kernels built with AVX2 and FMA)."""
-    if device.type != "cpu" or dtype != torch.float32:
-        return False
-    try:
-        load_native_kernel()
-    except NativeKernelUnavailable:
-        return False
-    return bool(torch.ops.baton_kernels.sgemm_available())
+    return _cpp_float32_kernel("sgemm_available", dtype, device)
 
 
 def packing_supported(backend: str, dtype: torch.dtype, device: torch.device) -> bool:
