@@ -217,8 +217,8 @@ def test_config_and_cli_offer_every_linear_backend():
                                                        (17, 5), (33, 300), (16, 1), (5, 0)])
 def test_native_sgemm_matches_float64_and_is_row_invariant(out_features: int,
                                                            in_features: int) -> None:
-    """Panel tails (features not a multiple of 16), depth blocks (K > 256), row tails (not a
-    multiple of 6) and row blocks (> 192): within float32 rounding of a float64 product, and
+    """Panel tails (features not a multiple of 16), depth blocks (K > 192), every tile height
+    (rows split evenly into tiles of at most 6) and row blocks (> 192): within float32 rounding of a float64 product, and
     each row's values the same whatever rows share the call (one FMA chain per output)."""
     ops = torch.ops.baton_kernels
     gen = torch.Generator().manual_seed(out_features * 1000 + in_features)
@@ -226,7 +226,7 @@ def test_native_sgemm_matches_float64_and_is_row_invariant(out_features: int,
     bias = torch.randn(out_features, generator=gen)
     packed = ops.sgemm_pack(weight)
     assert torch.equal(ops.sgemm_unpack(packed, out_features), weight)
-    for rows in (1, 5, 6, 7, 32, 200, 400):
+    for rows in (1, 2, 5, 6, 7, 8, 13, 32, 200, 400):
         x = torch.randn(rows, in_features, generator=gen)
         y = ops.sgemm_linear(x, packed, out_features, bias)
         want = x.double() @ weight.double().T + bias.double()
