@@ -150,6 +150,25 @@ def _register_native_linear_fake() -> None:
 _SLOT_KINDS = {None: 0, "onednn": 1, "mkl": 2, "native": 3}  # linear_slots.cpp's `Kind`
 
 
+def compile_options(on_cpu: bool) -> dict[str, Any]:
+    """Inductor options of every graph the engine compiles (the decoder, its static buckets).
+
+    `cpp_wrapper` on CPU (module docstring). `guard_filter_fn` drops dynamo's guards on the
+    model's modules, which it otherwise checks before every pass (parameters and module
+    attributes: a 0.75 ms lookup; dropping them saved about 0.6 ms of a 23-25 ms one-row step
+    on a 2-core AVX2 host, 2.5%). Nothing a graph
+    reads from the modules changes after it is built: linears go through the slot ops (their
+    packing is looked up per call), rotary tables through the rope op, and a model moved to
+    another dtype or device is a new model with its own graphs. Guards on the pass's inputs
+    (token count, dtype) stay.
+    """
+    options: dict[str, Any] = {"cpp_wrapper": on_cpu}
+    skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    if skip_module_guards is not None:  # torch >= 2.7
+        options["guard_filter_fn"] = skip_module_guards
+    return options
+
+
 class _NativeSlots:
     """The C++ linear op's slot table, kept in step with `_LINEARS` and their packing."""
 
@@ -230,7 +249,7 @@ def compile_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, A
     # keeps one graph cache for all of them, and past `recompile_limit` (8 graphs, about four
     # models: a test run, a script comparing models) silently runs the rest eagerly.
     compiled = torch.compile(lambda ids, pos: model(ids, pos, _OPAQUE, None), dynamic=True,
-                             options={"cpp_wrapper": on_cpu}, isolate_recompiles=True)
+                             options=compile_options(on_cpu), isolate_recompiles=True)
 
     def forward(input_ids: torch.Tensor, positions: torch.Tensor, attn: Any,
                 mask: Any) -> torch.Tensor:

@@ -52,7 +52,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from runtime.architectures.layers import Linear, RotaryEmbedding
-from runtime.compiled_forward import slot_free_rope_forward
+from runtime.compiled_forward import compile_options, slot_free_rope_forward
 from runtime.graph_packages import GraphPackages, PackageCacheSpec, model_key
 from runtime.hardware import release_freed_memory
 from runtime.linear_kernels import dense_weight
@@ -191,7 +191,7 @@ class StaticDecodeGraphs:
 
         def compiled(module: nn.Module) -> Callable[..., torch.Tensor]:
             return torch.compile(module.eval(), dynamic=False, isolate_recompiles=True,
-                                 options={"cpp_wrapper": on_cpu})
+                                 options=compile_options(on_cpu))
 
         self._graphs = {n: compiled(_Decoder(twin, opaque_attention)) for n in self.rows}
         self._heads = {n: compiled(_Logits(twin)) for n in self.rows}
