@@ -4,7 +4,9 @@
 // On a Zen 3 EPYC a SmolLM2-135M-shaped model's decoder linears ran, per pass, at 103 GFLOP/s
 // on oneDNN's packed weights at 32 rows and 123 at 64, against about 150 for a large sgemm;
 // this kernel ran them at 139 and 155, and 1.2-1.6x oneDNN's rate from 1 to 16 rows, level or
-// better at prefill sizes (256-2048 rows). See docs/benchmarks.md (twenty-fourth session).
+// better at prefill sizes (256-2048 rows); tuned since (even tiles, K blocks of 192), 157 at
+// 32 rows and 169 at 64, against 187 for this tile on cache-resident data. See
+// docs/benchmarks.md (twenty-fourth and twenty-fifth sessions).
 //
 // Layout: the weight W (N, K) is cut into panels of 16 output features; each panel is stored
 // as K rows of 16 floats, contiguous (N padded to a multiple of 16 with zero features). The
