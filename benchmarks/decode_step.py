@@ -303,7 +303,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10, help="timed repeats per figure")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--scheduler", default="baton", help="whose step to time")
-    parser.add_argument("--linear-backend", default="auto", help="auto, torch, onednn or mkl")
+    parser.add_argument("--linear-backend", default="auto", help="auto, torch, onednn, mkl or native")
     parser.add_argument("--dtypes", nargs="*", help="default: those this machine runs natively")
     parser.add_argument("--seed", type=int, default=0, help="weight seed")
     parser.add_argument("--attention-backend", default="auto",
