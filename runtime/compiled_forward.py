@@ -156,11 +156,10 @@ def compile_options(on_cpu: bool) -> dict[str, Any]:
     `cpp_wrapper` on CPU (module docstring). `guard_filter_fn` drops dynamo's guards on the
     model's modules, which it otherwise checks before every pass (parameters and module
     attributes: a 0.75 ms lookup; dropping them saved about 0.6 ms of a 23-25 ms one-row step
-    on a 2-core AVX2 host, 2.5%). Nothing a graph
-    reads from the modules changes after it is built: linears go through the slot ops (their
-    packing is looked up per call), rotary tables through the rope op, and a model moved to
-    another dtype or device is a new model with its own graphs. Guards on the pass's inputs
-    (token count, dtype) stay.
+    on a 2-core AVX2 host, 2.5%). Nothing a graph reads from the modules changes after it is
+    built: linears go through the slot ops (their packing is looked up per call), rotary
+    tables through the rope op, and a model moved to another dtype or device is a new model
+    with its own graphs. Guards on the pass's inputs (token count, dtype) stay.
     """
     options: dict[str, Any] = {"cpp_wrapper": on_cpu}
     skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)

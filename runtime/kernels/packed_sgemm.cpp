@@ -18,10 +18,11 @@
 // block stays in L2 at prefill sizes. Threads split the panels (at::parallel_for), each
 // writing its own columns.
 //
-// Exactness: each output is one float32 FMA chain per K block, in order, the blocks' sums added
-// in order, so the result does not depend on the row count or the thread count (a row's values are the same
-// alone or in a batch), but it differs from `F.linear`'s summation order by float32 rounding;
-// like the other packed kernels it runs for float32 only (float64 keeps `F.linear`).
+// Exactness: each output is one float32 FMA chain per K block, in order, the blocks' sums
+// added in order, so the result does not depend on the row count or the thread count (a row's
+// values are the same alone or in a batch), but it differs from `F.linear`'s summation order
+// by float32 rounding; like the other packed kernels it runs for float32 only (float64 keeps
+// `F.linear`).
 #include "packed_sgemm.h"
 
 #include <ATen/Parallel.h>
