@@ -7,7 +7,8 @@ row order), then the newcomers' prompts. Attention is split the way the layout i
   bucket's dense window (its rows are one strided view of the cache: no gather, no copy),
   with the bucket's padding mask;
 - each prompt causally on its own (`is_causal`, no explicit mask, so the kernel skips the
-  upper triangle), over its keys in the packed staging area `commit` embeds them from.
+  upper triangle), over its keys in the packed staging area `commit` embeds them from; with
+  the engine's prompt kernel (float32 on CPU), all prompts in one call per layer.
 
 GQA through `enable_gqa=True`: K/V are never repeated. When the engine has its decode kernel
 (`runtime.attention_kernels`), every bucket's decode rows go through ONE kernel call per layer
@@ -82,13 +83,15 @@ class BatonAttention:
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, staging: Staging | None,
                  decode: Sequence[DecodeSegment], prompts: Sequence[PromptSegment],
                  kernel: DecodeKernel | None = None, kernel_rows: KernelRows | None = None,
-                 ) -> None:
+                 prompt_kernel: DecodeKernel | None = None) -> None:
         self.k_cache, self.v_cache = k_cache, v_cache
         self.staging = staging
         self.decode = decode
         self.prompts = prompts
         self.num_decode = sum(s.rows for s in decode)
         self.kernel, self.kernel_rows = kernel, kernel_rows
+        self.prompt_kernel = prompt_kernel
+        self._prompt_segments: torch.Tensor | None = None  # made at the first layer
         if kernel is not None:  # every layer's view made in one call, not two ops a layer
             self.k_layers, self.v_layers = k_cache.unbind(0), v_cache.unbind(0)
 
@@ -143,6 +146,8 @@ class BatonAttention:
         v_stage = self.staging.v[layer, :count]
         k_stage.copy_(k[first:])
         v_stage.copy_(v[first:])
+        if self.prompt_kernel is not None and self.prompt_kernel.attends_prompts(q, k_stage):
+            return [self._prompts_kernel(layer, q)]
         outputs = []
         for seg in self.prompts:
             tokens = slice(seg.offset, seg.offset + seg.length)
@@ -156,3 +161,14 @@ class BatonAttention:
             )
             outputs.append(out[0].transpose(0, 1))  # (P, H, D)
         return outputs
+
+    def _prompts_kernel(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Every prompt in one call of the engine's prompt kernel, each causal over its own
+        staged keys, read in place: `(N_p, H, D)`, the prompts in order."""
+        k_layer, v_layer = self.staging.k[layer], self.staging.v[layer]  # (N_cap, H_kv, D)
+        if self._prompt_segments is None:
+            first, per_token = self.num_decode, k_layer.stride(0)
+            self._prompt_segments = torch.tensor(
+                [[p.offset, p.length, 0, (p.offset - first) * per_token] for p in self.prompts])
+        return self.prompt_kernel.prompts(q, k_layer, v_layer, self._prompt_segments,
+                                          k_layer.stride(0), k_layer.stride(1), k_layer.shape[1])

@@ -123,10 +123,12 @@ class LoopAttention:
     """One SDPA call per request: its queries against its own pool slice."""
 
     def __init__(self, planes: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: OrcaLayout,
-                 times: AttentionTimes) -> None:
+                 times: AttentionTimes, kernel: DecodeKernel | None = None) -> None:
         self.planes = planes  # per layer: the pool's (keys, values), each (H_kv, capacity, D)
         self.layout = layout
         self.times = times
+        self.kernel = kernel  # the engine's kernels, for the initiations' prompt kernel
+        self._initiations: torch.Tensor | None = None  # its segments, made at the first layer
 
     def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store the pass's keys/values at their slots; return this layer's pool (H_kv, cap, D)."""
@@ -140,11 +142,10 @@ class LoopAttention:
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: OrcaMask
     ) -> torch.Tensor:
         keys, values = self.write(layer_idx, k, v)
-        lay = self.layout
         started = time.perf_counter() if self.times.enabled else 0.0
         outputs = self.attend_decode(q, keys, values, mask)
         split = time.perf_counter() if self.times.enabled else 0.0
-        outputs += self.attend_segments(q, keys, values, mask, lay.num_decode, len(lay.segments))
+        outputs += self.attend_initiations(q, keys, values, mask)
         if self.times.enabled:
             self.times.decode_s += split - started
             self.times.initiation_s += time.perf_counter() - split
@@ -154,6 +155,26 @@ class LoopAttention:
                       mask: OrcaMask) -> list[torch.Tensor]:
         """The decode rows' outputs, in packed order: one call per request here."""
         return self.attend_segments(q, keys, values, mask, 0, self.layout.num_decode)
+
+    def attend_initiations(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           mask: OrcaMask) -> list[torch.Tensor]:
+        """The initiations' outputs, in packed order: each request's prompt causally over its
+        own slot range. With the engine's prompt kernel, all of them in one call that reads
+        each range in place (still per request: no request sees another's keys); else one
+        SDPA call each."""
+        lay = self.layout
+        first, last = lay.num_decode, len(lay.segments)
+        if first == last:
+            return []
+        if self.kernel is None or not self.kernel.attends_prompts(q, keys):
+            return self.attend_segments(q, keys, values, mask, first, last)
+        if self._initiations is None:
+            dim = keys.shape[2]  # keys: (H_kv, capacity, D), contiguous
+            self._initiations = torch.tensor(
+                [[lay.segments[i].start, lay.segments[i].length, lay.segments[i].past,
+                  lay.slot_starts[i] * dim] for i in range(first, last)])
+        return [self.kernel.prompts(q, keys, values, self._initiations, keys.shape[2],
+                                    keys.stride(0), keys.shape[0])]
 
     def attend_segments(
         self,
@@ -223,8 +244,7 @@ class KernelAttention(LoopAttention):
 
     def __init__(self, planes: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: OrcaLayout,
                  times: AttentionTimes, kernel: DecodeKernel) -> None:
-        super().__init__(planes, layout, times)
-        self.kernel = kernel
+        super().__init__(planes, layout, times, kernel)
         self.initiation_slots = layout.write_slots[layout.num_decode:]
         self.new_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # this layer's decode K/V
 

@@ -263,7 +263,7 @@ class OrcaKVCache(KVCache):
         if lay.kernel_offsets is not None:
             return KernelAttention(self.planes, lay, times, self.decode_kernel)
         cls = FusedAttention if lay.gather_index is not None else LoopAttention
-        return cls(self.planes, lay, times)
+        return cls(self.planes, lay, times, self.decode_kernel)
 
     def commit(self, batch: ForwardBatch) -> None:
         """Feed `auto` its measurement; lengths need no update (`num_computed_tokens` is it)."""

@@ -8,6 +8,10 @@ keys and values; the kernel 21.5 ms). `kernels/decode_attention.cpp` is a plain 
 (row, KV head) that reads only each row's real keys, where the layout keeps them (no gather,
 no padding, no mask), so BATON's dense rows and Orca's slot ranges use the same kernel.
 
+The same build holds the prompts' kernel (`kernels/prompt_attention.cpp`, `DecodeKernel.prompts`):
+a prefill pass's prompts, each causal over its own keys in place, float32 on AVX2 + FMA (other
+dtypes keep SDPA), which every packed layout calls where it applies.
+
 It is compiled for this CPU's instruction set on first use (`torch.utils.cpp_extension`, about
 15 s on 2 cores, then cached under `~/.cache/torch_extensions`) and used on CPU for float32,
 float64, bfloat16 and float16 models: arithmetic is float32 (float64 for float64), 16-bit
@@ -41,11 +45,12 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "native")
 NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 SOURCES = tuple(Path(__file__).parent / "kernels" / name
                 for name in ("decode_attention.cpp", "linear_slots.cpp", "mkl_linear.cpp",
-                             "packed_sgemm.cpp"))
+                             "packed_sgemm.cpp", "prompt_attention.cpp"))
 
 
 class DecodeKernel:
-    """Single-query attention over keys addressed in place (see the C++ file's header).
+    """Single-query attention over keys addressed in place (see the C++ file's header), and
+    the prompts' causal attention (`prompts`, `segment`) where it applies (`attends_prompts`).
 
     q `(n, H, D)` contiguous; `k`/`v` a layer's contiguous K/V storage (q's dtype, or bfloat16
     or float16 under a float32/float64 q: a 16-bit `kv_cache_dtype`); row r reads
@@ -60,6 +65,9 @@ class DecodeKernel:
     def __init__(self, isa: str) -> None:
         self.isa = isa
         self._op = torch.ops.baton_kernels.decode_attention.default  # no overload lookup
+        ops = torch.ops.baton_kernels
+        self._prompt_op = (ops.prompt_attention.default if ops.prompt_attention_available()
+                           else None)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  offsets: torch.Tensor, counts: torch.Tensor, key_stride: int,
@@ -70,6 +78,35 @@ class DecodeKernel:
         if new_v is not None and new_v.stride(-1) != 1:
             new_v = new_v.contiguous()
         return self._op(q, k, v, offsets, counts, key_stride, head_stride, kv_heads, new_k, new_v)
+
+    def attends_prompts(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether `prompts` takes these: float32 queries and keys on a CPU build with AVX2
+        and FMA, head size a multiple of 16, unit last strides. Otherwise prompts go through
+        SDPA."""
+        return (self._prompt_op is not None and q.dtype == torch.float32
+                and k.dtype == torch.float32 and q.device.type == "cpu"
+                and q.shape[-1] % 16 == 0 and q.stride(-1) == 1 and k.stride(-1) == 1)
+
+    def prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                segments: torch.Tensor, key_stride: int, head_stride: int,
+                kv_heads: int) -> torch.Tensor:
+        """Causal attention of packed prompts over keys in place (`kernels/prompt_attention.cpp`).
+
+        `segments` `(S, 4)` int64 rows `(q_row, length, past, key_offset)`: queries
+        `q[q_row:q_row+length]` at positions `past..`, each seeing keys `0..past+i`, key j of
+        KV head h at element `key_offset + j * key_stride + h * head_stride` of `k` / `v`
+        (views with unit last stride; the bound is their storage). Returns `(sum of lengths,
+        H, D)`, the segments in order, scaled by `D**-0.5` like SDPA.
+        """
+        return self._prompt_op(q, k, v, segments, key_stride, head_stride, kv_heads)
+
+    def segment(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                past: int) -> torch.Tensor:
+        """One prompt's queries `(n, H, D)` at positions `past..` over its keys `(S, H_kv, D)`
+        (any strided views of one storage each, unit last stride) -> `(n, H, D)`."""
+        segments = torch.tensor([[0, q.shape[0], past, 0]])
+        return self.prompts(q, keys, values, segments, keys.stride(0), keys.stride(1),
+                            keys.shape[1])
 
 
 class NativeKernelUnavailable(RuntimeError):

@@ -8,6 +8,7 @@ default a scheduler gets when it supplies no layout of its own, and the simplest
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from runtime.kv_cache import (
 )
 from runtime.packing import Segment, SegmentMask, packed_batch, segment_attention
 from runtime.request import Request
+
+if TYPE_CHECKING:
+    from runtime.attention_kernels import DecodeKernel
 
 
 class PerRequestKVCache(KVCache):
@@ -42,7 +46,8 @@ class PerRequestKVCache(KVCache):
             yield packed_batch(running, self.device)
 
     def attention(self, batch: ForwardBatch) -> _PerRequestAttention:
-        return _PerRequestAttention([self._slabs[r] for r in batch.requests], batch.layout)
+        return _PerRequestAttention([self._slabs[r] for r in batch.requests], batch.layout,
+                                    self.decode_kernel)
 
     def memory_stats(self) -> MemoryStats:
         per_token = kv_elements_per_token(self.shape)
@@ -54,9 +59,11 @@ class PerRequestKVCache(KVCache):
 class _PerRequestAttention:
     """Attention over packed segments, each against its own slab (Orca's literal split)."""
 
-    def __init__(self, slabs: list[torch.Tensor], segments: Sequence[Segment]) -> None:
+    def __init__(self, slabs: list[torch.Tensor], segments: Sequence[Segment],
+                 kernel: DecodeKernel | None = None) -> None:
         self.slabs = slabs
         self.segments = segments
+        self.kernel = kernel  # the engine's kernels: prompts through its prompt kernel
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: Sequence[SegmentMask]) -> torch.Tensor:
@@ -67,5 +74,5 @@ class _PerRequestAttention:
             keys[seg.past:end] = k[seg.start:seg.stop]
             values[seg.past:end] = v[seg.start:seg.stop]
             outputs.append(segment_attention(q[seg.start:seg.stop], keys[:end], values[:end],
-                                             seg_mask))
+                                             seg_mask, self.kernel))
         return torch.cat(outputs, dim=0)  # (N, H, D)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from runtime.kv_cache import ForwardBatch, PassStats, Phase
 from runtime.request import Request
+
+if TYPE_CHECKING:
+    from runtime.attention_kernels import DecodeKernel
 
 CAUSAL: Literal["causal"] = "causal"
 """A segment's mask when it starts at position 0: SDPA's own `is_causal`, no explicit mask."""
@@ -120,13 +123,20 @@ def segment_masks(segments: Sequence[Segment], device: torch.device) -> tuple[Se
 
 
 def segment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      mask: SegmentMask) -> torch.Tensor:
-    """One segment's queries q `(n, H, D)` over its request's keys `(S, H_kv, D)` -> `(n, H, D)`.
+                      mask: SegmentMask, kernel: DecodeKernel | None = None) -> torch.Tensor:
+    """One segment's queries q `(n, H, D)` over its request's keys `(S, H_kv, D)` -> `(n, H, D)`,
+    `mask` being `segment_mask`'s for the segment.
 
+    With the engine's kernel (`runtime.attention_kernels`) a prompt goes through its causal
+    prompt kernel where that applies (float32 on CPU): the segment's queries are the last
+    `n` positions of `S`, so a resumed prompt needs no mask either. Otherwise SDPA, with
     4-D inputs on purpose: on CPU, SDPA takes its flash kernel only for 4-D tensors (3-D ones
     fall back to the math path, about 30x slower for a 300-token prompt). Keys and values
     stored in 16 bits under a wider model (`kv_cache_dtype`) are widened to q's dtype.
     """
+    if (kernel is not None and mask is not None and keys.stride() == values.stride()
+            and keys.stride(-1) == 1 and kernel.attends_prompts(q, keys)):
+        return kernel.segment(q, keys, values, keys.shape[0] - q.shape[0])
     keys, values = keys.to(q.dtype), values.to(q.dtype)  # no copy when they already are
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],  # (1, H, n, D)

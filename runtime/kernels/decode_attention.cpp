@@ -32,6 +32,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "softmax_exp.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -57,27 +59,8 @@ namespace {
 template <typename QT>
 using acc_t = std::conditional_t<std::is_same_v<QT, double>, double, float>;
 
-// e^x for x <= 0 (softmax after its max is subtracted): 2^(x log2 e) = 2^i 2^f with f in
-// [-0.5, 0.5] and 2^f from the degree-6 Taylor series of e^(f ln 2) (relative error ~1e-7).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float t = x * 1.4426950408889634f;
-  const float i = std::nearbyint(t);
-  const float f = (t - i) * 0.6931471805599453f;
-  float p = 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(i) * (1 << 23);
-  std::memcpy(&p, &bits, sizeof p);
-  return p;
-}
-
+// e^x for x <= 0: float32 (scalar and AVX2) in softmax_exp.h, float64 exactly.
+using baton::exp_nonpositive;
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
 // --- portable loops (any dtype, any head size) ---------------------------------------------
@@ -168,22 +151,6 @@ inline float horizontal_sum(__m256 v) {
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
   x = _mm_add_ss(x, _mm_movehdup_ps(x));
   return _mm_cvtss_f32(x);
-}
-
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f));
-  const __m256 i = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, i), _mm256_set1_ps(0.6931471805599453f));
-  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(i), 23);
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
 
 // Four consecutive keys' dot products with one query (dim a multiple of 8): each query chunk
