@@ -40,10 +40,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.library import Library
 
-from runtime.architectures.layers import Linear, RotaryEmbedding, rope_tables
+from runtime.architectures.layers import FusedLinear, Linear, RotaryEmbedding, rope_tables
 from runtime.attention_kernels import NativeKernelUnavailable, load_native_kernel
 from runtime.linear_kernels import packing_generation
 
@@ -140,11 +141,28 @@ def _opaque_linear_forward(slot: int, native: bool) -> Callable[[torch.Tensor], 
     return lambda x: torch.ops.baton_runtime.linear(slot, x)
 
 
+def _opaque_gated_forward(slot: int, linear: FusedLinear, native: bool
+                          ) -> Callable[[torch.Tensor, Callable], torch.Tensor]:
+    """`FusedLinear.gated` through the slot ops, which look the packing up per call (the graph
+    must not hold `linear.packed`: packing may change after the build and no guard would see
+    it). With the C++ op, SwiGLU is one op (fused on the engine's sgemm, else the slot's linear
+    and the product); otherwise, or for another activation, the linear op and the product."""
+    def gated(x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if native and act is F.silu and linear.bias is None and linear.out_features % 32 == 0:
+            return torch.ops.baton_kernels.linear_swiglu(slot, x)
+        gate, up = linear(x).chunk(2, dim=-1)
+        return act(gate) * up
+    return gated
+
+
 @functools.cache  # once per process, however many slot tables load the extension
 def _register_native_linear_fake() -> None:
     torch.library.register_fake(
         "baton_kernels::linear",
         lambda slot, x: x.new_empty((*x.shape[:-1], _LINEARS[slot].out_features)))
+    torch.library.register_fake(
+        "baton_kernels::linear_swiglu",
+        lambda slot, x: x.new_empty((*x.shape[:-1], _LINEARS[slot].out_features // 2)))
 
 
 _SLOT_KINDS = {None: 0, "onednn": 1, "mkl": 2, "native": 3}  # linear_slots.cpp's `Kind`
@@ -241,6 +259,8 @@ def compile_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, A
             slot = len(_LINEARS)
             _LINEARS.append(module)
             module.forward = _opaque_linear_forward(slot, native)
+            if isinstance(module, FusedLinear):
+                module.gated = _opaque_gated_forward(slot, module, native)
         elif isinstance(module, RotaryEmbedding):
             _ROTARIES.append(module)
             module.forward = _opaque_rope_forward(len(_ROTARIES) - 1)

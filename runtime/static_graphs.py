@@ -90,6 +90,7 @@ def _dense_linear(linear: Linear) -> Linear:
     its dense weight and `F.linear`: what inductor freezes and autotunes."""
     clone = copy.copy(linear)
     clone.__dict__.pop("forward", None)  # the compiled decoder's routing to the linear op
+    clone.__dict__.pop("gated", None)  # and to its fused SwiGLU op
     clone._parameters = dict(linear._parameters)
     clone.weight = nn.Parameter(dense_weight(linear), requires_grad=False)
     clone.packed = clone.packed_by = None

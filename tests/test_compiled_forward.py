@@ -228,6 +228,25 @@ def test_compiled_linears_run_as_one_cpp_op_with_the_eager_tokens(native_kernel)
     assert [r.output_token_ids for r in compiled.generate(prompts(), GREEDY)] == want
 
 
+def test_compiled_swiglu_is_one_op_fused_on_the_native_sgemm(native_kernel) -> None:
+    """With the engine's sgemm, the MLP's gate-and-up linear and SwiGLU's product run as one
+    `baton_kernels::linear_swiglu` call (no `(N, 2 x inter)` tensor); the tokens are the eager
+    engine's, which fuses the same way."""
+    from runtime.linear_kernels import packing_supported
+
+    if not packing_supported("native", torch.float32, torch.device("cpu")):
+        pytest.skip("the engine's sgemm needs AVX2 and FMA")
+    eager = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton",
+                   linear_backend="native")
+    compiled = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton",
+                      linear_backend="native", compile_model=True)
+    ops = _ops_run(compiled)
+    assert "baton_kernels::linear_swiglu" in ops and "baton_kernels::sgemm_swiglu" not in ops
+    assert "baton_kernels::sgemm_swiglu" in _ops_run(eager)
+    want = [r.output_token_ids for r in eager.generate(prompts(), GREEDY)]
+    assert [r.output_token_ids for r in compiled.generate(prompts(), GREEDY)] == want
+
+
 @pytest.mark.parametrize("backend", ["onednn", "mkl", "native"])
 def test_the_cpp_linear_table_follows_packing_changes(native_kernel, backend: str) -> None:
     """Packing after compiling empties the dense weights the C++ table held: the table is

@@ -237,3 +237,57 @@ def test_native_sgemm_matches_float64_and_is_row_invariant(out_features: int,
     assert ops.sgemm_linear(batched, packed, out_features, None).shape == (2, 3, out_features)
     with pytest.raises(RuntimeError, match="does not match"):
         ops.sgemm_linear(torch.randn(2, in_features + 1), packed, out_features, None)
+
+
+@needs_native
+@pytest.mark.parametrize("intermediate,in_features", [(1536, 576), (96, 64), (16, 500)])
+def test_fused_swiglu_is_the_plain_linears_gate_times_up(intermediate: int,
+                                                         in_features: int) -> None:
+    """`sgemm_swiglu` over a packed `[gate; up]` weight: within float32 rounding of silu(gate) *
+    up from the plain packed linear (its gate and up are the same values; only SiLU's exp
+    differs from torch's), close to float64, row invariant, for every tile height (tiles of at
+    most 3 rows), depth blocks (K > 192, a partial last one) and row blocks (> 192)."""
+    import torch.nn.functional as F
+
+    ops = torch.ops.baton_kernels
+    gen = torch.Generator().manual_seed(intermediate + in_features)
+    weight = torch.randn(2 * intermediate, in_features, generator=gen) / in_features ** 0.5
+    packed = ops.sgemm_pack(weight)
+    for rows in (1, 2, 3, 4, 5, 7, 32, 200, 400):
+        x = torch.randn(rows, in_features, generator=gen) * 3
+        y = ops.sgemm_swiglu(x, packed, intermediate)
+        gate, up = ops.sgemm_linear(x, packed, 2 * intermediate, None).chunk(2, dim=-1)
+        torch.testing.assert_close(y, F.silu(gate) * up, rtol=1e-6, atol=1e-6)
+        gate64, up64 = (x.double() @ weight.double().T).chunk(2, dim=-1)
+        torch.testing.assert_close(y.double(), F.silu(gate64) * up64, rtol=1e-4, atol=1e-4)
+        for r in {0, rows // 2, rows - 1}:
+            assert torch.equal(ops.sgemm_swiglu(x[r:r + 1], packed, intermediate)[0], y[r])
+    assert ops.sgemm_swiglu(torch.randn(2, 3, in_features), packed, intermediate).shape == (
+        2, 3, intermediate)
+    with pytest.raises(RuntimeError, match="not a gate and up projection"):
+        ops.sgemm_swiglu(torch.randn(2, in_features), packed, intermediate // 2)
+
+
+@needs_native
+def test_a_llama_mlp_fuses_swiglu_on_the_native_sgemm_only() -> None:
+    """The MLP's gate-and-up linear takes the fused op when packed for the engine's sgemm with
+    SiLU and no bias, and the plain linear and product otherwise (other backends, GELU), with
+    the same outputs within float32 rounding."""
+    import torch.nn.functional as F
+
+    from runtime.architectures.layers import FusedLinear
+    from runtime.linear_kernels import pack_linears, unpack_linears
+
+    model = tiny_model(seed=1, dtype=torch.float32, hidden_size=64, intermediate_size=96)
+    mlp = model.model.layers[0].mlp
+    gate_up: FusedLinear = mlp.gate_up_proj
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        plain = mlp(x)
+        pack_linears(model, "native")
+        assert gate_up.fuses_swiglu(F.silu) and not gate_up.fuses_swiglu(F.gelu)
+        torch.testing.assert_close(mlp(x), plain, rtol=1e-5, atol=1e-5)
+        gelu_gate = gate_up.gated(x, F.gelu)
+        unpack_linears(model)
+        assert not gate_up.fuses_swiglu(F.silu)
+        torch.testing.assert_close(gate_up.gated(x, F.gelu), gelu_gate, rtol=1e-5, atol=1e-5)

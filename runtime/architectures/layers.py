@@ -69,6 +69,25 @@ class FusedLinear(Linear):
         super().__init__(in_features, sum(output_sizes), bias=bias)
         self.output_sizes = tuple(output_sizes)
 
+    def gated(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
+              ) -> torch.Tensor:
+        """`act(gate) * up` of a gate-and-up projection (its two halves): a gated MLP's input.
+
+        On the engine's sgemm with SiLU (SwiGLU) the product is fused into the GEMM
+        (`baton_kernels::sgemm_swiglu`): no `(*tok, 2 x inter)` tensor is written and read back,
+        and gate and up are the very values the plain linear gives. The compiled decoder routes
+        this through its slot op (`runtime.compiled_forward`)."""
+        if self.fuses_swiglu(act):
+            return torch.ops.baton_kernels.sgemm_swiglu(x, self.packed, self.out_features // 2)
+        gate, up = self(x).chunk(2, dim=-1)
+        return act(gate) * up
+
+    def fuses_swiglu(self, act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Whether `gated` runs as one fused op: SiLU, no bias, the engine's sgemm, and halves
+        of whole 16-feature panels."""
+        return (act is F.silu and self.packed_by == "native" and self.bias is None
+                and self.out_features % 32 == 0)
+
 
 class RMSNorm(nn.Module):
     """RMSNorm as HF computes it: statistics in float32 for half types, else in the input dtype."""

@@ -78,8 +78,7 @@ class LlamaMLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (*tok, inter) each
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.gate_up_proj.gated(x, self.act))  # (*tok, inter) between
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -8,10 +8,13 @@
 // and the GEMM is called directly: `mkldnn::_linear_pointwise` on a oneDNN-packed weight, MKL's
 // packed sgemm on an MKL-packed one (mkl_linear.cpp), the engine's own sgemm on one packed for
 // it (packed_sgemm.cpp), `at::linear` on a dense one: the same
-// kernels `Linear.forward` runs, so results are identical.
+// kernels `Linear.forward` runs, so results are identical. `linear_swiglu(slot, x)` is an MLP's
+// gate and up projection with SwiGLU's product, fused on the engine's sgemm.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #include "mkl_linear.h"
@@ -79,6 +82,18 @@ at::Tensor linear(int64_t slot, const at::Tensor& x) {
   return at::linear(x, s.weight, s.bias);
 }
 
+// SwiGLU's gate: silu(first half) * second half of the slot's output. On the engine's sgemm
+// (no bias, halves of whole 16-feature panels) one fused op; otherwise the slot's linear and
+// then `at::silu` and a product, the ops the model's unfused path runs.
+at::Tensor linear_swiglu(int64_t slot, const at::Tensor& x) {
+  const Slot s = slot_of(slot);
+  const bool biased = s.bias.has_value() && s.bias->defined();
+  if (s.kind == kNative && !biased && s.out_features % 32 == 0)
+    return baton::sgemm_packed_swiglu(x, s.weight, s.out_features / 2);
+  const std::vector<at::Tensor> halves = linear(slot, x).chunk(2, -1);
+  return at::mul(at::silu(halves[0]), halves[1]);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(baton_kernels, m) {
@@ -86,4 +101,6 @@ TORCH_LIBRARY_FRAGMENT(baton_kernels, m) {
         TORCH_FN(set_linear));
   m.def("linear(int slot, Tensor x) -> Tensor");
   m.impl("linear", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(linear));
+  m.def("linear_swiglu(int slot, Tensor x) -> Tensor");
+  m.impl("linear_swiglu", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(linear_swiglu));
 }

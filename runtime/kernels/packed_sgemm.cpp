@@ -34,6 +34,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "softmax_exp.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define BATON_SGEMM 1
@@ -168,6 +170,74 @@ void row_block(const float* x, int64_t ldx, const float* w, float* out, int64_t 
   }
 }
 
+// SwiGLU's two GEMMs at once: ROWS (1-3) rows of x times one K block of a gate panel and
+// of the up panel with the same 16 features (12 accumulators: 3 rows x 4 vectors, 4 W loads
+// and 3 broadcasts per 12 FMAs). Each output's FMA chain and K-block sums are the ones
+// `tile` makes, so gate and up are bit for bit what the plain linear gives. (Tiles of 6 rows
+// over half panels, 2 W loads and 6 broadcasts, ran 32 rows 1.08x slower.)
+#define BATON_GATED_FMA(r)                                                \
+  if constexpr (ROWS > r) {                                               \
+    const __m256 xv = _mm256_broadcast_ss(x + r * ldx + j);               \
+    g##r##lo = _mm256_fmadd_ps(xv, wg_lo, g##r##lo);                      \
+    g##r##hi = _mm256_fmadd_ps(xv, wg_hi, g##r##hi);                      \
+    u##r##lo = _mm256_fmadd_ps(xv, wu_lo, u##r##lo);                      \
+    u##r##hi = _mm256_fmadd_ps(xv, wu_hi, u##r##hi);                      \
+  }
+#define BATON_GATED_STORE(r)                                                           \
+  if constexpr (ROWS > r) {                                                            \
+    store_row(part + r * kGatedWidth, g##r##lo, g##r##hi, first, kPanel);              \
+    store_row(part + r * kGatedWidth + kPanel, u##r##lo, u##r##hi, first, kPanel);     \
+  }
+
+constexpr int64_t kGatedWidth = 2 * kPanel;  // a row's gate then up partial sums
+
+template <int ROWS>
+inline void gated_tile(const float* x, int64_t ldx, const float* wg, const float* wu,
+                       float* part, int64_t depth, bool first) {
+  __m256 g0lo = _mm256_setzero_ps(), g0hi = g0lo, u0lo = g0lo, u0hi = g0lo, g1lo = g0lo,
+         g1hi = g0lo, u1lo = g0lo, u1hi = g0lo, g2lo = g0lo, g2hi = g0lo, u2lo = g0lo,
+         u2hi = g0lo;
+  for (int64_t j = 0; j < depth; ++j) {
+    const __m256 wg_lo = _mm256_loadu_ps(wg + j * kPanel);
+    const __m256 wg_hi = _mm256_loadu_ps(wg + j * kPanel + 8);
+    const __m256 wu_lo = _mm256_loadu_ps(wu + j * kPanel);
+    const __m256 wu_hi = _mm256_loadu_ps(wu + j * kPanel + 8);
+    _mm_prefetch(reinterpret_cast<const char*>(wg + (j + kPrefetchRows) * kPanel), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wu + (j + kPrefetchRows) * kPanel), _MM_HINT_T0);
+    BATON_GATED_FMA(0) BATON_GATED_FMA(1) BATON_GATED_FMA(2)
+  }
+  BATON_GATED_STORE(0) BATON_GATED_STORE(1) BATON_GATED_STORE(2)
+}
+#undef BATON_GATED_FMA
+#undef BATON_GATED_STORE
+
+// silu(g) * u = g * sigmoid(g) * u, sigmoid from e^-|g| (never overflows): 1 / (1 + e) for
+// g >= 0, e / (1 + e) below.
+inline __m256 swiglu(__m256 g, __m256 u) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 e = baton::exp_nonpositive(_mm256_or_ps(g, sign));  // e^-|g|
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, e, g), _mm256_add_ps(one, e));
+  return _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), u);
+}
+
+// `rows` rows of x times one K block of a gate/up panel pair, in tiles of at most 3 rows
+// sized evenly, into `part` (rows x kGatedWidth).
+void gated_row_block(const float* x, int64_t ldx, const float* wg, const float* wu, float* part,
+                     int64_t depth, bool first, int64_t rows) {
+  for (int64_t i = 0, tiles = (rows + 2) / 3; tiles > 0; --tiles) {
+    const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-3
+    const float* xr = x + i * ldx;
+    float* p = part + i * kGatedWidth;
+    i += n;
+    switch (n) {
+      case 3: gated_tile<3>(xr, ldx, wg, wu, p, depth, first); break;
+      case 2: gated_tile<2>(xr, ldx, wg, wu, p, depth, first); break;
+      default: gated_tile<1>(xr, ldx, wg, wu, p, depth, first); break;
+    }
+  }
+}
+
 #endif  // BATON_SGEMM
 
 at::Tensor sgemm_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
@@ -217,6 +287,53 @@ at::Tensor sgemm_packed_linear(const at::Tensor& x, const at::Tensor& packed,
   return out;
 }
 
+at::Tensor sgemm_packed_swiglu(const at::Tensor& x, const at::Tensor& packed,
+                               int64_t intermediate) {
+  TORCH_CHECK(sgemm_available(), "baton_kernels::sgemm_swiglu: built without AVX2 and FMA");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_cpu() && x.dim() >= 1,
+              "baton_kernels::sgemm_swiglu: x must be a float32 CPU tensor");
+  const at::Tensor a = x.contiguous();
+  const int64_t k = a.size(-1), m = a.numel() / std::max<int64_t>(k, 1);
+  TORCH_CHECK(intermediate > 0 && intermediate % kPanel == 0 && packed.dim() == 3 &&
+                  packed.size(1) == k && packed.size(2) == kPanel &&
+                  packed.size(0) == panels(2 * intermediate) && packed.is_contiguous(),
+              "baton_kernels::sgemm_swiglu: packed weight is not a gate and up projection of ",
+              k, " inputs and ", intermediate, " features each (a multiple of 16)");
+  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
+  shape.back() = intermediate;
+  at::Tensor out = k == 0 ? at::zeros(shape, a.options()) : at::empty(shape, a.options());
+#ifdef BATON_SGEMM
+  if (m > 0 && k > 0) {
+    const float* xs = a.data_ptr<float>();
+    const float* ws = packed.data_ptr<float>();
+    float* os = out.data_ptr<float>();
+    const int64_t gate_panels = intermediate / kPanel;
+    at::parallel_for(0, gate_panels, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<float> part(kRowBlock * kGatedWidth);  // a row block's gate/up sums
+      for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, m - r0);
+        for (int64_t q = p0; q < p1; ++q) {
+          const float* wg = ws + q * k * kPanel;
+          const float* wu = ws + (q + gate_panels) * k * kPanel;
+          for (int64_t j0 = 0; j0 < k; j0 += kDepth) {
+            gated_row_block(xs + r0 * k + j0, k, wg + j0 * kPanel, wu + j0 * kPanel,
+                            part.data(), std::min(kDepth, k - j0), j0 == 0, rows);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* pr = part.data() + r * kGatedWidth;
+            float* o = os + (r0 + r) * intermediate + q * kPanel;
+            _mm256_storeu_ps(o, swiglu(_mm256_loadu_ps(pr), _mm256_loadu_ps(pr + kPanel)));
+            _mm256_storeu_ps(o + 8, swiglu(_mm256_loadu_ps(pr + 8),
+                                           _mm256_loadu_ps(pr + kPanel + 8)));
+          }
+        }
+      }
+    });
+  }
+#endif
+  return out;
+}
+
 }  // namespace baton
 
 TORCH_LIBRARY_FRAGMENT(baton_kernels, m) {
@@ -225,4 +342,6 @@ TORCH_LIBRARY_FRAGMENT(baton_kernels, m) {
   m.def("sgemm_unpack(Tensor packed, int out_features) -> Tensor", TORCH_FN(sgemm_unpack));
   m.def("sgemm_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
   m.impl("sgemm_linear", c10::DispatchKey::CPU, TORCH_FN(sgemm_linear));
+  m.def("sgemm_swiglu(Tensor x, Tensor packed, int intermediate) -> Tensor");
+  m.impl("sgemm_swiglu", c10::DispatchKey::CPU, TORCH_FN(baton::sgemm_packed_swiglu));
 }
