@@ -240,6 +240,13 @@ void gated_row_block(const float* x, int64_t ldx, const float* wg, const float* 
 
 #endif  // BATON_SGEMM
 
+// The output (..., features) of x's rows: zeros when K is 0 (every sum empty), else unset.
+at::Tensor output_rows(const at::Tensor& x, int64_t features) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = features;
+  return x.size(-1) == 0 ? at::zeros(shape, x.options()) : at::empty(shape, x.options());
+}
+
 at::Tensor sgemm_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                         const std::optional<at::Tensor>& bias) {
   return baton::sgemm_packed_linear(x, packed, out_features, bias);
@@ -260,9 +267,7 @@ at::Tensor sgemm_packed_linear(const at::Tensor& x, const at::Tensor& packed,
               packed.size(0) == panels(out_features) && packed.is_contiguous(),
               "baton_kernels::sgemm_linear: packed weight does not match ", k, " inputs and ",
               out_features, " outputs");
-  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
-  shape.back() = out_features;
-  at::Tensor out = k == 0 ? at::zeros(shape, a.options()) : at::empty(shape, a.options());
+  at::Tensor out = output_rows(a, out_features);
 #ifdef BATON_SGEMM
   if (m > 0 && k > 0) {
     const float* xs = a.data_ptr<float>();
@@ -299,9 +304,7 @@ at::Tensor sgemm_packed_swiglu(const at::Tensor& x, const at::Tensor& packed,
                   packed.size(0) == panels(2 * intermediate) && packed.is_contiguous(),
               "baton_kernels::sgemm_swiglu: packed weight is not a gate and up projection of ",
               k, " inputs and ", intermediate, " features each (a multiple of 16)");
-  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
-  shape.back() = intermediate;
-  at::Tensor out = k == 0 ? at::zeros(shape, a.options()) : at::empty(shape, a.options());
+  at::Tensor out = output_rows(a, intermediate);
 #ifdef BATON_SGEMM
   if (m > 0 && k > 0) {
     const float* xs = a.data_ptr<float>();
