@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from runtime.packing import CAUSAL, segment_attention
+
+if TYPE_CHECKING:
+    from runtime.attention_kernels import DecodeKernel
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,26 +46,31 @@ class _PromptAttention:
     """Packed prompts, each causal on its own; their per-token K/V kept in `(L, N, H_kv, D)`."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, offsets: Sequence[int],
-                 lengths: Sequence[int]) -> None:
+                 lengths: Sequence[int], kernel: DecodeKernel | None = None) -> None:
         self.k, self.v = k, v
         self.spans = [slice(o, o + n) for o, n in zip(offsets, lengths, strict=True)]
+        self.kernel = kernel
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: object) -> torch.Tensor:
         """q `(N, H, D)`, k and v `(N, H_kv, D)` -> `(N, H, D)`."""
-        self.k[layer_idx].copy_(k)
-        self.v[layer_idx].copy_(v)
-        outputs = [segment_attention(q[s], k[s], v[s], CAUSAL) for s in self.spans]
+        keys, values = self.k[layer_idx], self.v[layer_idx]  # read back: one layout for both
+        keys.copy_(k)
+        values.copy_(v)
+        outputs = [segment_attention(q[s], keys[s], values[s], CAUSAL, self.kernel)
+                   for s in self.spans]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
 
 @torch.inference_mode()
-def prefill_kv(model: torch.nn.Module,
-               token_lists: Sequence[Sequence[int]]) -> tuple[PrefilledKV, torch.Tensor]:
+def prefill_kv(model: torch.nn.Module, token_lists: Sequence[Sequence[int]],
+               kernel: DecodeKernel | None = None) -> tuple[PrefilledKV, torch.Tensor]:
     """The K/V of `token_lists` and the logits `(n, V)` of their last tokens.
 
     One packed pass (no pad token in any GEMM), each prompt attending causally to itself:
-    the same arithmetic as an engine's own prompt pass, so greedy tokens match it.
+    the same arithmetic as an engine's own prompt pass, so greedy tokens match it. Pass the
+    engine's kernels (`runtime.attention_kernels.choose_attention_backend(...).kernel`) to
+    attend float32 prompts through its prompt kernel, as the engine's own passes do.
     """
     cfg = model.config
     param = next(model.parameters())
@@ -74,7 +83,8 @@ def prefill_kv(model: torch.nn.Module,
     v_tok = torch.empty(dims, dtype=dtype, device=device)
     ids = torch.tensor([t for tokens in token_lists for t in tokens], device=device)
     pos = torch.tensor([p for n in lengths for p in range(n)], device=device)
-    hidden = model(ids, pos, _PromptAttention(k_tok, v_tok, offsets, lengths), None)  # (N, h)
+    attention = _PromptAttention(k_tok, v_tok, offsets, lengths, kernel)
+    hidden = model(ids, pos, attention, None)  # (N, h)
     last = torch.tensor([o + n - 1 for o, n in zip(offsets, lengths, strict=True)],
                         device=device)
     logits = model.compute_logits(hidden.index_select(0, last))

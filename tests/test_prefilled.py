@@ -131,3 +131,33 @@ def test_prefill_kv_matches_the_baton_prefill_of_several_prompts(model) -> None:
         torch.testing.assert_close(kv.k[:, i, :, kv.width - n:], one.k[:, 0], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(kv.v[:, i, :, kv.width - n:], one.v[:, 0], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(logits[i], one_logits[0], rtol=1e-9, atol=1e-9)
+
+
+def test_a_float32_prefill_worker_attends_through_the_engines_prompt_kernel() -> None:
+    """Given the engine's kernels, `prefill_kv` attends float32 prompts through the prompt
+    kernel, as the engine's own prompt pass does, and its K/V and logits stay within float32
+    rounding of SDPA's."""
+    from runtime.attention_kernels import NativeKernelUnavailable, load_native_kernel
+    from runtime.testing import tiny_model
+
+    try:
+        kernel = load_native_kernel()
+    except NativeKernelUnavailable as exc:
+        pytest.skip(f"native kernels unavailable: {exc}")
+    model = tiny_model(seed=MODEL_SEED, dtype=torch.float32, hidden_size=96,
+                       num_attention_heads=6, intermediate_size=128)  # head size 16
+    q = torch.empty(1, 6, 16)
+    if not kernel.attends_prompts(q, q):
+        pytest.skip("the prompt kernel needs AVX2 and FMA")
+    items = prompts(3, seed=5)
+    calls = []
+    original = kernel.prompts
+    kernel.prompts = lambda *a: calls.append(1) or original(*a)
+    try:
+        kv, logits = prefill_kv(model, items, kernel)
+    finally:
+        del kernel.prompts
+    assert calls  # one call per prompt and layer
+    sdpa_kv, sdpa_logits = prefill_kv(model, items)
+    torch.testing.assert_close(kv.k, sdpa_kv.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, sdpa_logits, rtol=1e-4, atol=1e-4)

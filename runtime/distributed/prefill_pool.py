@@ -35,6 +35,7 @@ class PrefillServer:
     """
 
     def __init__(self, config: RuntimeConfig, index: int) -> None:
+        from runtime.attention_kernels import choose_attention_backend
         from runtime.bootstrap import configure_host, resolve_device
         from runtime.hardware import call_on_fresh_thread
         from runtime.linear_kernels import apply_linear_backend
@@ -46,10 +47,13 @@ class PrefillServer:
             model = load_model(config.resolved_model(), dtype=config.dtype,
                                device=resolve_device(config.device))
             apply_linear_backend(model, config.linear_backend)
-            return model, torch.get_num_threads()
+            param = next(model.parameters())
+            attention = choose_attention_backend(config.attention_backend, param.device,
+                                                 param.dtype)
+            return model, attention.kernel, torch.get_num_threads()
 
         self.index = index
-        self.model, self.threads = call_on_fresh_thread(load)
+        self.model, self.kernel, self.threads = call_on_fresh_thread(load)
         self.queued = 0
         self.num_requests = self.num_tokens = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="prefill")
@@ -73,7 +77,7 @@ class PrefillServer:
 
     def _compute(self, token_ids: tuple[int, ...]) -> tuple[PrefilledKV, torch.Tensor]:
         torch.set_num_threads(self.threads)  # per thread in torch: carry the actor's over
-        kv, logits = prefill_kv(self.model, [list(token_ids)])
+        kv, logits = prefill_kv(self.model, [list(token_ids)], self.kernel)
         self.num_requests += 1
         self.num_tokens += len(token_ids)
         return PrefilledKV(kv.k.cpu(), kv.v.cpu(), kv.lengths), logits.cpu()
