@@ -40,11 +40,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.library import Library
 
-from runtime.architectures.layers import FusedLinear, Linear, RotaryEmbedding, rope_tables
+from runtime.architectures.layers import (
+    FusedLinear,
+    Linear,
+    RotaryEmbedding,
+    gated_product,
+    rope_tables,
+)
 from runtime.attention_kernels import NativeKernelUnavailable, load_native_kernel
 from runtime.linear_kernels import packing_generation
 
@@ -148,10 +153,9 @@ def _opaque_gated_forward(slot: int, linear: FusedLinear, native: bool
     it). With the C++ op, SwiGLU is one op (fused on the engine's sgemm, else the slot's linear
     and the product); otherwise, or for another activation, the linear op and the product."""
     def gated(x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        if native and act is F.silu and linear.bias is None and linear.out_features % 32 == 0:
+        if native and linear.swiglu_fusable(act):
             return torch.ops.baton_kernels.linear_swiglu(slot, x)
-        gate, up = linear(x).chunk(2, dim=-1)
-        return act(gate) * up
+        return gated_product(linear(x), act)
     return gated
 
 

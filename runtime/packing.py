@@ -135,7 +135,7 @@ def segment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     stored in 16 bits under a wider model (`kv_cache_dtype`) are widened to q's dtype.
     """
     if (kernel is not None and mask is not None and keys.stride() == values.stride()
-            and keys.stride(-1) == 1 and kernel.attends_prompts(q, keys)):
+            and kernel.attends_prompts(q, keys)):
         return kernel.segment(q, keys, values, keys.shape[0] - q.shape[0])
     keys, values = keys.to(q.dtype), values.to(q.dtype)  # no copy when they already are
     out = F.scaled_dot_product_attention(

@@ -79,14 +79,22 @@ class FusedLinear(Linear):
         this through its slot op (`runtime.compiled_forward`)."""
         if self.fuses_swiglu(act):
             return torch.ops.baton_kernels.sgemm_swiglu(x, self.packed, self.out_features // 2)
-        gate, up = self(x).chunk(2, dim=-1)
-        return act(gate) * up
+        return gated_product(self(x), act)
+
+    def swiglu_fusable(self, act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Whether the fused SwiGLU op can take this projection: SiLU, no bias, and halves of
+        whole 16-feature panels (the compiled decoder's slot op checks the packing itself)."""
+        return act is F.silu and self.bias is None and self.out_features % 32 == 0
 
     def fuses_swiglu(self, act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-        """Whether `gated` runs as one fused op: SiLU, no bias, the engine's sgemm, and halves
-        of whole 16-feature panels."""
-        return (act is F.silu and self.packed_by == "native" and self.bias is None
-                and self.out_features % 32 == 0)
+        """Whether `gated` runs as one fused op: fusable, on the engine's sgemm."""
+        return self.packed_by == "native" and self.swiglu_fusable(act)
+
+
+def gated_product(y: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`act(gate) * up` from a gate-and-up projection's output `y` (its two halves)."""
+    gate, up = y.chunk(2, dim=-1)
+    return act(gate) * up
 
 
 class RMSNorm(nn.Module):
