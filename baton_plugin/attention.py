@@ -24,7 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from runtime.api import prefill_kv  # noqa: F401 - the prefill worker's pass, re-exported
+from runtime.api import (
+    DecodePlan,
+    prefill_kv,  # noqa: F401 - the prefill worker's pass, re-exported
+)
 
 if TYPE_CHECKING:
     from runtime.api import DecodeKernel
@@ -108,6 +111,15 @@ class BatonAttention:
         if self.prompts:
             outputs += self._prompts(layer_idx, q, k, v)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+    def decode_plan(self) -> DecodePlan | None:
+        """A decode-only pass on the kernel: `_decode_kernel`'s call for every layer, which
+        the compiled decoder's C++ attention op then makes itself (`runtime.api.DecodePlan`)."""
+        if self.kernel is None or self.prompts or not self.decode:
+            return None
+        r = self.kernel_rows
+        return DecodePlan(self.k_layers, self.v_layers, r.offsets, r.counts, r.key_stride,
+                          r.head_stride, r.kv_heads)
 
     def _decode_kernel(self, layer: int, q: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from orca_plugin.masks import OrcaMask
-from runtime.api import segment_attention
+from runtime.api import DecodePlan, segment_attention
 
 if TYPE_CHECKING:
     from orca_plugin.cache import OrcaLayout
@@ -259,6 +259,21 @@ class KernelAttention(LoopAttention):
         keys.index_copy_(1, self.initiation_slots, k[n:].transpose(0, 1).to(keys.dtype))
         values.index_copy_(1, self.initiation_slots, v[n:].transpose(0, 1).to(values.dtype))
         return keys, values
+
+    def decode_plan(self) -> DecodePlan | None:
+        """A decode-only iteration: `attend_decode`'s kernel call for every layer, which the
+        compiled decoder's C++ attention op then makes itself (`runtime.api.DecodePlan`),
+        reporting the seconds it took to this pass's attention times."""
+        lay = self.layout
+        if lay.num_decode != len(lay.segments):
+            return None
+        keys, values = zip(*self.planes, strict=True)
+        on_done = self._add_decode_seconds if self.times.enabled else None
+        return DecodePlan(keys, values, lay.kernel_offsets, lay.decode_lengths, keys[0].shape[2],
+                          keys[0].stride(0), keys[0].shape[0], on_done)
+
+    def _add_decode_seconds(self, seconds: float) -> None:
+        self.times.decode_s += seconds
 
     def attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       mask: OrcaMask) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ the conformance kit, `runtime.testing` and `runtime.conformance`. Anything else 
 may change without notice. See docs/plugin-hooks.md and docs/writing-a-scheduler.md.
 """
 
-from runtime.attention_kernels import DecodeKernel
+from runtime.attention_kernels import DecodeKernel, DecodePlan
 from runtime.default_cache import PerRequestKVCache
 from runtime.defaults import fcfs_admission
 from runtime.hookspecs import hookimpl
@@ -69,6 +69,7 @@ __all__ = [
     "kv_reservation",
     "PerRequestKVCache",
     "DecodeKernel",
+    "DecodePlan",
     # the packed-batch toolkit
     "CAUSAL",
     "Packed",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,8 @@ logger = logging.getLogger(__name__)
 ATTENTION_BACKENDS = ("auto", "sdpa", "native")
 NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 SOURCES = tuple(Path(__file__).parent / "kernels" / name
-                for name in ("decode_attention.cpp", "linear_slots.cpp", "mkl_linear.cpp",
-                             "packed_sgemm.cpp", "prompt_attention.cpp"))
+                for name in ("decode_attention.cpp", "attend_plan.cpp", "linear_slots.cpp",
+                             "mkl_linear.cpp", "packed_sgemm.cpp", "prompt_attention.cpp"))
 
 
 class DecodeKernel:
@@ -107,6 +108,26 @@ class DecodeKernel:
         segments = torch.tensor([[0, q.shape[0], past, 0]])
         return self.prompts(q, keys, values, segments, keys.stride(0), keys.stride(1),
                             keys.shape[1])
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePlan:
+    """A decode-only pass's whole attention as one decode-kernel call per layer, which the
+    compiled decoder's C++ attention op then makes itself, without calling the layout's
+    handle back in Python (`kernels/attend_plan.cpp`; about 1.5 ms of interpreter time per
+    30-layer step). A layout's handle offers one through `decode_plan()` where its decode
+    rows are all the pass has; the arguments are `DecodeKernel.__call__`'s, per layer
+    `keys[l]` / `values[l]`, the pass's new keys and values appended as `new_k` / `new_v`.
+    `on_done` gets the seconds the kernel calls took (layouts that time their attention)."""
+
+    keys: Sequence[torch.Tensor]
+    values: Sequence[torch.Tensor]
+    offsets: torch.Tensor
+    counts: torch.Tensor
+    key_stride: int
+    head_stride: int
+    kv_heads: int
+    on_done: Callable[[float], None] | None = None
 
 
 class NativeKernelUnavailable(RuntimeError):

@@ -50,7 +50,7 @@ from runtime.architectures.layers import (
     gated_product,
     rope_tables,
 )
-from runtime.attention_kernels import NativeKernelUnavailable, load_native_kernel
+from runtime.attention_kernels import DecodePlan, NativeKernelUnavailable, load_native_kernel
 from runtime.linear_kernels import packing_generation
 
 logger = logging.getLogger(__name__)
@@ -58,11 +58,36 @@ logger = logging.getLogger(__name__)
 
 class _PassState(threading.local):
     """The running pass's attention handle and mask, read by the attention op, and its real
-    token count where a fixed-shape graph runs it padded (`runtime.static_graphs`)."""
+    token count where a fixed-shape graph runs it padded (`runtime.static_graphs`).
+
+    Where the C++ attention op is in use, a handle's `decode_plan()` (a decode-only pass) is
+    handed to it for the pass (`kernels/attend_plan.cpp`), so the op runs the kernel without
+    calling the handle back."""
 
     attn: Any = None
     mask: Any = None
     rows: int | None = None
+    plan: DecodePlan | None = None
+
+    def enter(self, attn: Any, mask: Any, rows: int | None = None,
+              native_op: bool = False) -> None:
+        """Set for one graph call; `native_op`: the graph calls the C++ attention op."""
+        self.attn, self.mask, self.rows = attn, mask, rows
+        offer = getattr(attn, "decode_plan", None) if native_op else None
+        self.plan = offer() if offer is not None else None
+        if self.plan is not None:
+            p = self.plan
+            torch.ops.baton_kernels.set_decode_plan(list(p.keys), list(p.values), p.offsets,
+                                                    p.counts, p.key_stride, p.head_stride,
+                                                    p.kv_heads)
+
+    def leave(self) -> None:
+        plan, self.plan = self.plan, None
+        self.attn = self.mask = self.rows = None
+        if plan is not None:
+            seconds = torch.ops.baton_kernels.clear_decode_plan()
+            if plan.on_done is not None:
+                plan.on_done(seconds)
 
 
 _PASS = _PassState()
@@ -130,14 +155,25 @@ torch.library.register_fake(
 
 
 class _OpaqueAttention:
-    """Stands for the pass's handle inside the graph: `attend` becomes the custom op."""
+    """Stands for the pass's handle inside the graph: `attend` becomes the custom op, the
+    Python one or (`native`) the C++ one, which runs a decode plan itself and calls the Python
+    op back for any other pass."""
+
+    def __init__(self, native: bool = False) -> None:
+        self.native = native
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: Any) -> torch.Tensor:
+        if self.native:
+            return torch.ops.baton_kernels.attend(layer, q, k, v)
         return torch.ops.baton_runtime.attend(layer, q, k, v)
 
 
+# The static buckets keep the Python op: their graphs may be kept as AOTInductor packages
+# (`runtime.graph_packages`), which name the ops they call, and a package must load in a
+# process that has not built the C++ kernels.
 _OPAQUE = _OpaqueAttention()
+_OPAQUE_NATIVE = _OpaqueAttention(native=True)
 
 
 def _opaque_linear_forward(slot: int, native: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -160,7 +196,9 @@ def _opaque_gated_forward(slot: int, linear: FusedLinear, native: bool
 
 
 @functools.cache  # once per process, however many slot tables load the extension
-def _register_native_linear_fake() -> None:
+def _register_native_fakes() -> None:
+    torch.library.register_fake(
+        "baton_kernels::attend", lambda layer, q, k, v: q.new_empty(q.shape))
     torch.library.register_fake(
         "baton_kernels::linear",
         lambda slot, x: x.new_empty((*x.shape[:-1], _LINEARS[slot].out_features)))
@@ -202,7 +240,7 @@ class _NativeSlots:
         if self.available is None:
             try:
                 load_native_kernel()
-                _register_native_linear_fake()
+                _register_native_fakes()
                 self.available = True
             except NativeKernelUnavailable as exc:
                 logger.info("compiled linears: Python op (C++ kernels unavailable: %s)", exc)
@@ -271,18 +309,19 @@ def compile_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, A
     # Every model's decoder is this same lambda, one code object: without isolation dynamo
     # keeps one graph cache for all of them, and past `recompile_limit` (8 graphs, about four
     # models: a test run, a script comparing models) silently runs the rest eagerly.
-    compiled = torch.compile(lambda ids, pos: model(ids, pos, _OPAQUE, None), dynamic=True,
+    opaque = _OPAQUE_NATIVE if native else _OPAQUE
+    compiled = torch.compile(lambda ids, pos: model(ids, pos, opaque, None), dynamic=True,
                              options=compile_options(on_cpu), isolate_recompiles=True)
 
     def forward(input_ids: torch.Tensor, positions: torch.Tensor, attn: Any,
                 mask: Any) -> torch.Tensor:
         if native:
             _NATIVE_SLOTS.refresh()
-        _PASS.attn, _PASS.mask = attn, mask
+        _PASS.enter(attn, mask, native_op=native)
         try:
             return compiled(input_ids, positions)
         finally:
-            _PASS.attn = _PASS.mask = None
+            _PASS.leave()
 
     if native:  # before any pass: the engine may run the routed eager forward at once
         _NATIVE_SLOTS.refresh()

@@ -130,6 +130,11 @@ class AttentionHandle(Protocol):
 
         Writes k/v into the cache for `layer_idx` and attends over the cached keys, scaled by
         1/sqrt(D). `mask` is the pass's mask, passed through the model untouched.
+
+        A handle may also offer `decode_plan() -> DecodePlan | None`
+        (`runtime.api.DecodePlan`): where the pass's attention is one decode-kernel call per
+        layer, its arguments, so the compiled decoder's C++ attention op makes those calls
+        without calling `attend` (the plan's calls must do everything `attend` would).
         """
         ...
 

@@ -307,11 +307,11 @@ class StaticDecodeGraphs:
     @contextlib.contextmanager
     def _pass_state(self, attn: Any, mask: Any, rows: int) -> Iterator[None]:
         """The pass state the attention op reads, set for one graph call and cleared after."""
-        self._pass.attn, self._pass.mask, self._pass.rows = attn, mask, rows
+        self._pass.enter(attn, mask, rows)
         try:
             yield
         finally:
-            self._pass.attn = self._pass.mask = self._pass.rows = None
+            self._pass.leave()
 
     def _throwaway_pass(self, rows: int) -> contextlib.AbstractContextManager:
         """The pass state for tracing or warming a graph: zero attention, no engine state."""

@@ -148,6 +148,51 @@ def test_the_appended_key_and_value_are_written_then_attended(dtype) -> None:
     assert torch.equal(k, want_k) and torch.equal(v, want_v)
 
 
+def test_the_attend_op_runs_a_decode_plan_bit_for_bit_and_otherwise_the_python_handle() -> None:
+    """`baton_kernels::attend` (the compiled decoder's attention op): with a decode plan set it
+    makes the layer's kernel call itself (the same output, the same appended K/V, the seconds
+    reported when the plan is cleared); bad layers and row counts are refused by name; with no
+    plan it calls the pass's Python handle back."""
+    from runtime import compiled_forward  # registers the Python op the C++ one calls back
+
+    gen = torch.Generator().manual_seed(5)
+    layers, rows, kv_heads, columns, dim, heads = 3, 4, 3, 10, 64, 9
+    lengths = torch.tensor([1, 10, 4, 7])
+    offsets = torch.tensor([r * kv_heads * columns * dim + (columns - int(n)) * dim
+                            for r, n in enumerate(lengths)])
+    k = torch.randn(layers, rows, kv_heads, columns, dim, generator=gen)
+    v = torch.randn(layers, rows, kv_heads, columns, dim, generator=gen)
+    q = torch.randn(rows, heads, dim, generator=gen)
+    new_k = torch.randn(rows, kv_heads, dim, generator=gen)
+    new_v = torch.randn(rows, kv_heads, dim, generator=gen)
+    kernel = load_native_kernel()
+    want_k, want_v = k.clone(), v.clone()
+    want = kernel(q, want_k[1], want_v[1], offsets, lengths, dim, columns * dim, kv_heads,
+                  new_k, new_v)
+    ops = torch.ops.baton_kernels
+    ops.set_decode_plan(list(k.unbind(0)), list(v.unbind(0)), offsets, lengths, dim,
+                        columns * dim, kv_heads)
+    try:
+        assert torch.equal(ops.attend(1, q, new_k, new_v), want)
+        assert torch.equal(k, want_k) and torch.equal(v, want_v)
+        with pytest.raises(RuntimeError, match="layer 3 is outside the decode plan"):
+            ops.attend(3, q, new_k, new_v)
+        with pytest.raises(RuntimeError, match="the pass has 3 rows, the decode plan 4"):
+            ops.attend(0, q[:3], new_k[:3], new_v[:3])
+    finally:
+        assert ops.clear_decode_plan() > 0
+
+    class Handle:
+        def attend(self, layer, q, k, v, mask):
+            return torch.full_like(q, float(layer))
+
+    compiled_forward._PASS.enter(Handle(), None, native_op=True)  # offers no plan
+    try:
+        assert torch.equal(ops.attend(2, q, new_k, new_v), torch.full_like(q, 2.0))
+    finally:
+        compiled_forward._PASS.leave()
+
+
 MIXED_CASES = [  # (model dtype, cache dtype, heads, kv_heads, head_dim)
     (torch.float32, torch.bfloat16, 9, 3, 64),  # AVX-512 BF16 builds: keys widened in registers
     (torch.float32, torch.bfloat16, 6, 2, 24),  # the 8-lane widening path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import sys
 
 import pytest
@@ -226,6 +227,52 @@ def test_compiled_linears_run_as_one_cpp_op_with_the_eager_tokens(native_kernel)
     assert "baton_kernels::linear" in ops and "baton_runtime::linear" not in ops
     want = [r.output_token_ids for r in eager.generate(prompts(), GREEDY)]
     assert [r.output_token_ids for r in compiled.generate(prompts(), GREEDY)] == want
+
+
+def _op_calls(engine: Engine) -> collections.Counter[str]:
+    """How many times each op ran in one decode-heavy generate (from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.generate(prompts()[:3], GREEDY)
+    return collections.Counter({e.key: e.count for e in prof.key_averages()})
+
+
+@pytest.mark.parametrize("scheduler", ["baton", "orca"])
+def test_decode_passes_attend_in_the_cpp_op_without_the_python_handle(native_kernel,
+                                                                       scheduler: str) -> None:
+    """Where the C++ kernels build, the graph's attention is `baton_kernels::attend`: a
+    decode-only pass runs its layout's decode plan there (the decode kernel, no Python per
+    layer); a pass with prompts calls the layout's handle back through the Python op. The
+    tokens are the eager engine's."""
+    eager = Engine(small_model(), None, instantiate_scheduler(scheduler, {}), scheduler)
+    compiled = Engine(small_model(), None, instantiate_scheduler(scheduler, {}), scheduler,
+                      compile_model=True)
+    calls = _op_calls(compiled)
+    layers = 2
+    passes = calls["baton_kernels::attend"] // layers
+    called_back = calls["baton_runtime::attend"] // layers
+    # 3 prompts, 10 tokens each: a few passes hold prompts, the other 9-10 are decode-only
+    assert 0 < called_back <= 3 and passes - called_back >= 8
+    want = [r.output_token_ids for r in eager.generate(prompts(), GREEDY)]
+    assert [r.output_token_ids for r in compiled.generate(prompts(), GREEDY)] == want
+
+
+def test_orca_times_its_decode_attention_run_in_the_cpp_op(native_kernel) -> None:
+    """Orca's scheduler and `attention: auto` read each pass's decode-attention seconds: a
+    pass whose decode plan ran in the C++ op reports the seconds the kernel took there."""
+    engine = Engine(small_model(), None, instantiate_scheduler("orca", {}), "orca",
+                    compile_model=True)
+    engine.generate(prompts()[:3], GREEDY)
+    cache = engine.kv_cache
+    sample_calls = []
+    cache.chooser.record = lambda variant, seconds, rows: sample_calls.append((variant, seconds))
+    for request in prompts()[:3]:
+        engine.add_request(request, GREEDY)
+    while engine.has_unfinished():
+        engine.step()
+    fused = [seconds for variant, seconds in sample_calls if variant == "fused"]
+    assert fused and all(seconds > 0 for seconds in fused)
 
 
 def test_compiled_swiglu_is_one_op_fused_on_the_native_sgemm(native_kernel) -> None:
