@@ -53,8 +53,9 @@ class DecodeKernel:
     """Single-query attention over keys addressed in place (see the C++ file's header), and
     the prompts' causal attention (`prompts`, `segment`) where it applies (`attends_prompts`).
 
-    q `(n, H, D)` contiguous; `k`/`v` a layer's contiguous K/V storage (q's dtype, or bfloat16
-    or float16 under a float32/float64 q: a 16-bit `kv_cache_dtype`); row r reads
+    q `(n, H, D)`, each row's heads dense (any row stride: q as a view of a fused projection);
+    `k`/`v` a layer's contiguous K/V storage (q's dtype, or bfloat16 or float16 under a
+    float32/float64 q: a 16-bit `kv_cache_dtype`); row r reads
     `counts[r]` keys from element `offsets[r]`, key j of KV head h at
     `offsets[r] + j * key_stride + h * head_stride`. Returns `(n, H, D)`, scaled by `D**-0.5`.
 

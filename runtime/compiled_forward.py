@@ -169,9 +169,6 @@ class _OpaqueAttention:
         return torch.ops.baton_runtime.attend(layer, q, k, v)
 
 
-# The static buckets keep the Python op: their graphs may be kept as AOTInductor packages
-# (`runtime.graph_packages`), which name the ops they call, and a package must load in a
-# process that has not built the C++ kernels.
 _OPAQUE = _OpaqueAttention()
 _OPAQUE_NATIVE = _OpaqueAttention(native=True)
 
@@ -359,8 +356,9 @@ def static_decode_graphs(model: nn.Module, rows: tuple[int, ...], lazy: bool,
                 "package)", ", ".join(map(str, rows)),
                 "built at warm-up or by the first pass" if lazy else "built in the background",
                 (len(rows) * size + dense) / 2**20, dense / 2**20)
-    graphs = StaticDecodeGraphs(model, rows, _PASS, _OPAQUE, _ZeroAttention(), lazy, packages,
-                                _PassThroughAttention())
+    native = bool(_NATIVE_SLOTS.available)  # as the dynamic graph: see compile_decoder
+    graphs = StaticDecodeGraphs(model, rows, _PASS, _OPAQUE_NATIVE if native else _OPAQUE,
+                                _ZeroAttention(), lazy, packages, _PassThroughAttention())
     model._static_decode_graphs = {**shared, key: graphs}
     return graphs
 

@@ -11,9 +11,11 @@ compiled ahead of time with the same inductor settings, a bucket's decoder and L
 A package is reused only where everything that shaped it is unchanged: the model's config,
 dtype and every weight's bytes (a SHA-1 over them, about 0.4 s for 540 MB here), the torch
 version, the CPU's instruction sets, the inductor settings, and the source of the modules that
-trace into the graph. Anything else is a different directory, built on first use. The
-attention stays outside the package (the `baton_runtime::attend` op, called back into Python),
-as it does in the in-process graph.
+trace into the graph, and which attention op the graph calls. Anything else is a different
+directory, built on first use. The attention stays outside the package, as it does in the
+in-process graph: the C++ `baton_kernels::attend` op where the engine's kernels build (it runs
+a decode-only pass's plan and calls the layout's Python handle back otherwise; a process
+loading such a package has built them first), else the Python `baton_runtime::attend`.
 
 The constants are kept out of the package's library and out of the package itself: the graph
 keeps the parameters it was exported with beside their packed forms, so at load those are

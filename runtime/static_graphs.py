@@ -172,6 +172,9 @@ class StaticDecodeGraphs:
         self.released_bytes = 0  # dense copies dropped once every bucket came from a package
         self._lazy = lazy
         self._pass = pass_state
+        # the C++ attention op (`_OpaqueAttention.native`), which runs decode plans itself;
+        # packages that call it are kept apart from those that call the Python op
+        self._native_attention = bool(getattr(opaque_attention, "native", False))
         self._zero = zero_attention
         self._probe = probe_attention
         self._packaged: set[int] = set()  # buckets whose graphs came from packages
@@ -200,8 +203,9 @@ class StaticDecodeGraphs:
         self._twin_modules: tuple[nn.Module, nn.Module] | None = None
         if packages is not None and on_cpu:
             self._twin_modules = (_Decoder(twin, opaque_attention).eval(), _Logits(twin).eval())
-            self.packages = GraphPackages(packages, model_key(twin, PACKAGE_SETTINGS),
-                                          PACKAGE_SETTINGS)
+            attention_op = "baton_kernels" if self._native_attention else "baton_runtime"
+            key = model_key(twin, {**PACKAGE_SETTINGS, "attention_op": attention_op})
+            self.packages = GraphPackages(packages, key, PACKAGE_SETTINGS)
 
     def bucket(self, tokens: int) -> int | None:
         """The bucket a pass of `tokens` tokens runs in, or None (the dynamic graph)."""
@@ -307,7 +311,7 @@ class StaticDecodeGraphs:
     @contextlib.contextmanager
     def _pass_state(self, attn: Any, mask: Any, rows: int) -> Iterator[None]:
         """The pass state the attention op reads, set for one graph call and cleared after."""
-        self._pass.enter(attn, mask, rows)
+        self._pass.enter(attn, mask, rows, native_op=self._native_attention)
         try:
             yield
         finally:

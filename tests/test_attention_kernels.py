@@ -148,6 +148,30 @@ def test_the_appended_key_and_value_are_written_then_attended(dtype) -> None:
     assert torch.equal(k, want_k) and torch.equal(v, want_v)
 
 
+def test_queries_are_read_in_place_as_rows_of_a_fused_projection() -> None:
+    """q as the model hands it over, the first H heads of each row of a fused `(n, H + H_kv,
+    D)` projection: the same output as its contiguous copy, no copy made; a q whose heads are
+    not dense is refused by name."""
+    gen = torch.Generator().manual_seed(4)
+    rows, kv_heads, columns, dim, heads = 5, 3, 9, 64, 9
+    lengths = torch.tensor([1, 9, 3, 6, 2])
+    offsets = torch.tensor([r * kv_heads * columns * dim + (columns - int(n)) * dim
+                            for r, n in enumerate(lengths)])
+    k = torch.randn(rows, kv_heads, columns, dim, generator=gen)
+    v = torch.randn(rows, kv_heads, columns, dim, generator=gen)
+    fused = torch.randn(rows, heads + kv_heads, dim, generator=gen)
+    q = fused[:, :heads]
+    assert not q.is_contiguous()
+    kernel = load_native_kernel()
+    got = kernel(q, k, v, offsets, lengths, dim, columns * dim, kv_heads)
+    assert got.is_contiguous()
+    assert torch.equal(got, kernel(q.contiguous(), k, v, offsets, lengths, dim, columns * dim,
+                                   kv_heads))
+    with pytest.raises(RuntimeError, match="dense heads"):
+        kernel(torch.randn(rows, heads, 2 * dim)[:, :, :dim], k, v, offsets, lengths, dim,
+               columns * dim, kv_heads)
+
+
 def test_the_attend_op_runs_a_decode_plan_bit_for_bit_and_otherwise_the_python_handle() -> None:
     """`baton_kernels::attend` (the compiled decoder's attention op): with a decode plan set it
     makes the layer's kernel call itself (the same output, the same appended K/V, the seconds

@@ -56,6 +56,27 @@ def test_buckets_serve_padded_passes_with_the_eager_tokens(scheduler: str,
         assert graphs.logits(hidden[:0]) is None and graphs.logits(torch.zeros(9, 64)) is None
 
 
+@pytest.mark.parametrize("scheduler", ["baton", "orca"])
+def test_a_padded_bucket_pass_runs_its_decode_plan_in_the_cpp_attention_op(
+        native_kernel, scheduler: str, packages: PackageCacheSpec) -> None:
+    """The buckets' graphs (from packages) call the C++ attention op too: a decode-only pass
+    padded to the bucket runs the layout's decode plan there, pad rows zeroed, without the
+    Python handle; only the passes with prompts call it back. The tokens are the eager ones."""
+    from tests.test_compiled_forward import _op_calls
+
+    engine = Engine(small_model(), None, instantiate_scheduler(scheduler, {}), scheduler,
+                    compile_model=True, static_decode_rows=(8,), static_graph_cache=packages)
+    engine.warm_up()
+    graphs = engine.runner.static_graphs
+    calls = _op_calls(engine)  # three prompts: their decode rows padded to eight
+    layers = 2
+    assert graphs.passes[8] >= 8
+    assert calls["baton_kernels::attend"] // layers >= 10
+    assert 0 < calls["baton_runtime::attend"] // layers <= 3
+    assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == \
+        eager_tokens(scheduler)
+
+
 def test_background_compile_builds_the_buckets_after_the_dynamic_graph() -> None:
     engine = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton",
                     compile_model="background", static_decode_rows=(8,))

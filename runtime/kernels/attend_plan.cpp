@@ -16,6 +16,7 @@
 // seconds the kernel calls took, for layouts that time their attention (Orca's scheduler).
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "decode_attention.h"
@@ -65,19 +66,32 @@ at::Tensor python_attend(int64_t layer, const at::Tensor& q, const at::Tensor& k
 }
 
 at::Tensor dense_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+at::Tensor dense_heads(const at::Tensor& q) {  // q split from a fused QK: read in place
+  return baton::has_dense_heads(q) ? q : q.contiguous();
+}
 
-// q `(N, H, D)`, k / v `(N, H_kv, D)` of the pass, N the plan's rows. (The fixed-shape buckets,
-// whose pad rows the Python op handles, keep that op: `runtime/compiled_forward.py`.)
+// q `(N, H, D)`, k / v `(N, H_kv, D)` of the pass. N is the plan's rows, or more in a padded
+// fixed-shape pass (`runtime/static_graphs.py`), whose pad rows get zeros and never reach the
+// cache, as the Python op does it.
 at::Tensor attend(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   if (!plan.set) return python_attend(layer, q, k, v);
+  const int64_t rows = plan.offsets.numel();
   TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(plan.keys.size()),
               "baton_kernels::attend: layer ", layer, " is outside the decode plan");
-  TORCH_CHECK(q.size(0) == plan.offsets.numel(), "baton_kernels::attend: the pass has ",
-              q.size(0), " rows, the decode plan ", plan.offsets.numel());
+  TORCH_CHECK(q.size(0) >= rows, "baton_kernels::attend: the pass has ", q.size(0),
+              " rows, the decode plan ", rows);
   const auto started = std::chrono::steady_clock::now();
+  const bool padded = q.size(0) > rows;
+  const auto real = [&](const at::Tensor& t) { return padded ? t.narrow(0, 0, rows) : t; };
   at::Tensor out = baton::decode_attention(
-      q.contiguous(), plan.keys[layer], plan.values[layer], plan.offsets, plan.counts,
-      plan.key_stride, plan.head_stride, plan.kv_heads, dense_rows(k), dense_rows(v));
+      dense_heads(real(q)), plan.keys[layer], plan.values[layer], plan.offsets, plan.counts,
+      plan.key_stride, plan.head_stride, plan.kv_heads, dense_rows(real(k)),
+      dense_rows(real(v)));
+  if (padded) {
+    at::Tensor full = at::zeros(q.sizes(), q.options());
+    full.narrow(0, 0, rows).copy_(out);
+    out = full;
+  }
   plan.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   return out;
 }

@@ -27,7 +27,7 @@
 // (`vdpbf16ps`, no widening), which changes only the order of the float32 additions.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -671,7 +671,7 @@ void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* of
   using T = acc_t<QT>;
   constexpr bool kWideQuery = !std::is_same_v<QT, T>;  // a 16-bit model attends in float32
   constexpr bool kWideKeys = !std::is_same_v<KT, T>;   // 16-bit keys are widened to float32
-  const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2), q_row = q.stride(0);
   const int64_t group = heads / kv_heads;
   const int64_t widest = n ? *std::max_element(counts, counts + n) : 0;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(dim)));
@@ -690,7 +690,8 @@ void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* of
         store_key(appended.k + r * appended.k_row + h * appended.k_head, dim, kp + last);
         store_key(appended.v + r * appended.v_row + h * appended.v_head, dim, vp + last);
       }
-      const int64_t at = (r * heads + h * group) * dim;
+      const int64_t at = (r * heads + h * group) * dim;  // in the (contiguous) output
+      const int64_t q_at = r * q_row + h * group * dim;
 #ifdef BATON_AVX512
       constexpr bool kHalfUnderFloat = std::is_same_v<QT, float> && kWideKeys;
 #ifdef BATON_AVX512_BF16
@@ -701,7 +702,7 @@ void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* of
 #endif
       if constexpr (kHalfUnderFloat || kBf16Model) {
         if (dim % (kBf16Model ? 32 : 16) == 0) {
-          attend_one_16(qp + at, kp + first, vp + first, group, dim, key_stride, counts[r],
+          attend_one_16(qp + q_at, kp + first, vp + first, group, dim, key_stride, counts[r],
                         scale, scores.data(), acc.data(), wide.data());
           for (int64_t i = 0; i < group * dim; ++i) op[at + i] = static_cast<QT>(acc[i]);
           continue;
@@ -710,10 +711,10 @@ void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* of
 #endif
       const T* qt;
       if constexpr (kWideQuery) {
-        for (int64_t i = 0; i < group * dim; ++i) wide_q[i] = static_cast<T>(qp[at + i]);
+        for (int64_t i = 0; i < group * dim; ++i) wide_q[i] = static_cast<T>(qp[q_at + i]);
         qt = wide_q.data();
       } else {
-        qt = qp + at;
+        qt = qp + q_at;
       }
       attend_one<T, KT>(qt, kp + first, vp + first, group, dim, key_stride, counts[r], scale,
                         scores.data(), acc.data(), wide.data());
@@ -782,7 +783,9 @@ at::Tensor decode_attention(const at::Tensor& q, at::Tensor& k, at::Tensor& v,
                             int64_t key_stride, int64_t head_stride, int64_t kv_heads,
                             const std::optional<at::Tensor>& new_k,
                             const std::optional<at::Tensor>& new_v) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "decode_attention: q must be a contiguous (n, H, D)");
+  TORCH_CHECK(q.dim() == 3 && baton::has_dense_heads(q),
+              "decode_attention: q must be (n, H, D) with dense heads (any row stride: a "
+              "view of a fused projection's rows)");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.numel() == v.numel(),
               "decode_attention: k and v must be contiguous and the same size");
   const auto qt = q.scalar_type(), kt = k.scalar_type();
@@ -808,7 +811,7 @@ at::Tensor decode_attention(const at::Tensor& q, at::Tensor& k, at::Tensor& v,
                         k.numel(),
                 "decode_attention: row ", r, " reads outside the KV storage");
   }
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = at::empty({n, q.size(1), dim}, q.options());
   switch (qt) {
     case at::kFloat:
       attend_model<float>(q, k, v, off, cnt, key_stride, head_stride, kv_heads, new_k, new_v, out);
