@@ -86,10 +86,9 @@ class BatonAttention:
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, staging: Staging | None,
                  decode: Sequence[DecodeSegment], prompts: Sequence[PromptSegment],
                  kernel: DecodeKernel | None = None, kernel_rows: KernelRows | None = None,
-                 prompt_kernel: DecodeKernel | None = None,
-                 layers: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None
-                 ) -> None:
-        """`layers`: the caches' per-layer views, where the caller keeps them (else made)."""
+                 prompt_kernel: DecodeKernel | None = None, *,
+                 layers: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]) -> None:
+        """`layers`: the caches' per-layer views, made once by the cache (`BatonCache.layers`)."""
         self.k_cache, self.v_cache = k_cache, v_cache
         self.staging = staging
         self.decode = decode
@@ -98,8 +97,7 @@ class BatonAttention:
         self.kernel, self.kernel_rows = kernel, kernel_rows
         self.prompt_kernel = prompt_kernel
         self._prompt_segments: torch.Tensor | None = None  # made at the first layer
-        if kernel is not None:  # every layer's view made in one call, not two ops a layer
-            self.k_layers, self.v_layers = layers or (k_cache.unbind(0), v_cache.unbind(0))
+        self.k_layers, self.v_layers = layers
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: BatonMask | None) -> torch.Tensor:

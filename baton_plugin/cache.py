@@ -190,7 +190,7 @@ class BatonCache(KVCache):
         lay: BatonLayout = batch.layout
         return BatonAttention(self.k, self.v, self.staging, lay.decode, lay.prompts,
                               self.decode_kernel if lay.kernel_rows is not None else None,
-                              lay.kernel_rows, self.decode_kernel, self.layers)
+                              lay.kernel_rows, self.decode_kernel, layers=self.layers)
 
     def commit(self, batch: ForwardBatch) -> None:
         """After a pass: decode rows gained a key; newcomers are embedded from staging."""
