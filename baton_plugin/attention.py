@@ -8,7 +8,7 @@ row order), then the newcomers' prompts. Attention is split the way the layout i
   with the bucket's padding mask;
 - each prompt causally on its own (`is_causal`, no explicit mask, so the kernel skips the
   upper triangle), over its keys in the packed staging area `commit` embeds them from; with
-  the engine's prompt kernel (float32 on CPU), all prompts in one call per layer.
+  the engine's prompt kernel (float32 or bfloat16 on CPU), all prompts in one call per layer.
 
 GQA through `enable_gqa=True`: K/V are never repeated. When the engine has its decode kernel
 (`runtime.attention_kernels`), every bucket's decode rows go through ONE kernel call per layer

@@ -3,11 +3,12 @@
 Causal attention of one prompt per call (SDPA's flash kernel with `is_causal` and
 `enable_gqa`, as the layouts called it before the kernel), and of a packed pass of several
 prompts (one SDPA call per prompt against one kernel call for all), over a model shape's heads
-(default: smollm2-135m's 9 query and 3 KV heads of 64). float32, the dtype the kernel takes.
+(default: smollm2-135m's 9 query and 3 KV heads of 64), in float32 or bfloat16 (`--dtype`).
 The contenders run interleaved, round after round, and each figure is a median. GFLOP/s counts
 the causal work: 4 x heads x head_dim x n(n+1)/2 per prompt of n tokens.
 
     python benchmarks/prompt_attention.py --lengths 16 64 128 256 512 1024 2048 --packed 16
+    python benchmarks/prompt_attention.py --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -48,16 +49,18 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     kernel = load_native_kernel()
     h, hkv, d = args.heads, args.kv_heads, args.head_dim
-    q0 = torch.empty(1, h, d)
+    dtype = getattr(torch, args.dtype)
+    q0 = torch.empty(1, h, d, dtype=dtype)
     if not kernel.attends_prompts(q0, q0):
-        raise SystemExit("the prompt kernel does not run here (it needs AVX2 and FMA, float32, "
-                         "a head size that is a multiple of 16)")
-    print(f"{torch.get_num_threads()} threads; heads {h}/{hkv}, head size {d}, float32")
+        raise SystemExit("the prompt kernel does not run here (it needs AVX2 and FMA, float32 or "
+                         "bfloat16, a head size that is a multiple of 16)")
+    print(f"{torch.get_num_threads()} threads; heads {h}/{hkv}, head size {d}, {args.dtype}")
     print(f"{'prompt':>14} {'SDPA ms':>9} {'kernel ms':>10} {'SDPA GF/s':>10} "
           f"{'kernel GF/s':>12} {'speedup':>8}")
 
@@ -77,7 +80,7 @@ def main() -> None:
             is_causal=True, enable_gqa=True)
 
     for n in args.lengths:
-        q, k, v = torch.randn(n, h, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+        q, k, v = (torch.randn(n, heads, d, dtype=dtype) for heads in (h, hkv, hkv))
         segments = torch.tensor([[0, n, 0, 0]])
         row(f"{n}", [n], lambda q=q, k=k, v=v: sdpa(q, k, v),
             lambda q=q, k=k, v=v, s=segments: kernel.prompts(q, k, v, s, hkv * d, d, hkv))
@@ -86,7 +89,7 @@ def main() -> None:
         lengths = [rng.randint(16, 256) for _ in range(args.packed)]
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
         total = sum(lengths)
-        q, k, v = torch.randn(total, h, d), torch.randn(total, hkv, d), torch.randn(total, hkv, d)
+        q, k, v = (torch.randn(total, heads, d, dtype=dtype) for heads in (h, hkv, hkv))
         segments = torch.tensor([[s, n, 0, s * hkv * d] for s, n in zip(starts, lengths,
                                                                            strict=True)])
 

@@ -9,8 +9,9 @@ keys and values; the kernel 21.5 ms). `kernels/decode_attention.cpp` is a plain 
 no padding, no mask), so BATON's dense rows and Orca's slot ranges use the same kernel.
 
 The same build holds the prompts' kernel (`kernels/prompt_attention.cpp`, `DecodeKernel.prompts`):
-a prefill pass's prompts, each causal over its own keys in place, float32 on AVX2 + FMA (other
-dtypes keep SDPA), which every packed layout calls where it applies.
+a prefill pass's prompts, each causal over its own keys in place, float32 or bfloat16 on AVX2 +
+FMA (float32 arithmetic; other dtypes keep SDPA), which every packed layout calls where it
+applies.
 
 It is compiled for this CPU's instruction set on first use (`torch.utils.cpp_extension`, about
 15 s on 2 cores, then cached under `~/.cache/torch_extensions`) and used on CPU for float32,
@@ -44,9 +45,11 @@ logger = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "native")
 NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+PROMPT_DTYPES = (torch.float32, torch.bfloat16)  # the prompts' kernel: float32 arithmetic
 SOURCES = tuple(Path(__file__).parent / "kernels" / name
                 for name in ("decode_attention.cpp", "attend_plan.cpp", "linear_slots.cpp",
-                             "mkl_linear.cpp", "packed_sgemm.cpp", "prompt_attention.cpp"))
+                             "mkl_linear.cpp", "packed_sgemm.cpp", "packed_bf16.cpp",
+                             "prompt_attention.cpp"))
 
 
 class DecodeKernel:
@@ -82,11 +85,11 @@ class DecodeKernel:
         return self._op(q, k, v, offsets, counts, key_stride, head_stride, kv_heads, new_k, new_v)
 
     def attends_prompts(self, q: torch.Tensor, k: torch.Tensor) -> bool:
-        """Whether `prompts` takes these: float32 queries and keys on a CPU build with AVX2
-        and FMA, head size a multiple of 16, unit last strides. Otherwise prompts go through
-        SDPA."""
-        return (self._prompt_op is not None and q.dtype == torch.float32
-                and k.dtype == torch.float32 and q.device.type == "cpu"
+        """Whether `prompts` takes these: float32 or bfloat16 queries and keys of one dtype
+        on a CPU build with AVX2 and FMA, head size a multiple of 16, unit last strides.
+        Otherwise prompts go through SDPA (a 16-bit cache under a float32 model, float64)."""
+        return (self._prompt_op is not None and q.dtype in PROMPT_DTYPES
+                and k.dtype == q.dtype and q.device.type == "cpu"
                 and q.shape[-1] % 16 == 0 and q.stride(-1) == 1 and k.stride(-1) == 1)
 
     def prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

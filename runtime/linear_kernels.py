@@ -12,10 +12,12 @@ serves every row count in both (no row bucketing or padding):
   model's linears 1.15-1.6x faster than oneDNN's packed ones at 1-128 rows; on a 2-core
   AVX2 EPYC oneDNN was the faster. Hence the probe.
 
-- `native` (float32, on a CPU with AVX2 and FMA, where the engine's C++ kernels build): the
-  engine's own packed sgemm (`kernels/packed_sgemm.cpp`), written for decode sizes. On a
-  2-core AVX2 EPYC it ran the 135M shape's linears 1.3x oneDNN's packed ones at 32 rows,
-  1.25x at 64, 1.2-1.6x at 1-16, and level or faster at prefill sizes.
+- `native` (float32 on a CPU with AVX2 and FMA, bfloat16 on one with AVX-512 BF16, where the
+  engine's C++ kernels build): the engine's own packed GEMMs, written for decode sizes. The
+  sgemm (`kernels/packed_sgemm.cpp`) ran the 135M shape's linears on a 2-core AVX2 EPYC at
+  1.3x oneDNN's packed ones at 32 rows, 1.25x at 64, 1.2-1.6x at 1-16, and level or faster
+  at prefill sizes; the bfloat16 GEMM (`kernels/packed_bf16.cpp`, `vdpbf16ps`) on a 2-core
+  Zen 4 EPYC at 1.5x oneDNN's bfloat16 ones at 1-2 rows, 1.2-1.3x at 8-64 and level at 256.
 
 `auto` measures the candidates at startup (`probe_speedups`) and takes the fastest.
 `benchmarks/linear_backends.py` times them at any row count, prefill sizes included.
@@ -53,7 +55,7 @@ logger = logging.getLogger(__name__)
 LinearBackend = Literal["auto", "torch", "onednn", "mkl", "native"]
 LINEAR_BACKENDS: tuple[str, ...] = ("auto", "torch", "onednn", "mkl", "native")
 PACKED_BACKENDS: tuple[str, ...] = ("onednn", "mkl", "native")
-LIBRARY_NAMES = {"onednn": "oneDNN", "mkl": "MKL", "native": "the engine's sgemm"}
+LIBRARY_NAMES = {"onednn": "oneDNN", "mkl": "MKL", "native": "the engine's GEMM"}
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 PROBE_ROWS = (1, 8, 32, 64)  # decode batch sizes the choice must hold at
 
@@ -91,10 +93,11 @@ def onednn_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     return True
 
 
-def _cpp_float32_kernel(available_op: str, dtype: torch.dtype, device: torch.device) -> bool:
+def _cpp_kernel(available_op: str, dtype: torch.dtype, device: torch.device,
+                dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
     """True when the engine's C++ kernels build here and their `available_op` says the kernel
-    it names can run (float32 on a CPU only)."""
-    if device.type != "cpu" or dtype != torch.float32:
+    it names can run (`dtypes` on a CPU only)."""
+    if device.type != "cpu" or dtype not in dtypes:
         return False
     try:
         load_native_kernel()
@@ -106,13 +109,15 @@ def _cpp_float32_kernel(available_op: str, dtype: torch.dtype, device: torch.dev
 def mkl_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     """True when MKL's packed sgemm can run a weight of `dtype` here (float32 on a CPU whose
     torch links MKL, with the engine's C++ kernels built)."""
-    return _cpp_float32_kernel("mkl_available", dtype, device)
+    return _cpp_kernel("mkl_available", dtype, device)
 
 
 def native_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    """True when the engine's own packed sgemm can run a weight of `dtype` here (float32 on a
-    CPU whose C++ kernels built with AVX2 and FMA)."""
-    return _cpp_float32_kernel("sgemm_available", dtype, device)
+    """True when the engine's own packed GEMM can run a weight of `dtype` here: float32 on a
+    CPU whose C++ kernels built with AVX2 and FMA, bfloat16 on one with AVX-512 BF16."""
+    if dtype == torch.bfloat16:
+        return _cpp_kernel("bf16_gemm_available", dtype, device, (torch.bfloat16,))
+    return _cpp_kernel("sgemm_available", dtype, device)
 
 
 def packing_supported(backend: str, dtype: torch.dtype, device: torch.device) -> bool:
@@ -128,6 +133,8 @@ def pack_weight(weight: torch.Tensor, backend: str) -> torch.Tensor:
     """`weight` (out, in) in the packed layout of `backend`; the dense tensor is not changed."""
     if backend == "mkl":
         return torch.ops.baton_kernels.mkl_pack(weight.detach())
+    if backend == "native" and weight.dtype == torch.bfloat16:
+        return torch.ops.baton_kernels.bf16_pack(weight.detach())
     if backend == "native":
         return torch.ops.baton_kernels.sgemm_pack(weight.detach())
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
@@ -142,6 +149,9 @@ def dense_weight(linear: Linear) -> torch.Tensor:
         eye = torch.eye(linear.in_features, dtype=torch.float32)
         return torch.ops.baton_kernels.mkl_linear(eye, linear.packed, linear.out_features,
                                                   None).t().contiguous()
+    if linear.packed_by == "native" and linear.packed.dtype == torch.bfloat16:
+        return torch.ops.baton_kernels.bf16_unpack(linear.packed, linear.out_features,
+                                                   linear.in_features)
     if linear.packed_by == "native":  # the packing only moved the values
         return torch.ops.baton_kernels.sgemm_unpack(linear.packed, linear.out_features)
     return linear.packed.to_dense()

@@ -128,7 +128,7 @@ def segment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     `mask` being `segment_mask`'s for the segment.
 
     With the engine's kernel (`runtime.attention_kernels`) a prompt goes through its causal
-    prompt kernel where that applies (float32 on CPU): the segment's queries are the last
+    prompt kernel where that applies (float32 or bfloat16 on CPU): the segment's queries are the last
     `n` positions of `S`, so a resumed prompt needs no mask either. Otherwise SDPA, with
     4-D inputs on purpose: on CPU, SDPA takes its flash kernel only for 4-D tensors (3-D ones
     fall back to the math path, about 30x slower for a 300-token prompt). Keys and values

@@ -70,7 +70,7 @@ def prefill_kv(model: torch.nn.Module, token_lists: Sequence[Sequence[int]],
     One packed pass (no pad token in any GEMM), each prompt attending causally to itself:
     the same arithmetic as an engine's own prompt pass, so greedy tokens match it. Pass the
     engine's kernels (`runtime.attention_kernels.choose_attention_backend(...).kernel`) to
-    attend float32 prompts through its prompt kernel, as the engine's own passes do.
+    attend float32 and bfloat16 prompts through its prompt kernel, as the engine's own passes do.
     """
     cfg = model.config
     param = next(model.parameters())

@@ -275,23 +275,33 @@ def test_orca_times_its_decode_attention_run_in_the_cpp_op(native_kernel) -> Non
     assert fused and all(seconds > 0 for seconds in fused)
 
 
-def test_compiled_swiglu_is_one_op_fused_on_the_native_sgemm(native_kernel) -> None:
-    """With the engine's sgemm, the MLP's gate-and-up linear and SwiGLU's product run as one
-    `baton_kernels::linear_swiglu` call (no `(N, 2 x inter)` tensor); the tokens are the eager
-    engine's, which fuses the same way."""
+@pytest.mark.parametrize(("dtype", "fused_op"), [(torch.float32, "sgemm_swiglu"),
+                                               (torch.bfloat16, "bf16_swiglu")])
+def test_compiled_swiglu_is_one_op_fused_on_the_native_gemm(native_kernel, dtype,
+                                                              fused_op: str) -> None:
+    """With the engine's GEMM (the float32 sgemm, or the bfloat16 one), the MLP's gate-and-up
+    linear and SwiGLU's product run as one `baton_kernels::linear_swiglu` call (no
+    `(N, 2 x inter)` tensor); the tokens are the eager engine's, which fuses the same way."""
     from runtime.linear_kernels import packing_supported
 
-    if not packing_supported("native", torch.float32, torch.device("cpu")):
-        pytest.skip("the engine's sgemm needs AVX2 and FMA")
-    eager = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton",
+    if not packing_supported("native", dtype, torch.device("cpu")):
+        pytest.skip(f"the engine's GEMM for {dtype} does not build here")
+    eager = Engine(small_model().to(dtype), None, instantiate_scheduler("baton", {}), "baton",
                    linear_backend="native")
-    compiled = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton",
+    compiled = Engine(small_model().to(dtype), None, instantiate_scheduler("baton", {}), "baton",
                       linear_backend="native", compile_model=True)
     ops = _ops_run(compiled)
-    assert "baton_kernels::linear_swiglu" in ops and "baton_kernels::sgemm_swiglu" not in ops
-    assert "baton_kernels::sgemm_swiglu" in _ops_run(eager)
+    assert "baton_kernels::linear_swiglu" in ops and f"baton_kernels::{fused_op}" not in ops
+    assert f"baton_kernels::{fused_op}" in _ops_run(eager)
     want = [r.output_token_ids for r in eager.generate(prompts(), GREEDY)]
-    assert [r.output_token_ids for r in compiled.generate(prompts(), GREEDY)] == want
+    got = [r.output_token_ids for r in compiled.generate(prompts(), GREEDY)]
+    if dtype == torch.float32:
+        assert got == want
+    else:  # inductor rounds the fused norms and residuals to bfloat16 at other points than
+        # eager does, so a near tie may flip a token and the rest of its request
+        agreeing = sum(next((j for j, (a, b) in enumerate(zip(g, w, strict=True)) if a != b),
+                            len(w)) for g, w in zip(got, want, strict=True))
+        assert agreeing >= 0.8 * sum(map(len, want)), (got, want)
 
 
 @pytest.mark.parametrize("backend", ["onednn", "mkl", "native"])

@@ -291,3 +291,115 @@ def test_a_llama_mlp_fuses_swiglu_on_the_native_sgemm_only() -> None:
         unpack_linears(model)
         assert not gate_up.fuses_swiglu(F.silu)
         torch.testing.assert_close(gate_up.gated(x, F.gelu), gelu_gate, rtol=1e-5, atol=1e-5)
+
+
+needs_native_bf16 = pytest.mark.skipif(
+    not packing_supported("native", torch.bfloat16, CPU),
+    reason="the engine's bfloat16 GEMM needs AVX-512 BF16")
+
+
+def test_native_packs_bfloat16_only_where_the_cpu_has_avx512_bf16() -> None:
+    from runtime.attention_kernels import load_native_kernel
+
+    load_native_kernel()
+    built = torch.ops.baton_kernels.bf16_gemm_available()
+    assert packing_supported("native", torch.bfloat16, CPU) == built
+    assert not packing_supported("native", torch.float16, CPU)
+    if not built:
+        with pytest.raises(ValueError, match="linear_backend native: .* cannot pack"):
+            choose_linear_backend(small_model(torch.bfloat16), "native")
+
+
+def bf16_close(y: torch.Tensor, want: torch.Tensor, depth: int) -> None:
+    """`y` (bfloat16) is `want` (float64) rounded once to bfloat16, give or take the float32
+    sums' rounding: half a bfloat16 step relative, plus float32 error growing with the depth."""
+    err = (y.double() - want).abs()
+    bound = want.abs() * 2.0 ** -8 + 1e-5 * max(1.0, depth ** 0.5)
+    assert bool((err <= bound).all()), (err - bound).max()
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("out_features,in_features", [(576, 576), (192, 1536), (64, 301),
+                                                       (17, 5), (33, 300), (32, 1), (5, 0)])
+def test_native_bf16_gemm_matches_float64_and_is_row_invariant(out_features: int,
+                                                               in_features: int) -> None:
+    """Panel tails (features not a multiple of 32), an odd K (a half last pair, in the last
+    depth block), depth blocks (K > 192), every tile height and row blocks (> 192): each output
+    the exact product rounded once to bfloat16 (within the float32 sums' rounding), bias
+    added before that rounding, and a row's values the same whatever rows share the call."""
+    ops = torch.ops.baton_kernels
+    gen = torch.Generator().manual_seed(out_features * 1000 + in_features)
+    weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    bias = torch.randn(out_features, generator=gen).bfloat16()
+    packed = ops.bf16_pack(weight)
+    assert torch.equal(ops.bf16_unpack(packed, out_features, in_features), weight)
+    for rows in (1, 2, 5, 6, 7, 8, 13, 32, 200, 400):
+        x = torch.randn(rows, in_features, generator=gen).bfloat16()
+        y = ops.bf16_linear(x, packed, out_features, bias)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)
+        bf16_close(y, x.double() @ weight.double().T + bias.double(), in_features)
+        for r in {0, rows // 2, rows - 1}:
+            assert torch.equal(ops.bf16_linear(x[r:r + 1], packed, out_features, bias)[0], y[r])
+    batched = torch.randn(2, 3, in_features, generator=gen).bfloat16()
+    assert ops.bf16_linear(batched, packed, out_features, None).shape == (2, 3, out_features)
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops.bf16_linear(torch.randn(2, in_features + 2).bfloat16(), packed, out_features, None)
+    with pytest.raises(RuntimeError, match="x must be a bfloat16"):
+        ops.bf16_linear(torch.randn(2, in_features), packed, out_features, None)
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("intermediate,in_features", [(1536, 576), (96, 64), (32, 501)])
+def test_native_bf16_swiglu_is_silu_gate_times_up_rounded_once(intermediate: int,
+                                                                in_features: int) -> None:
+    """`bf16_swiglu` over a packed `[gate; up]` weight: silu(gate) * up of the exact gate and
+    up, rounded once (within float32 rounding), row invariant, every tile height and block."""
+    import torch.nn.functional as F
+
+    ops = torch.ops.baton_kernels
+    gen = torch.Generator().manual_seed(intermediate + in_features)
+    weight = (torch.randn(2 * intermediate, in_features, generator=gen)
+              / in_features ** 0.5).bfloat16()
+    packed = ops.bf16_pack(weight)
+    for rows in (1, 2, 3, 5, 7, 32, 200, 400):
+        x = (torch.randn(rows, in_features, generator=gen) * 3).bfloat16()
+        y = ops.bf16_swiglu(x, packed, intermediate)
+        gate, up = (x.double() @ weight.double().T).chunk(2, dim=-1)
+        bf16_close(y, F.silu(gate) * up, in_features)
+        for r in {0, rows // 2, rows - 1}:
+            assert torch.equal(ops.bf16_swiglu(x[r:r + 1], packed, intermediate)[0], y[r])
+    with pytest.raises(RuntimeError, match="not a multiple of 32"):
+        ops.bf16_swiglu(torch.randn(2, in_features).bfloat16(),
+                        ops.bf16_pack(torch.randn(96, in_features).bfloat16()), 48)
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_bfloat16_model_on_the_native_gemm(tied: bool) -> None:
+    """Packed for the bfloat16 GEMM: the logits stay within bfloat16 rounding of the plain
+    bfloat16 model's, the weights come back exactly, and a Llama MLP fuses SwiGLU."""
+    import torch.nn.functional as F
+
+    from runtime.architectures import CausalSelfAttention
+
+    model = small_model(torch.bfloat16, tied=tied)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, pos = torch.tensor([[3, 14, 15, 92, 65, 35]]), torch.arange(6)[None]
+    with torch.inference_mode():
+        plain = model.compute_logits(model(ids, pos, CausalSelfAttention())).float()
+        extra = pack_linears(model, "native")
+        assert extra == (model.lm_head.weight.numel() * 2 if tied else 0)
+        packed = model.compute_logits(model(ids, pos, CausalSelfAttention())).float()
+    assert (packed - plain).abs().max() <= 0.03 * (plain.max() - plain.min())
+    unpack_linears(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    llama = tiny_model(seed=1, dtype=torch.bfloat16, hidden_size=64, intermediate_size=128)
+    mlp = llama.model.layers[0].mlp
+    x = torch.randn(5, 64).bfloat16()
+    with torch.inference_mode():
+        plain_mlp = mlp(x).float()
+        pack_linears(llama, "native")
+        assert mlp.gate_up_proj.fuses_swiglu(F.silu)
+        fused = mlp(x).float()
+    assert (fused - plain_mlp).abs().max() <= 0.02 * plain_mlp.abs().max()

@@ -65,6 +65,35 @@ def test_packed_prompts_match_sdpa(kernel, heads, kv_heads, dim) -> None:
         row += n
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), SHAPES[:3])
+def test_bfloat16_prompts_round_the_float32_arithmetic_once(kernel, heads, kv_heads, dim) -> None:
+    """bfloat16 inputs: the float32 kernel's output on the same (widened) inputs, rounded to
+    bfloat16 once, and so within one bfloat16 rounding of the exact attention; torch's
+    bfloat16 SDPA is no closer to it."""
+    lengths, pasts = [1, 5, 16, 17, 100, 37, 2], [0, 0, 3, 0, 20, 7, 40]
+    q, k, v, segments = staged(lengths, pasts, heads, kv_heads, dim, seed=4)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out = kernel.prompts(q, k, v, segments, kv_heads * dim, dim, kv_heads)
+    assert out.dtype == torch.bfloat16 and out.shape == (sum(lengths), heads, dim)
+    wide = kernel.prompts(q.float(), k.float(), v.float(), segments, kv_heads * dim, dim,
+                          kv_heads)
+    assert torch.equal(out, wide.bfloat16())
+    row = 0
+    for q_row, n, past, offset in segments.tolist():
+        first = offset // (kv_heads * dim)
+        keys, values = k[first:first + past + n], v[first:first + past + n]
+        exact = reference(q[q_row:q_row + n], keys, values, past)
+        torch.testing.assert_close(out[row:row + n].double(), exact, rtol=8e-3, atol=8e-3)
+        mask = torch.arange(past + n)[None, :] <= torch.arange(n)[:, None] + past
+        sdpa = F.scaled_dot_product_attention(
+            q[q_row:q_row + n].transpose(0, 1)[None], keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+        ours = (out[row:row + n].double() - exact).abs().mean()
+        theirs = (sdpa.double() - exact).abs().mean()
+        assert ours <= theirs * 1.05, (ours, theirs)
+        row += n
+
+
 def test_a_head_major_pool_and_strided_views(kernel) -> None:
     """Orca's pool `(H_kv, capacity, D)` read in place, and `segment` on a strided view."""
     gen = torch.Generator().manual_seed(1)
@@ -117,16 +146,19 @@ def test_what_the_kernel_cannot_take_is_refused_or_left_to_sdpa(kernel) -> None:
         kernel.prompts(q[..., :24], k[..., :24], v[..., :24], segments, 48, 24, 2)
     assert kernel.attends_prompts(q, k)
     assert not kernel.attends_prompts(q.double(), k.double())
-    assert not kernel.attends_prompts(q.bfloat16(), k.bfloat16())
+    assert kernel.attends_prompts(q.bfloat16(), k.bfloat16())
+    assert not kernel.attends_prompts(q.half(), k.half())
     assert not kernel.attends_prompts(q, k.bfloat16())  # a 16-bit cache: SDPA widens it
     assert not kernel.attends_prompts(q[..., :24], k[..., :24])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scheduler", ["baton", "orca", "orca-loop", "default"])
-def test_every_layout_prefills_float32_prompts_through_the_kernel(kernel, monkeypatch,
-                                                                   scheduler) -> None:
-    """float32 on CPU: BATON's staging, Orca's pool (the literal loop's initiations too) and
-    the default slabs all call the prompt kernel, and the greedy tokens agree with SDPA's.
+def test_every_layout_prefills_prompts_through_the_kernel(kernel, monkeypatch, scheduler,
+                                                          dtype) -> None:
+    """float32 and bfloat16 on CPU: BATON's staging, Orca's pool (the literal loop's
+    initiations too) and the default slabs all call the prompt kernel, and the greedy tokens
+    agree with SDPA's.
     Not bit for bit: the two round differently, so a near tie could flip a token and the rest
     of its request; a wrong key or position would disagree from the first token on."""
     from runtime.attention_kernels import DecodeKernel
@@ -140,7 +172,7 @@ def test_every_layout_prefills_float32_prompts_through_the_kernel(kernel, monkey
     name, options = {"orca-loop": ("orca", {"attention": "loop"}),
                      "default": (None, {})}.get(scheduler, (scheduler, {}))
     factory = (lambda: None) if name is None else (lambda: instantiate_scheduler(name, options))
-    model = tiny_model(seed=0, dtype=torch.float32, hidden_size=96, num_attention_heads=6,
+    model = tiny_model(seed=0, dtype=dtype, hidden_size=96, num_attention_heads=6,
                        intermediate_size=128)  # head size 16, GQA groups of 3
     arrivals = random_arrivals(5, num_requests=8, vocab_size=128, prompt_len=(2, 40),
                                max_tokens=(3, 10), max_arrival_step=5, abort_fraction=0.0)

@@ -39,7 +39,7 @@ class Linear(nn.Linear):
 
     `packed` is None for the plain `F.linear` path; when set, it is the weight laid out once
     for the kernel `packed_by` names (oneDNN's blocked layout, MKL's packed sgemm format, or
-    the engine's own sgemm's 16-feature panels),
+    the engine's own GEMMs' panels: 16 float32 features, or 32 bfloat16 ones in input pairs),
     so the GEMM skips re-laying the weight out on every call.
     """
 
@@ -58,7 +58,9 @@ class Linear(nn.Linear):
         if packed_by == "mkl":
             return torch.ops.baton_kernels.mkl_linear(x, packed, self.out_features, self.bias)
         if packed_by == "native":
-            return torch.ops.baton_kernels.sgemm_linear(x, packed, self.out_features, self.bias)
+            op = (torch.ops.baton_kernels.bf16_linear if packed.dtype == torch.bfloat16
+                  else torch.ops.baton_kernels.sgemm_linear)
+            return op(x, packed, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
@@ -73,18 +75,23 @@ class FusedLinear(Linear):
               ) -> torch.Tensor:
         """`act(gate) * up` of a gate-and-up projection (its two halves): a gated MLP's input.
 
-        On the engine's sgemm with SiLU (SwiGLU) the product is fused into the GEMM
-        (`baton_kernels::sgemm_swiglu`): no `(*tok, 2 x inter)` tensor is written and read back,
-        and gate and up are the very values the plain linear gives. The compiled decoder routes
-        this through its slot op (`runtime.compiled_forward`)."""
+        On the engine's GEMMs with SiLU (SwiGLU) the product is fused into the GEMM
+        (`baton_kernels::sgemm_swiglu`, `bf16_swiglu`): no `(*tok, 2 x inter)` tensor is
+        written and read back. In float32 gate and up are the very values the plain linear
+        gives; in bfloat16 the product is taken of their float32 sums and rounded once. The
+        compiled decoder routes this through its slot op (`runtime.compiled_forward`)."""
         if self.fuses_swiglu(act):
-            return torch.ops.baton_kernels.sgemm_swiglu(x, self.packed, self.out_features // 2)
+            op = (torch.ops.baton_kernels.bf16_swiglu if self.packed.dtype == torch.bfloat16
+                  else torch.ops.baton_kernels.sgemm_swiglu)
+            return op(x, self.packed, self.out_features // 2)
         return gated_product(self(x), act)
 
     def swiglu_fusable(self, act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
         """Whether the fused SwiGLU op can take this projection: SiLU, no bias, and halves of
-        whole 16-feature panels (the compiled decoder's slot op checks the packing itself)."""
-        return act is F.silu and self.bias is None and self.out_features % 32 == 0
+        whole panels, 16 features in float32 and 32 in bfloat16 (the compiled decoder's slot
+        op checks the packing itself)."""
+        panel = 32 if self.weight.dtype == torch.bfloat16 else 16
+        return act is F.silu and self.bias is None and self.out_features % (2 * panel) == 0
 
     def fuses_swiglu(self, act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
         """Whether `gated` runs as one fused op: fusable, on the engine's sgemm."""

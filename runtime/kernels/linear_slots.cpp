@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "mkl_linear.h"
+#include "packed_bf16.h"
 #include "packed_sgemm.h"
 
 #include <cstdint>
@@ -78,17 +79,23 @@ at::Tensor linear(int64_t slot, const at::Tensor& x) {
   const Slot s = slot_of(slot);
   if (s.kind == kOneDnn) return packed_linear(x, s);
   if (s.kind == kMkl) return baton::mkl_packed_linear(x, s.weight, s.out_features, s.bias);
+  if (s.kind == kNative && s.weight.scalar_type() == at::kBFloat16)
+    return baton::bf16_packed_linear(x, s.weight, s.out_features, s.bias);
   if (s.kind == kNative) return baton::sgemm_packed_linear(x, s.weight, s.out_features, s.bias);
   return at::linear(x, s.weight, s.bias);
 }
 
 // SwiGLU's gate: silu(first half) * second half of the slot's output. On the engine's sgemm
-// (no bias, halves of whole 16-feature panels) one fused op; otherwise the slot's linear and
+// or bfloat16 GEMM (no bias, halves of whole panels) one fused op; otherwise the slot's linear and
 // then `at::silu` and a product, the ops the model's unfused path runs.
 at::Tensor linear_swiglu(int64_t slot, const at::Tensor& x) {
   const Slot s = slot_of(slot);
   const bool biased = s.bias.has_value() && s.bias->defined();
-  if (s.kind == kNative && !biased && s.out_features % 32 == 0)
+  if (s.kind == kNative && !biased && s.weight.scalar_type() == at::kBFloat16 &&
+      s.out_features % 64 == 0)
+    return baton::bf16_packed_swiglu(x, s.weight, s.out_features / 2);
+  if (s.kind == kNative && !biased && s.weight.scalar_type() == at::kFloat &&
+      s.out_features % 32 == 0)
     return baton::sgemm_packed_swiglu(x, s.weight, s.out_features / 2);
   const std::vector<at::Tensor> halves = linear(slot, x).chunk(2, -1);
   return at::mul(at::silu(halves[0]), halves[1]);

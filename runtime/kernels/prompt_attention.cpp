@@ -1,4 +1,5 @@
-// Causal attention of packed prompts (prefill), each over its own keys, float32 on AVX2 + FMA.
+// Causal attention of packed prompts (prefill), each over its own keys: float32 or bfloat16
+// queries, keys and values, float32 arithmetic, on AVX2 + FMA.
 //
 // Why: a prefill pass attends every prompt causally to itself. torch's CPU flash kernel runs
 // each (prompt, head) as a series of small library GEMMs with a softmax between them and, on
@@ -26,13 +27,21 @@
 // key order, whichever tile or thread computes it and whatever other segments the call has,
 // so a prompt's output does not depend on what it is batched with, nor on where its prefill
 // was cut. It differs from SDPA by float32 rounding (q is scaled before the dot product).
+//
+// bfloat16: the same float32 arithmetic on widened inputs (a shift: bfloat16 is float32's
+// upper half), the keys widened once when they are packed into panels, the values as they
+// are read, and each output rounded to nearest even once, as torch's casts round. torch's
+// bfloat16 flash kernel also scores and sums in float32; on a 2-core Zen 4 it took 14% of a
+// bfloat16 prefill pass, twice this kernel's float32 time.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -71,6 +80,24 @@ int64_t elements_after(const at::Tensor& t) {
 }
 
 #ifdef BATON_PROMPT_AVX2
+
+// 8 values as float32: loaded, or widened from bfloat16 (float32's upper half).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// 16 float32 outputs stored, or rounded to bfloat16 (nearest even, as torch's casts).
+inline void store16(float* out, __m256 lo, __m256 hi) {
+  _mm256_storeu_ps(out, lo);
+  _mm256_storeu_ps(out + 8, hi);
+}
+inline void store16(c10::BFloat16* out, __m256 lo, __m256 hi) {
+  alignas(32) float wide[16];
+  store16(wide, lo, hi);
+  for (int i = 0; i < 16; ++i) out[i] = c10::BFloat16(wide[i]);
+}
 
 // Scores of ROWS query rows (D floats each, scaled) against one K^T panel: a 6 x 16 tile.
 #define BATON_SCORE_FMA(r)                                            \
@@ -112,19 +139,18 @@ void score_panel(const float* q, int64_t dim, const float* panel, float* scores,
 #define BATON_VALUE_STORE(r)                                                        \
   if constexpr (ROWS > r) {                                                         \
     const __m256 s = _mm256_set1_ps(inv_sums[r]);                                   \
-    _mm256_storeu_ps(out[r], _mm256_mul_ps(acc##r##lo, s));                         \
-    _mm256_storeu_ps(out[r] + 8, _mm256_mul_ps(acc##r##hi, s));                     \
+    store16(out[r], _mm256_mul_ps(acc##r##lo, s), _mm256_mul_ps(acc##r##hi, s));    \
   }
 
-template <int ROWS>
-void value_panel(const float* probs, int64_t ldp, int64_t keys, const float* v,
-                 int64_t key_stride, const float* inv_sums, float* const* out) {
+template <int ROWS, typename T>
+void value_panel(const float* probs, int64_t ldp, int64_t keys, const T* v,
+                 int64_t key_stride, const float* inv_sums, T* const* out) {
   __m256 acc0lo = _mm256_setzero_ps(), acc0hi = acc0lo, acc1lo = acc0lo, acc1hi = acc0lo,
          acc2lo = acc0lo, acc2hi = acc0lo, acc3lo = acc0lo, acc3hi = acc0lo, acc4lo = acc0lo,
          acc4hi = acc0lo, acc5lo = acc0lo, acc5hi = acc0lo;
   for (int64_t j = 0; j < keys; ++j) {
-    const __m256 v_lo = _mm256_loadu_ps(v + j * key_stride);
-    const __m256 v_hi = _mm256_loadu_ps(v + j * key_stride + 8);
+    const __m256 v_lo = load8(v + j * key_stride);
+    const __m256 v_hi = load8(v + j * key_stride + 8);
     BATON_VALUE_FMA(0) BATON_VALUE_FMA(1) BATON_VALUE_FMA(2)
     BATON_VALUE_FMA(3) BATON_VALUE_FMA(4) BATON_VALUE_FMA(5)
   }
@@ -141,13 +167,13 @@ void score_tile(const float* q, int64_t dim, const float* panels, int64_t num_pa
     score_panel<ROWS>(q, dim, panels + p * dim * kPanel, scores + p * kPanel, lds);
 }
 
-template <int ROWS>
-void value_tile(const float* probs, int64_t ldp, int64_t keys, const float* v, int64_t dim,
-                int64_t key_stride, const float* inv_sums, float* const* out) {
-  float* cols[kTileRows];
+template <int ROWS, typename T>
+void value_tile(const float* probs, int64_t ldp, int64_t keys, const T* v, int64_t dim,
+                int64_t key_stride, const float* inv_sums, T* const* out) {
+  T* cols[kTileRows];
   for (int64_t c = 0; c < dim; c += kPanel) {
     for (int r = 0; r < ROWS; ++r) cols[r] = out[r] + c;
-    value_panel<ROWS>(probs, ldp, keys, v + c, key_stride, inv_sums, cols);
+    value_panel<ROWS, T>(probs, ldp, keys, v + c, key_stride, inv_sums, cols);
   }
 }
 
@@ -181,19 +207,19 @@ float softmax_row(float* s, int64_t seen, int64_t keys) {
 
 // One tile: rows `row0..row0+rows-1` of a (segment, KV head), row r being the query at
 // position `past + r / group` of head `kv_head * group + r % group`.
-template <int ROWS>
-void run_tile(const Task& t, const Segment& seg, const float* q, int64_t q_row_stride,
-              int64_t q_head_stride, const float* panels, const float* v, int64_t key_stride,
-              int64_t head_stride, int64_t group, int64_t dim, float scale, float* out,
+template <int ROWS, typename T>
+void run_tile(const Task& t, const Segment& seg, const T* q, int64_t q_row_stride,
+              int64_t q_head_stride, const float* panels, const T* v, int64_t key_stride,
+              int64_t head_stride, int64_t group, int64_t dim, float scale, T* out,
               int64_t out_row, int64_t heads, float* scratch, int64_t lds) {
-  float* q_tile = scratch;                    // ROWS x dim, scaled
+  float* q_tile = scratch;                    // ROWS x dim, float32, scaled
   float* scores = scratch + kTileRows * dim;  // ROWS x lds
-  float* rows_out[kTileRows];
+  T* rows_out[kTileRows];
   float inv_sums[kTileRows];
   for (int r = 0; r < ROWS; ++r) {
     const int64_t row = t.row0 + r, i = row / group, h = t.kv_head * group + row % group;
-    const float* src = q + (seg.q_row + i) * q_row_stride + h * q_head_stride;
-    for (int64_t d = 0; d < dim; ++d) q_tile[r * dim + d] = src[d] * scale;
+    const T* src = q + (seg.q_row + i) * q_row_stride + h * q_head_stride;
+    for (int64_t d = 0; d < dim; ++d) q_tile[r * dim + d] = static_cast<float>(src[d]) * scale;
     rows_out[r] = out + ((out_row + i) * heads + h) * dim;
   }
   score_tile<ROWS>(q_tile, dim, panels, (t.keys + kPanel - 1) / kPanel, scores, lds);
@@ -201,8 +227,82 @@ void run_tile(const Task& t, const Segment& seg, const float* q, int64_t q_row_s
     const int64_t seen = seg.past + (t.row0 + r) / group + 1;
     inv_sums[r] = softmax_row(scores + r * lds, seen, t.keys);
   }
-  value_tile<ROWS>(scores, lds, t.keys, v + seg.key_offset + t.kv_head * head_stride, dim,
+  value_tile<ROWS, T>(scores, lds, t.keys, v + seg.key_offset + t.kv_head * head_stride, dim,
                    key_stride, inv_sums, rows_out);
+}
+
+#endif  // BATON_PROMPT_AVX2
+
+#ifdef BATON_PROMPT_AVX2
+
+// The kernel proper, for q, k, v and the output all of type T (float or c10::BFloat16).
+template <typename T>
+void attend_segments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::vector<Segment>& segs, const std::vector<int64_t>& out_rows,
+                     const std::vector<int64_t>& panel_offsets, int64_t panel_floats,
+                     int64_t widest, int64_t key_stride, int64_t head_stride, int64_t kv_heads,
+                     at::Tensor& out) {
+  const int64_t heads = q.size(1), dim = q.size(2), group = heads / kv_heads;
+  const int64_t num_segments = static_cast<int64_t>(segs.size());
+  // K^T of every (segment, KV head) as 16-key float32 panels (padded keys score 0, unused).
+  at::Tensor panels = at::empty({panel_floats}, q.options().dtype(at::kFloat));
+  float* pp = panels.data_ptr<float>();
+  const T* kp = k.data_ptr<T>();
+  at::parallel_for(0, num_segments * kv_heads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      const int64_t s = w / kv_heads, h = w % kv_heads, keys = segs[s].past + segs[s].length;
+      const int64_t padded = (keys + kPanel - 1) / kPanel * kPanel;
+      float* dst = pp + panel_offsets[s] + h * padded * dim;
+      for (int64_t j = 0; j < padded; ++j) {
+        const T* src = kp + segs[s].key_offset + j * key_stride + h * head_stride;
+        float* col = dst + (j / kPanel) * dim * kPanel + j % kPanel;
+        for (int64_t d = 0; d < dim; ++d)
+          col[d * kPanel] = j < keys ? static_cast<float>(src[d]) : 0.0f;
+      }
+    }
+  });
+  std::vector<Task> tasks;
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const int64_t rows = segs[s].length * group;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int64_t r0 = 0, tiles = (rows + kTileRows - 1) / kTileRows; tiles > 0; --tiles) {
+        const int64_t n = (rows - r0 + tiles - 1) / tiles;  // even tiles of 1-6 rows
+        tasks.push_back({s, h, r0, n, segs[s].past + (r0 + n - 1) / group + 1});
+        r0 += n;
+      }
+    }
+  }
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const Task& a, const Task& b) { return a.keys * a.rows > b.keys * b.rows; });
+  const T* qp = q.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  const int64_t lds = widest;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks.size());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<float> scratch(kTileRows * (dim + lds));
+    for (int64_t w = next++; w < static_cast<int64_t>(tasks.size()); w = next++) {
+      const Task& t = tasks[w];
+      const Segment& seg = segs[t.segment];
+      const int64_t keys = seg.past + seg.length;
+      const float* panel = pp + panel_offsets[t.segment] +
+                           t.kv_head * ((keys + kPanel - 1) / kPanel * kPanel) * dim;
+#define BATON_TILE(n)                                                                       \
+  run_tile<n, T>(t, seg, qp, q.stride(0), q.stride(1), panel, vp, key_stride, head_stride,   \
+                 group, dim, scale, op, out_rows[t.segment], heads, scratch.data(), lds)
+      switch (t.rows) {
+        case 6: BATON_TILE(6); break;
+        case 5: BATON_TILE(5); break;
+        case 4: BATON_TILE(4); break;
+        case 3: BATON_TILE(3); break;
+        case 2: BATON_TILE(2); break;
+        default: BATON_TILE(1); break;
+      }
+#undef BATON_TILE
+    }
+  });
 }
 
 #endif  // BATON_PROMPT_AVX2
@@ -212,12 +312,14 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             int64_t kv_heads) {
   TORCH_CHECK(prompt_attention_available(),
               "prompt_attention: built without AVX2 and FMA");
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1,
-              "prompt_attention: q must be a float32 (N, H, D) with unit last stride");
-  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(q.dim() == 3 && (q.scalar_type() == at::kFloat || bf16) && q.stride(2) == 1,
+              "prompt_attention: q must be a float32 or bfloat16 (N, H, D) with unit last "
+              "stride");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
                   k.dim() >= 1 && k.stride(-1) == 1 && k.sizes() == v.sizes() &&
                   k.strides() == v.strides(),
-              "prompt_attention: k and v must be float32 views of one shape and strides, "
+              "prompt_attention: k and v must be views of q's dtype, of one shape and strides, "
               "unit last stride");
   // Keys are addressed from k's first element up to the end of its storage (and v's).
   const int64_t readable = std::min(elements_after(k), elements_after(v));
@@ -231,7 +333,7 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
                   segments.scalar_type() == at::kLong && segments.is_contiguous(),
               "prompt_attention: segments must be an int64 (S, 4) of q_row, length, past, "
               "key_offset");
-  const int64_t group = heads / kv_heads, num_segments = segments.size(0);
+  const int64_t num_segments = segments.size(0);
   std::vector<Segment> segs(num_segments);
   std::vector<int64_t> out_rows(num_segments), panel_offsets(num_segments);
   int64_t total = 0, panel_floats = 0, widest = 0;
@@ -257,64 +359,12 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor out = at::empty({total, heads, dim}, q.options());
 #ifdef BATON_PROMPT_AVX2
   if (total == 0) return out;
-  // K^T of every (segment, KV head) as 16-key panels (padded keys score 0 and are unused).
-  at::Tensor panels = at::empty({panel_floats}, q.options());
-  float* pp = panels.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  at::parallel_for(0, num_segments * kv_heads, 1, [&](int64_t b, int64_t e) {
-    for (int64_t w = b; w < e; ++w) {
-      const int64_t s = w / kv_heads, h = w % kv_heads, keys = segs[s].past + segs[s].length;
-      const int64_t padded = (keys + kPanel - 1) / kPanel * kPanel;
-      float* dst = pp + panel_offsets[s] + h * padded * dim;
-      for (int64_t j = 0; j < padded; ++j) {
-        const float* src = kp + segs[s].key_offset + j * key_stride + h * head_stride;
-        float* col = dst + (j / kPanel) * dim * kPanel + j % kPanel;
-        for (int64_t d = 0; d < dim; ++d) col[d * kPanel] = j < keys ? src[d] : 0.0f;
-      }
-    }
-  });
-  std::vector<Task> tasks;
-  for (int64_t s = 0; s < num_segments; ++s) {
-    const int64_t rows = segs[s].length * group;
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      for (int64_t r0 = 0, tiles = (rows + kTileRows - 1) / kTileRows; tiles > 0; --tiles) {
-        const int64_t n = (rows - r0 + tiles - 1) / tiles;  // even tiles of 1-6 rows
-        tasks.push_back({s, h, r0, n, segs[s].past + (r0 + n - 1) / group + 1});
-        r0 += n;
-      }
-    }
-  }
-  std::stable_sort(tasks.begin(), tasks.end(),
-                   [](const Task& a, const Task& b) { return a.keys * a.rows > b.keys * b.rows; });
-  const float* qp = q.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  const int64_t lds = widest;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks.size());
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> scratch(kTileRows * (dim + lds));
-    for (int64_t w = next++; w < static_cast<int64_t>(tasks.size()); w = next++) {
-      const Task& t = tasks[w];
-      const Segment& seg = segs[t.segment];
-      const int64_t keys = seg.past + seg.length;
-      const float* panel = pp + panel_offsets[t.segment] +
-                           t.kv_head * ((keys + kPanel - 1) / kPanel * kPanel) * dim;
-#define BATON_TILE(n)                                                                       \
-  run_tile<n>(t, seg, qp, q.stride(0), q.stride(1), panel, vp, key_stride, head_stride,      \
-              group, dim, scale, op, out_rows[t.segment], heads, scratch.data(), lds)
-      switch (t.rows) {
-        case 6: BATON_TILE(6); break;
-        case 5: BATON_TILE(5); break;
-        case 4: BATON_TILE(4); break;
-        case 3: BATON_TILE(3); break;
-        case 2: BATON_TILE(2); break;
-        default: BATON_TILE(1); break;
-      }
-#undef BATON_TILE
-    }
-  });
+  if (bf16)
+    attend_segments<c10::BFloat16>(q, k, v, segs, out_rows, panel_offsets, panel_floats, widest,
+                                   key_stride, head_stride, kv_heads, out);
+  else
+    attend_segments<float>(q, k, v, segs, out_rows, panel_offsets, panel_floats, widest,
+                           key_stride, head_stride, kv_heads, out);
 #endif
   return out;
 }
