@@ -38,11 +38,12 @@ def main() -> None:
     p.add_argument("--static-decode-rows", type=int, nargs="*", default=[1, 2])
     p.add_argument("--linear-backend", default="native")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--label", default="", help="printed before the figures")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, dtype="float32")
+    model = load_model(args.model, dtype=args.dtype)
     limits = EngineLimits(max_num_seqs=4, max_model_len=1024, kv_cache_tokens=4096)
     engine = Engine(model, None, instantiate_scheduler(args.scheduler, {}), args.scheduler,
                     limits, linear_backend=args.linear_backend, compile_model=True,

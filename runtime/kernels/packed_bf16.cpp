@@ -20,6 +20,9 @@
 // order (pairs, then the K blocks in order), whatever the row count or thread count, so a
 // row's values are the same alone or in a batch. It differs from oneDNN's and `F.linear`'s
 // order by float32 rounding before the one rounding to bfloat16.
+//
+// An odd K is padded with a zero input, so the shape check cannot tell x of K + 1 inputs from
+// x of K: the callers (`Linear`, the slot table) always pass the linear's own input.
 #include "packed_bf16.h"
 
 #include <ATen/Parallel.h>
