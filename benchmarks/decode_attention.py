@@ -40,6 +40,8 @@ def load_baseline(source: Path) -> Callable[..., torch.Tensor]:
         raise SystemExit(f"{source}: no TORCH_LIBRARY(baton_kernels, ...) to rename")
     build = Path(tempfile.mkdtemp(prefix="baton-baseline-")) / "decode_attention.cpp"
     build.write_text(text.replace("TORCH_LIBRARY(baton_kernels,", "TORCH_LIBRARY(baton_baseline,"))
+    for header in source.parent.glob("*.h"):  # the headers it includes, from the same version
+        (build.parent / header.name).write_text(header.read_text())
     isa, flags = instruction_set()
     cpp_extension.load(name=f"baton_baseline_{isa}", sources=[str(build)],
                        extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],

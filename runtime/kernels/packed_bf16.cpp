@@ -36,7 +36,7 @@
 #include <cstring>
 #include <vector>
 
-#include "softmax_exp.h"
+#include "gemm_common.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX2__) && defined(__FMA__)
@@ -203,15 +203,6 @@ inline void store_bf16(bf16* out, __m512 v, int64_t cols) {
   }
 }
 
-// silu(g) * u in float32, sigmoid from e^-|g| (never overflows), as the float32 sgemm's.
-inline __m256 swiglu8(__m256 g, __m256 u) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256 e = baton::exp_nonpositive(_mm256_or_ps(g, sign));  // e^-|g|
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, e, g), _mm256_add_ps(one, e));
-  return _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), u);
-}
-
 #endif  // BATON_BF16_GEMM
 
 struct Shape {
@@ -232,12 +223,6 @@ Shape check_input(const at::Tensor& x, const at::Tensor& packed, int64_t out_fea
               "baton_kernels::", op, ": packed weight does not match ", k, " inputs and ",
               out_features, " outputs");
   return {a, m, k};
-}
-
-at::Tensor output_rows(const at::Tensor& x, int64_t features) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = features;
-  return x.size(-1) == 0 ? at::zeros(shape, x.options()) : at::empty(shape, x.options());
 }
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,

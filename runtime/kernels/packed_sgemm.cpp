@@ -34,7 +34,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "softmax_exp.h"
+#include "gemm_common.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -211,16 +211,6 @@ inline void gated_tile(const float* x, int64_t ldx, const float* wg, const float
 #undef BATON_GATED_FMA
 #undef BATON_GATED_STORE
 
-// silu(g) * u = g * sigmoid(g) * u, sigmoid from e^-|g| (never overflows): 1 / (1 + e) for
-// g >= 0, e / (1 + e) below.
-inline __m256 swiglu(__m256 g, __m256 u) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256 e = baton::exp_nonpositive(_mm256_or_ps(g, sign));  // e^-|g|
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, e, g), _mm256_add_ps(one, e));
-  return _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), u);
-}
-
 // `rows` rows of x times one K block of a gate/up panel pair, in tiles of at most 3 rows
 // sized evenly, into `part` (rows x kGatedWidth).
 void gated_row_block(const float* x, int64_t ldx, const float* wg, const float* wu, float* part,
@@ -239,13 +229,6 @@ void gated_row_block(const float* x, int64_t ldx, const float* wg, const float* 
 }
 
 #endif  // BATON_SGEMM
-
-// The output (..., features) of x's rows: zeros when K is 0 (every sum empty), else unset.
-at::Tensor output_rows(const at::Tensor& x, int64_t features) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = features;
-  return x.size(-1) == 0 ? at::zeros(shape, x.options()) : at::empty(shape, x.options());
-}
 
 at::Tensor sgemm_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                         const std::optional<at::Tensor>& bias) {
@@ -325,9 +308,9 @@ at::Tensor sgemm_packed_swiglu(const at::Tensor& x, const at::Tensor& packed,
           for (int64_t r = 0; r < rows; ++r) {
             const float* pr = part.data() + r * kGatedWidth;
             float* o = os + (r0 + r) * intermediate + q * kPanel;
-            _mm256_storeu_ps(o, swiglu(_mm256_loadu_ps(pr), _mm256_loadu_ps(pr + kPanel)));
-            _mm256_storeu_ps(o + 8, swiglu(_mm256_loadu_ps(pr + 8),
-                                           _mm256_loadu_ps(pr + kPanel + 8)));
+            _mm256_storeu_ps(o, swiglu8(_mm256_loadu_ps(pr), _mm256_loadu_ps(pr + kPanel)));
+            _mm256_storeu_ps(o + 8, swiglu8(_mm256_loadu_ps(pr + 8),
+                                            _mm256_loadu_ps(pr + kPanel + 8)));
           }
         }
       }
