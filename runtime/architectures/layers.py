@@ -34,6 +34,13 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def native_op(packed: torch.Tensor, kind: str) -> Callable[..., torch.Tensor]:
+    """The engine's own GEMM op of `kind` ("linear" or "swiglu") for a weight it packed:
+    the bfloat16 GEMM's for a bfloat16 weight, the float32 sgemm's otherwise."""
+    prefix = "bf16" if packed.dtype == torch.bfloat16 else "sgemm"
+    return getattr(torch.ops.baton_kernels, f"{prefix}_{kind}")
+
+
 class Linear(nn.Linear):
     """`nn.Linear` that can run on a prepacked weight (`runtime.linear_kernels.pack_linears`).
 
@@ -58,9 +65,7 @@ class Linear(nn.Linear):
         if packed_by == "mkl":
             return torch.ops.baton_kernels.mkl_linear(x, packed, self.out_features, self.bias)
         if packed_by == "native":
-            op = (torch.ops.baton_kernels.bf16_linear if packed.dtype == torch.bfloat16
-                  else torch.ops.baton_kernels.sgemm_linear)
-            return op(x, packed, self.out_features, self.bias)
+            return native_op(packed, "linear")(x, packed, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
@@ -81,9 +86,7 @@ class FusedLinear(Linear):
         gives; in bfloat16 the product is taken of their float32 sums and rounded once. The
         compiled decoder routes this through its slot op (`runtime.compiled_forward`)."""
         if self.fuses_swiglu(act):
-            op = (torch.ops.baton_kernels.bf16_swiglu if self.packed.dtype == torch.bfloat16
-                  else torch.ops.baton_kernels.sgemm_swiglu)
-            return op(x, self.packed, self.out_features // 2)
+            return native_op(self.packed, "swiglu")(x, self.packed, self.out_features // 2)
         return gated_product(self(x), act)
 
     def swiglu_fusable(self, act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
