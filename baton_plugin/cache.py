@@ -48,6 +48,7 @@ from runtime.api import (
     Phase,
     Request,
     kv_elements_per_token,
+    kv_empty,
 )
 
 NewcomerPass = Literal["fused", "separate"]
@@ -122,8 +123,8 @@ class BatonCache(KVCache):
         rows_wanted = min(max_rows or limits.max_num_seqs, limits.max_num_seqs)
         self.max_rows, self.columns = buffer_shape(limits, rows_wanted, shape.num_layers)
         dims = (shape.num_layers, self.max_rows, shape.num_kv_heads, self.columns, shape.head_dim)
-        self.k = torch.empty(dims, dtype=self.kv_dtype, device=self.device)
-        self.v = torch.empty(dims, dtype=self.kv_dtype, device=self.device)
+        self.k = kv_empty(dims, self.kv_dtype, self.device)
+        self.v = kv_empty(dims, self.kv_dtype, self.device)
         # each layer's views, made once (the buffers are never reallocated): `unbind` made
         # them again every pass, about 0.2 ms of a one-row step
         self.layers = (self.k.unbind(0), self.v.unbind(0))
@@ -324,8 +325,8 @@ class BatonCache(KVCache):
         s = self.shape
         size = max(tokens, min(self.max_prefill_tokens, 2 * tokens))
         dims = (s.num_layers, size, s.num_kv_heads, s.head_dim)
-        self.staging = Staging(torch.empty(dims, dtype=self.dtype, device=self.device),
-                               torch.empty(dims, dtype=self.dtype, device=self.device))
+        self.staging = Staging(kv_empty(dims, self.dtype, self.device),
+                               kv_empty(dims, self.dtype, self.device))
 
     # --- placement: vector shaping into a bucket --------------------------------------------
 

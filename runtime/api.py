@@ -11,6 +11,8 @@ from runtime.attention_kernels import DecodeKernel, DecodePlan
 from runtime.default_cache import PerRequestKVCache
 from runtime.defaults import fcfs_admission
 from runtime.hookspecs import hookimpl
+from runtime.huge_pages import empty as kv_empty
+from runtime.huge_pages import zeros as kv_zeros
 from runtime.kv_cache import (
     AttentionHandle,
     CacheLimits,
@@ -70,6 +72,8 @@ __all__ = [
     "PerRequestKVCache",
     "DecodeKernel",
     "DecodePlan",
+    "kv_empty",
+    "kv_zeros",
     # the packed-batch toolkit
     "CAUSAL",
     "Packed",

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime import huge_pages
 from runtime.architectures.layers import Linear
 from runtime.attention_kernels import NativeKernelUnavailable, load_native_kernel
 
@@ -189,6 +190,7 @@ def pack_linears(model: nn.Module, backend: str = "onednn") -> int:
         unpack_linears(model)
     shared = _shared_weights(model)
     extra = 0
+    packed_now = []
     for linear in model_linears(model):
         if linear.packed is not None:
             continue
@@ -196,10 +198,15 @@ def pack_linears(model: nn.Module, backend: str = "onednn") -> int:
         weight = linear.weight
         linear.packed = pack_weight(weight, backend)
         linear.packed_by = backend
+        packed_now.append(linear)
         if id(weight) in shared:
             extra += weight.numel() * weight.element_size()
         else:  # the packed copy replaces the dense one
             weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+    if backend in HUGE_PAGE_BACKENDS:
+        copies = huge_pages.gather([linear.packed for linear in packed_now])
+        for linear, copy in zip(packed_now, copies or (), strict=False):
+            linear.packed = copy
     return extra
 
 
@@ -217,6 +224,12 @@ def unpack_linears(model: nn.Module) -> None:
         linear.packed_by = None
 
 
+# The engine's own packed weights move into one huge-page arena (`runtime.huge_pages`), which a
+# decode step streams with fewer TLB misses: the bfloat16 GEMMs of a pass ran 1.19-1.21x as
+# fast at one or two rows, 1.09x at 8 and 1.03x at 32 (docs/benchmarks.md). MKL's and
+# oneDNN's formats are opaque: an MKL-packed weight copied elsewhere computed other values
+# (its layout depends on where it was packed), so those stay where their library put them.
+HUGE_PAGE_BACKENDS = ("native",)
 MIN_SPEEDUP = 1.05  # a packed kernel must beat `F.linear` by this much to be chosen
 # A first probe this close to MIN_SPEEDUP is re-measured over three times the rounds: a busy
 # 2-core host moved one backend from 1.16x to 0.93x between two startups.
