@@ -3,7 +3,8 @@
 One decode step's attention over every layer of a model shape (default: smollm2-135m's 30
 layers, 9 query and 3 KV heads of 64), each layer its own K/V buffer so the keys stream from
 memory as in a real step. The contenders run interleaved, round after round, and each figure
-is a median, so machine noise hits them alike.
+is a median, so machine noise hits them alike. Keys and values live in huge pages where the
+engine's caches do (`runtime/huge_pages.py`; `BATON_HUGE_PAGES=0` for 4 KiB pages).
 
     python benchmarks/decode_attention.py --dtypes float32 bfloat16 --shapes 1x100 32x211 64x300
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from runtime.api import kv_empty
 from runtime.attention_kernels import instruction_set, load_native_kernel
 
 
@@ -61,8 +63,9 @@ def contenders(rows: int, keys: int, dtype: torch.dtype, layers: int, heads: int
     a row's last key matters there."""
     kernel = load_native_kernel()
     columns = max(columns or 0, keys + 16)  # a window with pad columns on the left
-    ks = [torch.randn(rows, kv_heads, columns, dim).to(dtype) for _ in range(layers)]
-    vs = [torch.randn(rows, kv_heads, columns, dim).to(dtype) for _ in range(layers)]
+    shape = (rows, kv_heads, columns, dim)  # in huge pages, as the engine's KV caches
+    ks = [kv_empty(shape, dtype).copy_(torch.randn(shape)) for _ in range(layers)]
+    vs = [kv_empty(shape, dtype).copy_(torch.randn(shape)) for _ in range(layers)]
     q = torch.randn(rows, heads, dim).to(dtype)
     counts = torch.full((rows,), keys)
     offsets = torch.tensor([r * kv_heads * columns * dim + 16 * dim for r in range(rows)])
