@@ -142,9 +142,18 @@ inline void store_sums(float* part, __m512 lo, __m512 hi, bool first) {
 #define BATON_BF16_STORE(r) \
   if constexpr (ROWS > r) store_sums(part + r * kPanel, acc##r##lo, acc##r##hi, first);
 
+// Prefetches: the first tile over a block streams it from memory, asking for W
+// `kPrefetchPairs` ahead (`stream`); the later tiles find it in L1, and each asks for its
+// share of the next block's pairs instead (`ahead`, `ahead_pairs`), so the next block's
+// memory traffic is spread over this block's whole compute rather than left to its own
+// first tile. The decoder's linears of a pass (weights in huge pages) ran 1.04-1.05x as fast
+// at 32 rows, 1.03x at 64 and level at 1-16 and 256 (same output bit for bit; two
+// interleaved runs of HEAD's kernel against this one, docs/benchmarks.md). Into L2: asked
+// into L1 they were no faster.
 template <int ROWS>
 inline void tile(const bf16* x, int64_t ldx, const bf16* w, float* part, int64_t npairs,
-                 bool odd_tail, bool first) {
+                 bool odd_tail, bool first, bool stream, const bf16* ahead,
+                 int64_t ahead_pairs) {
   __m512 acc0lo = _mm512_setzero_ps(), acc0hi = acc0lo, acc1lo = acc0lo, acc1hi = acc0lo,
          acc2lo = acc0lo, acc2hi = acc0lo, acc3lo = acc0lo, acc3hi = acc0lo, acc4lo = acc0lo,
          acc4hi = acc0lo, acc5lo = acc0lo, acc5hi = acc0lo;
@@ -152,9 +161,15 @@ inline void tile(const bf16* x, int64_t ldx, const bf16* w, float* part, int64_t
     const bf16* wj = w + j * kPanel * 2;
     const __m512bh w_lo = (__m512bh)_mm512_loadu_si512(wj);
     const __m512bh w_hi = (__m512bh)_mm512_loadu_si512(wj + kPanel);
-    _mm_prefetch(reinterpret_cast<const char*>(wj + kPrefetchPairs * kPanel * 2), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wj + kPrefetchPairs * kPanel * 2 + kPanel),
-                 _MM_HINT_T0);
+    if (stream) {
+      _mm_prefetch(reinterpret_cast<const char*>(wj + kPrefetchPairs * kPanel * 2), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wj + kPrefetchPairs * kPanel * 2 + kPanel),
+                   _MM_HINT_T0);
+    } else if (j < ahead_pairs) {
+      const bf16* aj = ahead + j * kPanel * 2;
+      _mm_prefetch(reinterpret_cast<const char*>(aj), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(aj + kPanel), _MM_HINT_T1);
+    }
     const bool tail = odd_tail && j == npairs - 1;
     BATON_BF16_DOT(0) BATON_BF16_DOT(1) BATON_BF16_DOT(2)
     BATON_BF16_DOT(3) BATON_BF16_DOT(4) BATON_BF16_DOT(5)
@@ -165,21 +180,33 @@ inline void tile(const bf16* x, int64_t ldx, const bf16* w, float* part, int64_t
 #undef BATON_BF16_DOT
 #undef BATON_BF16_STORE
 
-// `rows` rows of x times one panel's K block, in tiles of at most 6 rows sized evenly.
+// `rows` rows of x times one panel's K block, in tiles of at most 6 rows sized evenly. What
+// follows the block in memory (the panel's next K block, or the next panel's first) is what
+// the thread reads next: the tiles after the first ask for it, in equal shares, from the
+// first `kPrefetchPairs` pairs on (the first tile's stream asks for those).
 void row_block(const bf16* x, int64_t ldx, const bf16* w, float* part, int64_t npairs,
                bool odd_tail, bool first, int64_t rows) {
-  for (int64_t i = 0, tiles = (rows + 5) / 6; tiles > 0; --tiles) {
+  const int64_t total = (rows + 5) / 6;
+  const bf16* next = w + (npairs + kPrefetchPairs) * kPanel * 2;
+  const int64_t share = total > 1 ? (kDepth / 2 - kPrefetchPairs + total - 2) / (total - 1) : 0;
+  for (int64_t i = 0, t = 0, tiles = total; tiles > 0; --tiles, ++t) {
     const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-6
     const bf16* xr = x + i * ldx;
     float* p = part + i * kPanel;
+    const bf16* ahead = t > 0 ? next + (t - 1) * share * kPanel * 2 : nullptr;
     i += n;
     switch (n) {
-      case 6: tile<6>(xr, ldx, w, p, npairs, odd_tail, first); break;
-      case 5: tile<5>(xr, ldx, w, p, npairs, odd_tail, first); break;
-      case 4: tile<4>(xr, ldx, w, p, npairs, odd_tail, first); break;
-      case 3: tile<3>(xr, ldx, w, p, npairs, odd_tail, first); break;
-      case 2: tile<2>(xr, ldx, w, p, npairs, odd_tail, first); break;
-      default: tile<1>(xr, ldx, w, p, npairs, odd_tail, first); break;
+#define BATON_BF16_TILE(R)                                                                \
+  case R:                                                                                 \
+    tile<R>(xr, ldx, w, p, npairs, odd_tail, first, t == 0, ahead, share); \
+    break;
+      BATON_BF16_TILE(6)
+      BATON_BF16_TILE(5)
+      BATON_BF16_TILE(4)
+      BATON_BF16_TILE(3)
+      BATON_BF16_TILE(2)
+#undef BATON_BF16_TILE
+      default: tile<1>(xr, ldx, w, p, npairs, odd_tail, first, t == 0, ahead, share); break;
     }
   }
 }
