@@ -123,6 +123,7 @@ class BatonCache(KVCache):
         rows_wanted = min(max_rows or limits.max_num_seqs, limits.max_num_seqs)
         self.max_rows, self.columns = buffer_shape(limits, rows_wanted, shape.num_layers)
         dims = (shape.num_layers, self.max_rows, shape.num_kv_heads, self.columns, shape.head_dim)
+        # in huge pages, faulted in now (made once, at startup: runtime/huge_pages.py)
         self.k = kv_empty(dims, self.kv_dtype, self.device)
         self.v = kv_empty(dims, self.kv_dtype, self.device)
         # each layer's views, made once (the buffers are never reallocated): `unbind` made
@@ -325,8 +326,8 @@ class BatonCache(KVCache):
         s = self.shape
         size = max(tokens, min(self.max_prefill_tokens, 2 * tokens))
         dims = (s.num_layers, size, s.num_kv_heads, s.head_dim)
-        self.staging = Staging(kv_empty(dims, self.dtype, self.device),
-                               kv_empty(dims, self.dtype, self.device))
+        self.staging = Staging(torch.empty(dims, dtype=self.dtype, device=self.device),
+                               torch.empty(dims, dtype=self.dtype, device=self.device))
 
     # --- placement: vector shaping into a bucket --------------------------------------------
 

@@ -34,7 +34,6 @@ from runtime.api import (
     PassStats,
     attention_pairs,
     kv_elements_per_token,
-    kv_empty,
     pack,
 )
 
@@ -150,7 +149,7 @@ class OrcaKVCache(KVCache):
     def _empty_pool(self, capacity: int) -> torch.Tensor:
         s = self.shape
         dims = (s.num_layers, 2, s.num_kv_heads, capacity, s.head_dim)
-        return kv_empty(dims, self.kv_dtype, self.device)
+        return torch.empty(dims, dtype=self.kv_dtype, device=self.device)
 
     def add(self, request: Request) -> None:
         size = self.reservation(request)

@@ -12,7 +12,6 @@ from runtime.default_cache import PerRequestKVCache
 from runtime.defaults import fcfs_admission
 from runtime.hookspecs import hookimpl
 from runtime.huge_pages import empty as kv_empty
-from runtime.huge_pages import zeros as kv_zeros
 from runtime.kv_cache import (
     AttentionHandle,
     CacheLimits,
@@ -73,7 +72,6 @@ __all__ = [
     "DecodeKernel",
     "DecodePlan",
     "kv_empty",
-    "kv_zeros",
     # the packed-batch toolkit
     "CAUSAL",
     "Packed",

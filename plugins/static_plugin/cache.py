@@ -16,7 +16,6 @@ from runtime.api import (
     Phase,
     Request,
     kv_elements_per_token,
-    kv_zeros,
     padded_decode_mask,
     padded_prefill_mask,
 )
@@ -71,8 +70,8 @@ class StaticBatchCache(KVCache):
         s, b = self.shape, len(self.rows)
         cap = max(r.num_tokens for r in self.rows) + max(r.params.max_tokens for r in self.rows)
         dims = (s.num_layers, b, s.num_kv_heads, cap, s.head_dim)
-        self.k = kv_zeros(dims, self.kv_dtype, self.device)
-        self.v = kv_zeros(dims, self.kv_dtype, self.device)
+        self.k = torch.zeros(dims, dtype=self.kv_dtype, device=self.device)
+        self.v = torch.zeros(dims, dtype=self.kv_dtype, device=self.device)
         self.key_valid = torch.zeros((b, cap), dtype=torch.bool, device=self.device)
 
     def forward_batches(self, running: Sequence[Request]) -> Iterator[ForwardBatch]:

@@ -129,16 +129,32 @@ inline void store_row(float* out, __m256 lo, __m256 hi, bool first, int64_t cols
 #define BATON_ROW_STORE(r) \
   if constexpr (ROWS > r) store_row(out + r * ldo, acc##r##lo, acc##r##hi, first, cols);
 
+// Prefetches as in the bfloat16 GEMM (kernels/packed_bf16.cpp): the first tile over a block
+// streams it, asking `kPrefetchRows` ahead (`stream`); the later tiles find it in L1 and ask
+// for their share of what the thread reads next (`ahead`, `ahead_rows`: W rows into L2).
+inline void prefetch_share(const float* ahead, int64_t j, int64_t ahead_rows) {
+  if (j < ahead_rows) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * kPanel), _MM_HINT_T1);
+}
+
+// The share of the next `kDepth - kPrefetchRows` W rows each tile after the first asks for.
+inline int64_t prefetch_share_rows(int64_t tiles) {
+  return tiles > 1 ? (kDepth - kPrefetchRows + tiles - 2) / (tiles - 1) : 0;
+}
+
 template <int ROWS>
 inline void tile(const float* x, int64_t ldx, const float* w, float* out, int64_t ldo,
-                 int64_t depth, bool first, int64_t cols) {
+                 int64_t depth, bool first, int64_t cols, bool stream, const float* ahead,
+                 int64_t ahead_rows) {
   __m256 acc0lo = _mm256_setzero_ps(), acc0hi = acc0lo, acc1lo = acc0lo, acc1hi = acc0lo,
          acc2lo = acc0lo, acc2hi = acc0lo, acc3lo = acc0lo, acc3hi = acc0lo, acc4lo = acc0lo,
          acc4hi = acc0lo, acc5lo = acc0lo, acc5hi = acc0lo;
   for (int64_t j = 0; j < depth; ++j) {
     const __m256 w_lo = _mm256_loadu_ps(w + j * kPanel);
     const __m256 w_hi = _mm256_loadu_ps(w + j * kPanel + 8);
-    _mm_prefetch(reinterpret_cast<const char*>(w + (j + kPrefetchRows) * kPanel), _MM_HINT_T0);
+    if (stream)
+      _mm_prefetch(reinterpret_cast<const char*>(w + (j + kPrefetchRows) * kPanel), _MM_HINT_T0);
+    else
+      prefetch_share(ahead, j, ahead_rows);
     BATON_ROW_FMA(0) BATON_ROW_FMA(1) BATON_ROW_FMA(2)
     BATON_ROW_FMA(3) BATON_ROW_FMA(4) BATON_ROW_FMA(5)
   }
@@ -154,18 +170,26 @@ inline void tile(const float* x, int64_t ldx, const float* w, float* out, int64_
 // as 6 x 4 + 4 x 2 (0.93x the time at 32 rows).
 void row_block(const float* x, int64_t ldx, const float* w, float* out, int64_t ldo,
                int64_t depth, bool first, int64_t cols, int64_t rows) {
-  for (int64_t i = 0, tiles = (rows + 5) / 6; tiles > 0; --tiles) {
+  const int64_t total = (rows + 5) / 6, share = prefetch_share_rows(total);
+  const float* next = w + (depth + kPrefetchRows) * kPanel;  // what follows the block
+  for (int64_t i = 0, t = 0, tiles = total; tiles > 0; --tiles, ++t) {
     const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-6
     const float* xr = x + i * ldx;
     float* o = out + i * ldo;
+    const float* ahead = t > 0 ? next + (t - 1) * share * kPanel : nullptr;
     i += n;
     switch (n) {
-      case 6: tile<6>(xr, ldx, w, o, ldo, depth, first, cols); break;
-      case 5: tile<5>(xr, ldx, w, o, ldo, depth, first, cols); break;
-      case 4: tile<4>(xr, ldx, w, o, ldo, depth, first, cols); break;
-      case 3: tile<3>(xr, ldx, w, o, ldo, depth, first, cols); break;
-      case 2: tile<2>(xr, ldx, w, o, ldo, depth, first, cols); break;
-      default: tile<1>(xr, ldx, w, o, ldo, depth, first, cols); break;
+#define BATON_SGEMM_TILE(R)                                                     \
+  case R:                                                                       \
+    tile<R>(xr, ldx, w, o, ldo, depth, first, cols, t == 0, ahead, share);     \
+    break;
+      BATON_SGEMM_TILE(6)
+      BATON_SGEMM_TILE(5)
+      BATON_SGEMM_TILE(4)
+      BATON_SGEMM_TILE(3)
+      BATON_SGEMM_TILE(2)
+#undef BATON_SGEMM_TILE
+      default: tile<1>(xr, ldx, w, o, ldo, depth, first, cols, t == 0, ahead, share); break;
     }
   }
 }
@@ -193,7 +217,8 @@ constexpr int64_t kGatedWidth = 2 * kPanel;  // a row's gate then up partial sum
 
 template <int ROWS>
 inline void gated_tile(const float* x, int64_t ldx, const float* wg, const float* wu,
-                       float* part, int64_t depth, bool first) {
+                       float* part, int64_t depth, bool first, bool stream,
+                       const float* ahead_g, const float* ahead_u, int64_t ahead_rows) {
   __m256 g0lo = _mm256_setzero_ps(), g0hi = g0lo, u0lo = g0lo, u0hi = g0lo, g1lo = g0lo,
          g1hi = g0lo, u1lo = g0lo, u1hi = g0lo, g2lo = g0lo, g2hi = g0lo, u2lo = g0lo,
          u2hi = g0lo;
@@ -202,8 +227,13 @@ inline void gated_tile(const float* x, int64_t ldx, const float* wg, const float
     const __m256 wg_hi = _mm256_loadu_ps(wg + j * kPanel + 8);
     const __m256 wu_lo = _mm256_loadu_ps(wu + j * kPanel);
     const __m256 wu_hi = _mm256_loadu_ps(wu + j * kPanel + 8);
-    _mm_prefetch(reinterpret_cast<const char*>(wg + (j + kPrefetchRows) * kPanel), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wu + (j + kPrefetchRows) * kPanel), _MM_HINT_T0);
+    if (stream) {
+      _mm_prefetch(reinterpret_cast<const char*>(wg + (j + kPrefetchRows) * kPanel), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wu + (j + kPrefetchRows) * kPanel), _MM_HINT_T0);
+    } else {
+      prefetch_share(ahead_g, j, ahead_rows);
+      prefetch_share(ahead_u, j, ahead_rows);
+    }
     BATON_GATED_FMA(0) BATON_GATED_FMA(1) BATON_GATED_FMA(2)
   }
   BATON_GATED_STORE(0) BATON_GATED_STORE(1) BATON_GATED_STORE(2)
@@ -215,15 +245,19 @@ inline void gated_tile(const float* x, int64_t ldx, const float* wg, const float
 // sized evenly, into `part` (rows x kGatedWidth).
 void gated_row_block(const float* x, int64_t ldx, const float* wg, const float* wu, float* part,
                      int64_t depth, bool first, int64_t rows) {
-  for (int64_t i = 0, tiles = (rows + 2) / 3; tiles > 0; --tiles) {
+  const int64_t total = (rows + 2) / 3, share = prefetch_share_rows(total);
+  const int64_t skip = (depth + kPrefetchRows) * kPanel;  // to what follows each block
+  for (int64_t i = 0, t = 0, tiles = total; tiles > 0; --tiles, ++t) {
     const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-3
     const float* xr = x + i * ldx;
     float* p = part + i * kGatedWidth;
+    const int64_t at = t > 0 ? skip + (t - 1) * share * kPanel : 0;
+    const bool stream = t == 0;
     i += n;
     switch (n) {
-      case 3: gated_tile<3>(xr, ldx, wg, wu, p, depth, first); break;
-      case 2: gated_tile<2>(xr, ldx, wg, wu, p, depth, first); break;
-      default: gated_tile<1>(xr, ldx, wg, wu, p, depth, first); break;
+      case 3: gated_tile<3>(xr, ldx, wg, wu, p, depth, first, stream, wg + at, wu + at, share); break;
+      case 2: gated_tile<2>(xr, ldx, wg, wu, p, depth, first, stream, wg + at, wu + at, share); break;
+      default: gated_tile<1>(xr, ldx, wg, wu, p, depth, first, stream, wg + at, wu + at, share); break;
     }
   }
 }
