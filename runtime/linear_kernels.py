@@ -50,6 +50,7 @@ from torch import nn
 from runtime import huge_pages
 from runtime.architectures.layers import Linear
 from runtime.attention_kernels import NativeKernelUnavailable, load_native_kernel
+from runtime.hardware import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,8 @@ def pack_linears(model: nn.Module, backend: str = "onednn") -> int:
         copies = huge_pages.gather([linear.packed for linear in packed_now])
         for linear, copy in zip(packed_now, copies or (), strict=False):
             linear.packed = copy
+        if copies:  # the heap copies just freed would otherwise stay resident
+            release_freed_memory()
     return extra
 
 
