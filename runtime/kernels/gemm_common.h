@@ -1,5 +1,6 @@
 // What the engine's packed GEMMs share (packed_sgemm.cpp for float32, packed_bf16.cpp for
-// bfloat16): the output tensor of x's rows, and SwiGLU's product on float32 sums.
+// bfloat16): the prefetch shares of a block's tiles, the output tensor of x's rows, and
+// SwiGLU's product on float32 sums.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -12,6 +13,13 @@
 #include "softmax_exp.h"
 
 namespace baton {
+
+// How many steps (W rows or pairs) of the next K block each tile after a block's first asks
+// for, when the first tile's stream already asks for the next block's first `streamed` of
+// `depth` and the block is read by `tiles` tiles: equal shares, rounded up; 0 for one tile.
+inline int64_t prefetch_share_steps(int64_t depth, int64_t streamed, int64_t tiles) {
+  return tiles > 1 ? (depth - streamed + tiles - 2) / (tiles - 1) : 0;
+}
 
 // The output (..., features) of x's rows: zeros when K is 0 (every sum empty), else unset.
 inline at::Tensor output_rows(const at::Tensor& x, int64_t features) {

@@ -188,7 +188,7 @@ void row_block(const bf16* x, int64_t ldx, const bf16* w, float* part, int64_t n
                bool odd_tail, bool first, int64_t rows) {
   const int64_t total = (rows + 5) / 6;
   const bf16* next = w + (npairs + kPrefetchPairs) * kPanel * 2;
-  const int64_t share = total > 1 ? (kDepth / 2 - kPrefetchPairs + total - 2) / (total - 1) : 0;
+  const int64_t share = baton::prefetch_share_steps(kDepth / 2, kPrefetchPairs, total);
   for (int64_t i = 0, t = 0, tiles = total; tiles > 0; --tiles, ++t) {
     const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-6
     const bf16* xr = x + i * ldx;
@@ -205,8 +205,8 @@ void row_block(const bf16* x, int64_t ldx, const bf16* w, float* part, int64_t n
       BATON_BF16_TILE(4)
       BATON_BF16_TILE(3)
       BATON_BF16_TILE(2)
+      default: BATON_BF16_TILE(1)
 #undef BATON_BF16_TILE
-      default: tile<1>(xr, ldx, w, p, npairs, odd_tail, first, t == 0, ahead, share); break;
     }
   }
 }

@@ -142,11 +142,6 @@ inline void prefetch_share(const float* ahead, int64_t j, int64_t ahead_rows) {
   if (j < ahead_rows) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * kPanel), _MM_HINT_T1);
 }
 
-// The share of the next `kDepth - kPrefetchRows` W rows each tile after the first asks for.
-inline int64_t prefetch_share_rows(int64_t tiles) {
-  return tiles > 1 ? (kDepth - kPrefetchRows + tiles - 2) / (tiles - 1) : 0;
-}
-
 // `kStream` a template argument: a branch in the loop cost the 6-row tile (16 AVX2 registers,
 // 14 in use) 5-12% at 48-256 rows.
 template <int ROWS, bool kStream>
@@ -178,7 +173,8 @@ inline void tile(const float* x, int64_t ldx, const float* w, float* out, int64_
 // as 6 x 4 + 4 x 2 (0.93x the time at 32 rows).
 void row_block(const float* x, int64_t ldx, const float* w, float* out, int64_t ldo,
                int64_t depth, bool first, int64_t cols, int64_t rows) {
-  const int64_t total = (rows + 5) / 6, share = prefetch_share_rows(total);
+  const int64_t total = (rows + 5) / 6;
+  const int64_t share = baton::prefetch_share_steps(kDepth, kPrefetchRows, total);
   const float* next = w + (depth + kPrefetchRows) * kPanel;  // what follows the block
   const bool spread = rows <= kSpreadRows;
   for (int64_t i = 0, t = 0, tiles = total; tiles > 0; --tiles, ++t) {
@@ -258,7 +254,8 @@ inline void gated_tile(const float* x, int64_t ldx, const float* wg, const float
 // sized evenly, into `part` (rows x kGatedWidth).
 void gated_row_block(const float* x, int64_t ldx, const float* wg, const float* wu, float* part,
                      int64_t depth, bool first, int64_t rows) {
-  const int64_t total = (rows + 2) / 3, share = prefetch_share_rows(total);
+  const int64_t total = (rows + 2) / 3;
+  const int64_t share = baton::prefetch_share_steps(kDepth, kPrefetchRows, total);
   const int64_t skip = (depth + kPrefetchRows) * kPanel;  // to what follows each block
   for (int64_t i = 0, t = 0, tiles = total; tiles > 0; --tiles, ++t) {
     const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-3
