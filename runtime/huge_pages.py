@@ -19,7 +19,7 @@ whose memory must first be compacted took 1.2 s for 778 MiB (55-69 ms once free 
 were at hand). A buffer made while serving (Orca's pool as it doubles, BATON's prompt
 staging as it grows, the static batcher's per-batch cache) would put that on the requests
 waiting for it, so those stay ordinary tensors. Orca's step gained 1.01x from huge pages
-for its pool and weights together (32-64 rows), BATON's 1.03-1.06x.
+for its pool and weights together (32-64 rows), BATON's 1.00-1.07x (1-64 rows).
 """
 
 from __future__ import annotations
