@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="the engine's compiled decoder")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--linear-backends", default="auto",
                    help="comma list: each scheduler runs on each (a model of its own per "
                         "backend), e.g. onednn,native")
@@ -37,7 +38,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     backends = args.linear_backends.split(",")
-    models = {b: build_model(SMOLLM2_135M).init_weights(0).to(torch.float32).eval()
+    models = {b: build_model(SMOLLM2_135M).init_weights(0).to(getattr(torch, args.dtype)).eval()
               for b in backends}
     vocab = SMOLLM2_135M.vocab_size
     contenders = [(name, b) for name in args.schedulers.split(",") for b in backends]
@@ -58,7 +59,7 @@ def main() -> None:
     times = interleaved_median_ms([e.step for e in engines], args.iters)
     contexts = "16-255 (spread)" if args.spread else str(args.context)
     print(f"{args.rows} rows, contexts {contexts}, {torch.get_num_threads()} threads, "
-          f"median ms per step of {args.iters} interleaved rounds")
+          f"{args.dtype}, median ms per step of {args.iters} interleaved rounds")
     for name, ms in zip(names, times, strict=True):
         print(f"{name:>12} {ms:8.1f} ms  {times[0] / ms:5.2f}x {names[0]}'s speed")
 

@@ -65,11 +65,19 @@ def test_packed_prompts_match_sdpa(kernel, heads, kv_heads, dim) -> None:
         row += n
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), SHAPES[:3])
-def test_bfloat16_prompts_round_the_float32_arithmetic_once(kernel, heads, kv_heads, dim) -> None:
-    """bfloat16 inputs: the float32 kernel's output on the same (widened) inputs, rounded to
-    bfloat16 once, and so within one bfloat16 rounding of the exact attention; torch's
-    bfloat16 SDPA is no closer to it."""
+def bfloat16_dot_products(kernel, dim: int) -> bool:
+    """Whether bfloat16 prompts of this head size run on AVX-512 BF16's `vdpbf16ps`."""
+    return kernel.isa == "avx512bf16" and dim % 32 == 0
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [*SHAPES[:3], (14, 2, 32)])
+def test_bfloat16_prompts_are_as_close_to_exact_as_torchs_bfloat16_sdpa(kernel, heads, kv_heads,
+                                                                          dim) -> None:
+    """bfloat16 inputs, float32 arithmetic. Widened (AVX2, or a head size that is not a
+    multiple of 32): the float32 kernel's output on the same inputs, rounded to bfloat16 once.
+    On AVX-512 BF16's dot products: the probabilities rounded to bfloat16 before they weight
+    the values, as torch's bfloat16 flash kernel does. Either way within one bfloat16 rounding
+    of the exact attention, and no further from it than torch's bfloat16 SDPA."""
     lengths, pasts = [1, 5, 16, 17, 100, 37, 2], [0, 0, 3, 0, 20, 7, 40]
     q, k, v, segments = staged(lengths, pasts, heads, kv_heads, dim, seed=4)
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
@@ -77,8 +85,8 @@ def test_bfloat16_prompts_round_the_float32_arithmetic_once(kernel, heads, kv_he
     assert out.dtype == torch.bfloat16 and out.shape == (sum(lengths), heads, dim)
     wide = kernel.prompts(q.float(), k.float(), v.float(), segments, kv_heads * dim, dim,
                           kv_heads)
-    assert torch.equal(out, wide.bfloat16())
-    row = 0
+    assert torch.equal(out, wide.bfloat16()) != bfloat16_dot_products(kernel, dim)
+    row, ours, theirs = 0, 0.0, 0.0
     for q_row, n, past, offset in segments.tolist():
         first = offset // (kv_heads * dim)
         keys, values = k[first:first + past + n], v[first:first + past + n]
@@ -88,10 +96,10 @@ def test_bfloat16_prompts_round_the_float32_arithmetic_once(kernel, heads, kv_he
         sdpa = F.scaled_dot_product_attention(
             q[q_row:q_row + n].transpose(0, 1)[None], keys.transpose(0, 1)[None],
             values.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
-        ours = (out[row:row + n].double() - exact).abs().mean()
-        theirs = (sdpa.double() - exact).abs().mean()
-        assert ours <= theirs * 1.05, (ours, theirs)
+        ours += (out[row:row + n].double() - exact).abs().sum().item()
+        theirs += (sdpa.double() - exact).abs().sum().item()
         row += n
+    assert ours <= theirs * 1.02, (ours, theirs)
 
 
 def test_a_head_major_pool_and_strided_views(kernel) -> None:
@@ -108,17 +116,23 @@ def test_a_head_major_pool_and_strided_views(kernel) -> None:
     assert torch.equal(view, out)
 
 
-def test_a_prompt_is_computed_the_same_alone_batched_resumed_and_on_any_threads(kernel) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompt_is_computed_the_same_alone_batched_resumed_and_on_any_threads(kernel,
+                                                                                dtype) -> None:
     """Bit for bit: a row's arithmetic does not depend on the tile, the thread, the other
-    segments of the call, or where its prompt was cut into passes."""
-    lengths, pasts = [40, 23, 70], [0, 0, 0]
+    segments of the call, or where its prompt was cut into passes (odd cuts too: bfloat16's
+    dot products take keys in pairs)."""
+    lengths, pasts = [40, 23, 71], [0, 0, 0]
     q, k, v, segments = staged(lengths, pasts, 9, 3, 64, seed=2)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     batched = kernel.prompts(q, k, v, segments, 192, 64, 3)
     alone = kernel.prompts(q, k, v, segments[2:], 192, 64, 3)
     assert torch.equal(batched[63:], alone)
-    q_row, n, _, offset = segments[2].tolist()  # the third prompt cut at 30: a resumed pass
-    tail = kernel.prompts(q, k, v, torch.tensor([[q_row + 30, n - 30, 30, offset]]), 192, 64, 3)
-    assert torch.equal(tail, alone[30:])
+    q_row, n, _, offset = segments[2].tolist()  # the third prompt cut: a resumed pass
+    for cut in (30, 33):
+        tail = kernel.prompts(q, k, v, torch.tensor([[q_row + cut, n - cut, cut, offset]]), 192,
+                              64, 3)
+        assert torch.equal(tail, alone[cut:])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -33,6 +33,16 @@
 // are read, and each output rounded to nearest even once, as torch's casts round. torch's
 // bfloat16 flash kernel also scores and sums in float32; on a 2-core Zen 4 it took 14% of a
 // bfloat16 prefill pass, twice this kernel's float32 time.
+//
+// bfloat16 on AVX-512 BF16 (head size a multiple of 32): `vdpbf16ps` multiplies bfloat16
+// pairs into float32 sums at twice the float32 FMA's rate, so both products run on it. The
+// scores' products are exact in float32 (they differ from the widened path only by the order
+// of float32 additions); the probabilities are rounded to bfloat16 before they weight the
+// values, as torch's bfloat16 flash kernel rounds them, while their sum stays float32. K^T
+// panels hold each key's feature pairs (d, d+1) as stored, one 32-bit word per key and pair;
+// values are packed as pairs of consecutive keys per feature, (v[j][d], v[j+1][d]), so two
+// keys' probabilities are one broadcast word. Each row's scores, sum and output are still
+// one chain in key order, so the invariances above hold bit for bit on this path too.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -43,6 +53,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -51,6 +62,10 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define BATON_PROMPT_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && \
+    defined(__AVX512VL__)
+#define BATON_PROMPT_DPBF16 1
+#endif
 #endif
 
 namespace {
@@ -231,7 +246,203 @@ void run_tile(const Task& t, const Segment& seg, const T* q, int64_t q_row_strid
                    key_stride, inv_sums, rows_out);
 }
 
+// Every (segment, KV head)'s rows cut into even tiles of 1-6 rows, longest first.
+std::vector<Task> make_tasks(const std::vector<Segment>& segs, int64_t kv_heads, int64_t group) {
+  std::vector<Task> tasks;
+  for (int64_t s = 0; s < static_cast<int64_t>(segs.size()); ++s) {
+    const int64_t rows = segs[s].length * group;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int64_t r0 = 0, tiles = (rows + kTileRows - 1) / kTileRows; tiles > 0; --tiles) {
+        const int64_t n = (rows - r0 + tiles - 1) / tiles;  // even tiles of 1-6 rows
+        tasks.push_back({s, h, r0, n, segs[s].past + (r0 + n - 1) / group + 1});
+        r0 += n;
+      }
+    }
+  }
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const Task& a, const Task& b) { return a.keys * a.rows > b.keys * b.rows; });
+  return tasks;
+}
+
 #endif  // BATON_PROMPT_AVX2
+
+#ifdef BATON_PROMPT_DPBF16
+
+using Word = uint32_t;  // two bfloat16: the lower one at the lower address
+
+inline Word pair_at(const c10::BFloat16* p) {
+  Word w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
+}
+
+inline __m512bh broadcast_pair(const c10::BFloat16* p) {
+  return (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pair_at(p)));
+}
+
+// Scores of ROWS query rows (bfloat16, unscaled) against NP K^T panels of 16 keys, each
+// `pairs` words deep: ROWS x NP accumulators of 16 keys, one chain over the feature pairs.
+template <int ROWS, int NP>
+void score_panels_dp(const c10::BFloat16* const* q, int64_t pairs, const Word* panel,
+                     int64_t panel_words, float scale, float* scores, int64_t lds) {
+  __m512 acc[ROWS][NP];
+  for (int r = 0; r < ROWS; ++r)
+    for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < pairs; ++d) {
+    __m512bh keys[NP];
+    for (int p = 0; p < NP; ++p)
+      keys[p] = (__m512bh)_mm512_loadu_si512(panel + p * panel_words + d * kPanel);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512bh qv = broadcast_pair(q[r] + 2 * d);
+      for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], qv, keys[p]);
+    }
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int r = 0; r < ROWS; ++r)
+    for (int p = 0; p < NP; ++p)
+      _mm512_storeu_ps(scores + r * lds + p * kPanel, _mm512_mul_ps(acc[r][p], s));
+}
+
+// NC x 16 output features from `d0` of ROWS rows: bfloat16 probabilities (`ldp` apart) of
+// `key_pairs` key pairs times the pair-packed values (`dim` words per key pair).
+template <int ROWS, int NC>
+void value_chunk_dp(const c10::BFloat16* probs, int64_t ldp, int64_t key_pairs,
+                    const Word* values, int64_t dim, int64_t d0, const float* inv_sums,
+                    c10::BFloat16* const* out) {
+  __m512 acc[ROWS][NC];
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < key_pairs; ++j) {
+    __m512bh v[NC];
+    for (int c = 0; c < NC; ++c)
+      v[c] = (__m512bh)_mm512_loadu_si512(values + j * dim + d0 + c * kPanel);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512bh pv = broadcast_pair(probs + r * ldp + 2 * j);
+      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pv, v[c]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    const __m512 s = _mm512_set1_ps(inv_sums[r]);
+    for (int c = 0; c < NC; ++c)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + d0 + c * kPanel),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], s)));
+  }
+}
+
+// One tile (see run_tile) on the bfloat16 dot products. `panels`: the (segment, KV head)'s K^T
+// panels, then its pair-packed values.
+template <int ROWS>
+void run_tile_dp(const Task& t, const Segment& seg, const c10::BFloat16* q, int64_t q_row_stride,
+                 int64_t q_head_stride, const Word* panels, const Word* values, int64_t group,
+                 int64_t dim, float scale, c10::BFloat16* out, int64_t out_row, int64_t heads,
+                 float* scores, c10::BFloat16* probs, int64_t lds) {
+  const c10::BFloat16* q_rows[kTileRows];
+  c10::BFloat16* rows_out[kTileRows];
+  float inv_sums[kTileRows];
+  for (int r = 0; r < ROWS; ++r) {
+    const int64_t row = t.row0 + r, i = row / group, h = t.kv_head * group + row % group;
+    q_rows[r] = q + (seg.q_row + i) * q_row_stride + h * q_head_stride;
+    rows_out[r] = out + ((out_row + i) * heads + h) * dim;
+  }
+  const int64_t pairs = dim / 2, panel_words = pairs * kPanel;
+  const int64_t num_panels = (t.keys + kPanel - 1) / kPanel;
+  int64_t p = 0;
+  for (; p + 2 <= num_panels; p += 2)
+    score_panels_dp<ROWS, 2>(q_rows, pairs, panels + p * panel_words, panel_words, scale,
+                             scores + p * kPanel, lds);
+  if (p < num_panels)
+    score_panels_dp<ROWS, 1>(q_rows, pairs, panels + p * panel_words, panel_words, scale,
+                             scores + p * kPanel, lds);
+  const int64_t width = num_panels * kPanel;
+  for (int r = 0; r < ROWS; ++r) {
+    const int64_t seen = seg.past + (t.row0 + r) / group + 1;
+    float* s = scores + r * lds;
+    inv_sums[r] = softmax_row(s, seen, width);
+    for (int64_t j = 0; j < width; j += kPanel)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + r * lds + j),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + j)));
+  }
+  const int64_t key_pairs = (t.keys + 1) / 2;
+  int64_t d0 = 0;
+  for (; d0 + 4 * kPanel <= dim; d0 += 4 * kPanel)
+    value_chunk_dp<ROWS, 4>(probs, lds, key_pairs, values, dim, d0, inv_sums, rows_out);
+  if (d0 < dim)  // dim is a multiple of 32
+    value_chunk_dp<ROWS, 2>(probs, lds, key_pairs, values, dim, d0, inv_sums, rows_out);
+}
+
+// attend_segments for bfloat16 on the dot products. Per (segment, KV head), `head_words`
+// words at `word_offsets[s] + h * head_words`: the K^T panels (`padded * dim / 2` words), then
+// the pair-packed values (as many), both zero past the segment's keys.
+void attend_segments_dp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::vector<Segment>& segs, const std::vector<int64_t>& out_rows,
+                        const std::vector<int64_t>& word_offsets, int64_t total_words,
+                        int64_t widest, int64_t key_stride, int64_t head_stride, int64_t kv_heads,
+                        at::Tensor& out) {
+  using T = c10::BFloat16;
+  const int64_t heads = q.size(1), dim = q.size(2), group = heads / kv_heads, pairs = dim / 2;
+  const int64_t num_segments = static_cast<int64_t>(segs.size());
+  at::Tensor packed = at::empty({total_words}, q.options().dtype(at::kInt));
+  Word* wp = reinterpret_cast<Word*>(packed.data_ptr<int32_t>());
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  at::parallel_for(0, num_segments * kv_heads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      const int64_t s = w / kv_heads, h = w % kv_heads, keys = segs[s].past + segs[s].length;
+      const int64_t padded = (keys + kPanel - 1) / kPanel * kPanel;
+      Word* panels = wp + word_offsets[s] + h * padded * dim;
+      Word* values = panels + padded * pairs;
+      const int64_t base = segs[s].key_offset + h * head_stride;
+      for (int64_t j = 0; j < padded; ++j) {
+        Word* col = panels + (j / kPanel) * pairs * kPanel + j % kPanel;
+        const T* key = kp + base + j * key_stride;
+        for (int64_t d = 0; d < pairs; ++d) col[d * kPanel] = j < keys ? pair_at(key + 2 * d) : 0;
+      }
+      for (int64_t j = 0; j < padded; j += 2) {
+        Word* dst = values + (j / 2) * dim;
+        const T* v0 = vp + base + j * key_stride;
+        const T* v1 = v0 + key_stride;
+        for (int64_t d = 0; d < dim; ++d) {
+          const Word lo = j < keys ? v0[d].x : 0;
+          const Word hi = j + 1 < keys ? v1[d].x : 0;
+          dst[d] = lo | (hi << 16);
+        }
+      }
+    }
+  });
+  std::vector<Task> tasks = make_tasks(segs, kv_heads, group);
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  const int64_t lds = widest;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks.size());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<float> scores(kTileRows * lds);
+    std::vector<T> probs(kTileRows * lds);
+    for (int64_t w = next++; w < static_cast<int64_t>(tasks.size()); w = next++) {
+      const Task& t = tasks[w];
+      const Segment& seg = segs[t.segment];
+      const int64_t keys = seg.past + seg.length;
+      const int64_t padded = (keys + kPanel - 1) / kPanel * kPanel;
+      const Word* panels = wp + word_offsets[t.segment] + t.kv_head * padded * dim;
+      const Word* values = panels + padded * pairs;
+#define BATON_TILE_DP(n)                                                                    \
+  run_tile_dp<n>(t, seg, qp, q.stride(0), q.stride(1), panels, values, group, dim, scale, op, \
+                 out_rows[t.segment], heads, scores.data(), probs.data(), lds)
+      switch (t.rows) {
+        case 6: BATON_TILE_DP(6); break;
+        case 5: BATON_TILE_DP(5); break;
+        case 4: BATON_TILE_DP(4); break;
+        case 3: BATON_TILE_DP(3); break;
+        case 2: BATON_TILE_DP(2); break;
+        default: BATON_TILE_DP(1); break;
+      }
+#undef BATON_TILE_DP
+    }
+  });
+}
+
+#endif  // BATON_PROMPT_DPBF16
 
 #ifdef BATON_PROMPT_AVX2
 
@@ -261,19 +472,7 @@ void attend_segments(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       }
     }
   });
-  std::vector<Task> tasks;
-  for (int64_t s = 0; s < num_segments; ++s) {
-    const int64_t rows = segs[s].length * group;
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      for (int64_t r0 = 0, tiles = (rows + kTileRows - 1) / kTileRows; tiles > 0; --tiles) {
-        const int64_t n = (rows - r0 + tiles - 1) / tiles;  // even tiles of 1-6 rows
-        tasks.push_back({s, h, r0, n, segs[s].past + (r0 + n - 1) / group + 1});
-        r0 += n;
-      }
-    }
-  }
-  std::stable_sort(tasks.begin(), tasks.end(),
-                   [](const Task& a, const Task& b) { return a.keys * a.rows > b.keys * b.rows; });
+  std::vector<Task> tasks = make_tasks(segs, kv_heads, group);
   const T* qp = q.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
@@ -359,6 +558,13 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor out = at::empty({total, heads, dim}, q.options());
 #ifdef BATON_PROMPT_AVX2
   if (total == 0) return out;
+#ifdef BATON_PROMPT_DPBF16
+  if (bf16 && dim % (2 * kPanel) == 0) {  // K^T and V in words: as many as the panels' floats
+    attend_segments_dp(q, k, v, segs, out_rows, panel_offsets, panel_floats, widest, key_stride,
+                       head_stride, kv_heads, out);
+    return out;
+  }
+#endif
   if (bf16)
     attend_segments<c10::BFloat16>(q, k, v, segs, out_rows, panel_offsets, panel_floats, widest,
                                    key_stride, head_stride, kv_heads, out);
