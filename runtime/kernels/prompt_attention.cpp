@@ -55,6 +55,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "softmax_exp.h"
@@ -264,6 +265,29 @@ std::vector<Task> make_tasks(const std::vector<Segment>& segs, int64_t kv_heads,
   return tasks;
 }
 
+// Runs `tile(task, rows, scratch)` for every task on the torch threads, which take tasks from
+// a shared counter in order; `rows` is the tile's row count as a compile-time constant
+// (`std::integral_constant`), `scratch` what `make_scratch` made once per thread.
+template <typename MakeScratch, typename Tile>
+void run_tasks(const std::vector<Task>& tasks, MakeScratch make_scratch, Tile tile) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks.size());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t w = next++; w < static_cast<int64_t>(tasks.size()); w = next++) {
+      const Task& t = tasks[w];
+      switch (t.rows) {
+        case 6: tile(t, std::integral_constant<int, 6>{}, scratch); break;
+        case 5: tile(t, std::integral_constant<int, 5>{}, scratch); break;
+        case 4: tile(t, std::integral_constant<int, 4>{}, scratch); break;
+        case 3: tile(t, std::integral_constant<int, 3>{}, scratch); break;
+        case 2: tile(t, std::integral_constant<int, 2>{}, scratch); break;
+        default: tile(t, std::integral_constant<int, 1>{}, scratch); break;
+      }
+    }
+  });
+}
+
 #endif  // BATON_PROMPT_AVX2
 
 #ifdef BATON_PROMPT_DPBF16
@@ -414,31 +438,22 @@ void attend_segments_dp(const at::Tensor& q, const at::Tensor& k, const at::Tens
   T* op = out.data_ptr<T>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
   const int64_t lds = widest;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks.size());
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> scores(kTileRows * lds);
-    std::vector<T> probs(kTileRows * lds);
-    for (int64_t w = next++; w < static_cast<int64_t>(tasks.size()); w = next++) {
-      const Task& t = tasks[w];
-      const Segment& seg = segs[t.segment];
-      const int64_t keys = seg.past + seg.length;
-      const int64_t padded = (keys + kPanel - 1) / kPanel * kPanel;
-      const Word* panels = wp + word_offsets[t.segment] + t.kv_head * padded * dim;
-      const Word* values = panels + padded * pairs;
-#define BATON_TILE_DP(n)                                                                    \
-  run_tile_dp<n>(t, seg, qp, q.stride(0), q.stride(1), panels, values, group, dim, scale, op, \
-                 out_rows[t.segment], heads, scores.data(), probs.data(), lds)
-      switch (t.rows) {
-        case 6: BATON_TILE_DP(6); break;
-        case 5: BATON_TILE_DP(5); break;
-        case 4: BATON_TILE_DP(4); break;
-        case 3: BATON_TILE_DP(3); break;
-        case 2: BATON_TILE_DP(2); break;
-        default: BATON_TILE_DP(1); break;
-      }
-#undef BATON_TILE_DP
-    }
+  struct Scratch {
+    std::vector<float> scores;
+    std::vector<T> probs;
+  };
+  const auto make_scratch = [&] {
+    return Scratch{std::vector<float>(kTileRows * lds), std::vector<T>(kTileRows * lds)};
+  };
+  run_tasks(tasks, make_scratch, [&](const Task& t, auto rows, Scratch& scratch) {
+    const Segment& seg = segs[t.segment];
+    const int64_t keys = seg.past + seg.length;
+    const int64_t padded = (keys + kPanel - 1) / kPanel * kPanel;
+    const Word* panels = wp + word_offsets[t.segment] + t.kv_head * padded * dim;
+    run_tile_dp<decltype(rows)::value>(t, seg, qp, q.stride(0), q.stride(1), panels,
+                                       panels + padded * pairs, group, dim, scale, op,
+                                       out_rows[t.segment], heads, scratch.scores.data(),
+                                       scratch.probs.data(), lds);
   });
 }
 
@@ -478,29 +493,15 @@ void attend_segments(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   T* op = out.data_ptr<T>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
   const int64_t lds = widest;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks.size());
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> scratch(kTileRows * (dim + lds));
-    for (int64_t w = next++; w < static_cast<int64_t>(tasks.size()); w = next++) {
-      const Task& t = tasks[w];
-      const Segment& seg = segs[t.segment];
-      const int64_t keys = seg.past + seg.length;
-      const float* panel = pp + panel_offsets[t.segment] +
-                           t.kv_head * ((keys + kPanel - 1) / kPanel * kPanel) * dim;
-#define BATON_TILE(n)                                                                       \
-  run_tile<n, T>(t, seg, qp, q.stride(0), q.stride(1), panel, vp, key_stride, head_stride,   \
-                 group, dim, scale, op, out_rows[t.segment], heads, scratch.data(), lds)
-      switch (t.rows) {
-        case 6: BATON_TILE(6); break;
-        case 5: BATON_TILE(5); break;
-        case 4: BATON_TILE(4); break;
-        case 3: BATON_TILE(3); break;
-        case 2: BATON_TILE(2); break;
-        default: BATON_TILE(1); break;
-      }
-#undef BATON_TILE
-    }
+  const auto make_scratch = [&] { return std::vector<float>(kTileRows * (dim + lds)); };
+  run_tasks(tasks, make_scratch, [&](const Task& t, auto rows, std::vector<float>& scratch) {
+    const Segment& seg = segs[t.segment];
+    const int64_t keys = seg.past + seg.length;
+    const float* panel = pp + panel_offsets[t.segment] +
+                         t.kv_head * ((keys + kPanel - 1) / kPanel * kPanel) * dim;
+    run_tile<decltype(rows)::value, T>(t, seg, qp, q.stride(0), q.stride(1), panel, vp,
+                                       key_stride, head_stride, group, dim, scale, op,
+                                       out_rows[t.segment], heads, scratch.data(), lds);
   });
 }
 
