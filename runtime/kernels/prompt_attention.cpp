@@ -304,23 +304,33 @@ inline __m512bh broadcast_pair(const c10::BFloat16* p) {
   return (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pair_at(p)));
 }
 
+// acc[r][n] = the sum over `depth` steps k of the bfloat16 pair at `rows[r] + 2k` times the
+// 16 pairs at `b + k * b_step + n * b_stride`: ROWS x N accumulators of 16 float32 lanes, each
+// one chain over k. Both products of a tile are this: scores over K^T panels and outputs
+// over pair-packed values.
+template <int ROWS, int N>
+inline void dp_accumulate(const c10::BFloat16* const* rows, int64_t depth, const Word* b,
+                          int64_t b_step, int64_t b_stride, __m512 (&acc)[ROWS][N]) {
+  for (int r = 0; r < ROWS; ++r)
+    for (int n = 0; n < N; ++n) acc[r][n] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < depth; ++k) {
+    __m512bh cols[N];
+    for (int n = 0; n < N; ++n)
+      cols[n] = (__m512bh)_mm512_loadu_si512(b + k * b_step + n * b_stride);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512bh pair = broadcast_pair(rows[r] + 2 * k);
+      for (int n = 0; n < N; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], pair, cols[n]);
+    }
+  }
+}
+
 // Scores of ROWS query rows (bfloat16, unscaled) against NP K^T panels of 16 keys, each
-// `pairs` words deep: ROWS x NP accumulators of 16 keys, one chain over the feature pairs.
+// `pairs` words deep.
 template <int ROWS, int NP>
 void score_panels_dp(const c10::BFloat16* const* q, int64_t pairs, const Word* panel,
                      int64_t panel_words, float scale, float* scores, int64_t lds) {
   __m512 acc[ROWS][NP];
-  for (int r = 0; r < ROWS; ++r)
-    for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < pairs; ++d) {
-    __m512bh keys[NP];
-    for (int p = 0; p < NP; ++p)
-      keys[p] = (__m512bh)_mm512_loadu_si512(panel + p * panel_words + d * kPanel);
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512bh qv = broadcast_pair(q[r] + 2 * d);
-      for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], qv, keys[p]);
-    }
-  }
+  dp_accumulate<ROWS, NP>(q, pairs, panel, kPanel, panel_words, acc);
   const __m512 s = _mm512_set1_ps(scale);
   for (int r = 0; r < ROWS; ++r)
     for (int p = 0; p < NP; ++p)
@@ -333,18 +343,10 @@ template <int ROWS, int NC>
 void value_chunk_dp(const c10::BFloat16* probs, int64_t ldp, int64_t key_pairs,
                     const Word* values, int64_t dim, int64_t d0, const float* inv_sums,
                     c10::BFloat16* const* out) {
+  const c10::BFloat16* rows[ROWS];
+  for (int r = 0; r < ROWS; ++r) rows[r] = probs + r * ldp;
   __m512 acc[ROWS][NC];
-  for (int r = 0; r < ROWS; ++r)
-    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < key_pairs; ++j) {
-    __m512bh v[NC];
-    for (int c = 0; c < NC; ++c)
-      v[c] = (__m512bh)_mm512_loadu_si512(values + j * dim + d0 + c * kPanel);
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512bh pv = broadcast_pair(probs + r * ldp + 2 * j);
-      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pv, v[c]);
-    }
-  }
+  dp_accumulate<ROWS, NC>(rows, key_pairs, values + d0, dim, kPanel, acc);
   for (int r = 0; r < ROWS; ++r) {
     const __m512 s = _mm512_set1_ps(inv_sums[r]);
     for (int c = 0; c < NC; ++c)
