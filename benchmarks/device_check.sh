@@ -10,9 +10,9 @@
 # tests, `benchmarks/decode_step.py --device cuda` (the step against its GEMMs at 1-64 rows and
 # in prefill), then `runtime bench --device cuda` on the SmolLM2-135M shape: BATON against Orca and
 # the literal Orca (`attention: loop`) on the two traces, in bfloat16 and float32. Each step has
-# its own time limit so that a slow one cannot eat the others'. Everything lands in
-# $OUT/device_check.tgz (results.json per workload and dtype) and $OUT/device_check.log, which
-# the tool brings back.
+# its own time limit so that a slow one cannot eat the others'. Everything lands under $OUT as it
+# is written (results.json per workload and dtype, device_check.log), so that a run cut short
+# still brings back what it finished.
 set -uo pipefail
 OUT=${OUT:-/tmp/device-check}
 DEVICE=${DEVICE:-cuda}
@@ -35,34 +35,39 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . -e plug
     "missing"; tail -5 "$WORK/install.log"; }
 
 step "CUDA tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -k cuda \
+timeout 90 python3 -m pytest -q -p no:cacheprovider -k cuda \
     tests/test_architectures_parity.py tests/test_baton_layout.py tests/test_orca.py \
-    tests/test_sampler.py tests/bench/test_offline_e2e.py
+    tests/test_sampler.py tests/test_sdpa_backends.py tests/bench/test_offline_e2e.py
+
+step "SDPA over growing decode widths: torch's backend choice against the engine's"
+timeout 60 python3 benchmarks/sdpa_shapes.py --device "$DEVICE" 2>&1 | tail -8
 
 step "the decode step against its GEMMs (issue 11), $DEVICE"
-timeout 120 python3 benchmarks/decode_step.py --device "$DEVICE" --iters 10 \
-    2>"$WORK/decode_step.stderr.log" | tee "$WORK/decode_step.txt"
+timeout 80 python3 benchmarks/decode_step.py --device "$DEVICE" --iters 10 \
+    2>"$WORK/decode_step.stderr.log" | tee "$OUT/decode_step.txt"
 
 # BATON, Orca and the literal Orca on the two traces: `bench_traces NAME SECONDS DTYPE ARGS...`
 bench_traces() {
     local name=$1 seconds=$2 dtype=$3
     shift 3
     step "BATON / Orca / literal Orca: $name, $dtype, $DEVICE"
-    mkdir -p "$WORK/$name-$dtype"
+    mkdir -p "$OUT/$name-$dtype"
     timeout "$seconds" python3 -m runtime.cli bench --model-spec "$SPEC" --device "$DEVICE" \
         --dtype "$dtype" --workload orca-trace,short-long-mix \
-        --schedulers baton,orca,orca-loop=orca --scheduler-option orca-loop.attention=loop \
-        --baseline orca --repeats 2 --no-progress --no-plots --out "$WORK/$name-$dtype" "$@" \
-        2>"$WORK/$name-$dtype/stderr.log" \
+        --schedulers baton,baton-1=baton,orca,orca-loop=orca \
+        --scheduler-option orca-loop.attention=loop --scheduler-option baton-1.max_buckets=1 \
+        --baseline orca --repeats 2 --no-progress --no-plots --out "$OUT/$name-$dtype" "$@" \
+        2>"$OUT/$name-$dtype/stderr.log" \
         | grep -E "^workload|^metric|Output token throughput +higher|Mean T[TP][FO]T +lower"
-    grep -E "Error|error" "$WORK/$name-$dtype/stderr.log" | tail -3
+    grep -E "Error|error" "$OUT/$name-$dtype/stderr.log" | tail -3
 }
 # As defined (32 requests at Poisson 4 req/s: arrival-bound, about 8 s a run on any machine
 # that keeps up), then saturated (128 requests at once), where the schedulers' capacity shows.
-bench_traces defined 150 bfloat16
-bench_traces saturated 150 bfloat16 --num-requests 128 --all-at-once
-bench_traces saturated 150 float32 --num-requests 128 --all-at-once
+bench_traces defined 110 bfloat16
+bench_traces saturated 110 bfloat16 --num-requests 128 --all-at-once
+bench_traces saturated 110 float32 --num-requests 128 --all-at-once
 
-step "collect"
-tar -czf "$OUT/device_check.tgz" -C "$WORK" --exclude=cache .
-ls -l "$OUT"
+step "done"
+# The tool brings back 8 files: the log, the step table and each workload's results.json.
+find "$OUT" -type f ! -name results.json ! -name device_check.log ! -name decode_step.txt -delete
+find "$OUT" -type f | sort

@@ -18,6 +18,7 @@ from runtime.kv_cache import CacheLimits, ForwardBatch, KVCache, ModelShape, kv_
 from runtime.kv_sizing import kv_capacity
 from runtime.linear_kernels import apply_linear_backend
 from runtime.sampler import SampleResult, sample
+from runtime.sdpa_backends import pass_sdpa_backends
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class ModelRunner:
 
     def run(self, batch: ForwardBatch, kv_cache: KVCache, mask: object) -> SampleResult:
         """Forward `batch` over `kv_cache` with `mask`, let the layout commit, then sample."""
-        with torch.inference_mode():
+        with torch.inference_mode(), pass_sdpa_backends(self.device):
             hidden = self.forward(batch.input_ids, batch.positions, kv_cache.attention(batch),
                                   mask)
             rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.sample_indices)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from runtime.packing import CAUSAL, segment_attention
+from runtime.sdpa_backends import pass_sdpa_backends
 
 if TYPE_CHECKING:
     from runtime.attention_kernels import DecodeKernel
@@ -84,7 +85,8 @@ def prefill_kv(model: torch.nn.Module, token_lists: Sequence[Sequence[int]],
     ids = torch.tensor([t for tokens in token_lists for t in tokens], device=device)
     pos = torch.tensor([p for n in lengths for p in range(n)], device=device)
     attention = _PromptAttention(k_tok, v_tok, offsets, lengths, kernel)
-    hidden = model(ids, pos, attention, None)  # (N, h)
+    with pass_sdpa_backends(device):  # prompt lengths vary from call to call
+        hidden = model(ids, pos, attention, None)  # (N, h)
     last = torch.tensor([o + n - 1 for o, n in zip(offsets, lengths, strict=True)],
                         device=device)
     logits = model.compute_logits(hidden.index_select(0, last))
