@@ -404,11 +404,16 @@ inline float dot1_512(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t d
 // The scores of `n` keys (float32, dim a multiple of 16; or bfloat16 with a bfloat16 query,
 // dim a multiple of 32, or with a float32 query, a multiple of 16), four keys at a time per query head (`scores_block_avx2`'s
 // `kFourKeys` order). At this width that order also won for keys read in place from memory:
-// 1.2x the key-by-key order at 32-64 rows on an AVX-512 Xeon.
+// 1.2x the key-by-key order at 32-64 rows on an AVX-512 Xeon. The same positions' `values`
+// are asked for into L2 as the first head scores them, as the AVX2 loop does, so that the
+// values pass does not wait on memory (`values` null: not asked for). 30 layers' attention on
+// a 2-core Zen 4: float32 rows of 200-600 keys took 0.88-0.92x the time (1,000 keys: 1.0x);
+// bfloat16 rows of 200-300 keys 0.92-0.97x, but of 400-1,000 keys 1.05-1.12x, whose keys
+// already stream near the bus's rate: `kValuePrefetchMaxKeys16`.
 template <typename QT, typename KT>
 void scores_block_avx512(const QT* q, int64_t group, int64_t dim, const KT* k,
                          int64_t key_stride, int64_t n, float scale, float* scores,
-                         int64_t score_stride) {
+                         int64_t score_stride, const KT* values) {
   const __m128 s4 = _mm_set1_ps(scale);
   for (int64_t g = 0; g < group; ++g) {
     const QT* qg = q + g * dim;
@@ -416,7 +421,10 @@ void scores_block_avx512(const QT* q, int64_t group, int64_t dim, const KT* k,
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
       if (g == 0)  // the first head streams the keys from memory; the others find them in L1
-        for (int64_t i = 0; i < 4; ++i) prefetch_key(k + (j + i + kPrefetchKeys) * key_stride, dim);
+        for (int64_t i = 0; i < 4; ++i) {
+          prefetch_key(k + (j + i + kPrefetchKeys) * key_stride, dim);
+          if (values != nullptr) prefetch_key<KT, true>(values + (j + i) * key_stride, dim);
+        }
       _mm_storeu_ps(sg + j, _mm_mul_ps(dot4_512(qg, k + j * key_stride, key_stride, dim), s4));
     }
     for (; j < n; ++j) sg[j] = dot1_512(qg, k + j * key_stride, dim) * scale;
@@ -483,11 +491,12 @@ void weighted_values_block_avx512(const float* probs, int64_t prob_stride, int64
 // The group's attention probabilities over `count` keys (row g at scores + g * count).
 template <typename QT, typename KT>
 void probabilities_avx512(const QT* q, int64_t group, int64_t dim, const KT* k,
-                          int64_t key_stride, int64_t count, float scale, float* scores) {
+                          const KT* values, int64_t key_stride, int64_t count, float scale,
+                          float* scores) {
   for (int64_t j0 = 0; j0 < count; j0 += kScoreBlock) {
     const int64_t n = std::min(kScoreBlock, count - j0);
     scores_block_avx512(q, group, dim, k + j0 * key_stride, key_stride, n, scale, scores + j0,
-                        count);
+                        count, values == nullptr ? nullptr : values + j0 * key_stride);
   }
   for (int64_t g = 0; g < group; ++g) {
     const float norm = 1.0f / softmax_numerators_avx2(scores + g * count, count);
@@ -499,7 +508,7 @@ void probabilities_avx512(const QT* q, int64_t group, int64_t dim, const KT* k,
 void attend_one_avx512(const float* q, const float* k, const float* v, int64_t group,
                        int64_t dim, int64_t key_stride, int64_t count, float scale,
                        float* scores, float* acc) {
-  probabilities_avx512(q, group, dim, k, key_stride, count, scale, scores);
+  probabilities_avx512(q, group, dim, k, v, key_stride, count, scale, scores);
   for (int64_t j0 = 0; j0 < count; j0 += kValueBlock) {
     const int64_t n = std::min(kValueBlock, count - j0);
     weighted_values_block_avx512(scores + j0, count, group, n, v + j0 * key_stride, key_stride,
@@ -541,6 +550,9 @@ void weighted_values_16(const float* probs, int64_t prob_stride, int64_t n, cons
     for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + g * dim + d0 + 16 * i, a[g][i]);
 }
 
+// The longest 16-bit row whose values `attend_one_16` asks for while it scores the keys.
+constexpr int64_t kValuePrefetchMaxKeys16 = 320;
+
 // attend_one for 16-bit keys and values (KT) under a float32 query (a `kv_cache_dtype`
 // cache; dim % 16 == 0) or, on AVX-512 BF16 builds, bfloat16 ones under a bfloat16 query
 // (dim % 32 == 0). `wide` holds kKeyBlock widened values (heads of a width that is not a
@@ -550,7 +562,8 @@ void attend_one_16(const QT* q, const KT* k, const KT* v, int64_t group, int64_t
                    int64_t key_stride, int64_t count, float scale, float* scores, float* acc,
                    float* wide) {
   std::fill(acc, acc + group * dim, 0.0f);
-  probabilities_avx512(q, group, dim, k, key_stride, count, scale, scores);
+  probabilities_avx512(q, group, dim, k, count <= kValuePrefetchMaxKeys16 ? v : nullptr,
+                       key_stride, count, scale, scores);
   for (int64_t j0 = 0; j0 < count; j0 += kValueBlock) {
     const int64_t n = std::min(kValueBlock, count - j0);
     const KT* vb = v + j0 * key_stride;
