@@ -7,8 +7,11 @@
 # On the lent machine (its image has PyTorch with CUDA, transformers, pytest and our other
 # offline dependencies, but no FastAPI/uvicorn and no internet): installs this checkout without
 # dependencies (so the scheduler entry points exist and the image's torch stays), runs the CUDA
-# tests, `benchmarks/decode_step.py --device cuda` (the step against its GEMMs at 1-64 rows and
-# in prefill), then `runtime bench --device cuda` on the SmolLM2-135M shape: BATON against Orca and
+# tests, `benchmarks/sdpa_shapes.py` (SDPA over growing decode widths, torch's backend choice
+# against the engine's), `benchmarks/decode_step.py --device cuda` (the step against its GEMMs
+# at 1-64 rows and in prefill), `benchmarks/profile_schedulers.py --device cuda` (each
+# scheduler's host time, GPU busy time, kernel launches and syncs), then `runtime bench
+# --device cuda` on the SmolLM2-135M shape: BATON (and BATON with one bucket) against Orca and
 # the literal Orca (`attention: loop`) on the two traces, in bfloat16 and float32. Each step has
 # its own time limit so that a slow one cannot eat the others'. Everything lands under $OUT as it
 # is written (results.json per workload and dtype, device_check.log), so that a run cut short
@@ -35,16 +38,22 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . -e plug
     "missing"; tail -5 "$WORK/install.log"; }
 
 step "CUDA tests"
-timeout 90 python3 -m pytest -q -p no:cacheprovider -k cuda \
+timeout 75 python3 -m pytest -q -p no:cacheprovider -k cuda \
     tests/test_architectures_parity.py tests/test_baton_layout.py tests/test_orca.py \
     tests/test_sampler.py tests/test_sdpa_backends.py tests/bench/test_offline_e2e.py
 
 step "SDPA over growing decode widths: torch's backend choice against the engine's"
-timeout 60 python3 benchmarks/sdpa_shapes.py --device "$DEVICE" 2>&1 | tail -8
+timeout 40 python3 benchmarks/sdpa_shapes.py --device "$DEVICE" 2>&1 | tail -8
 
 step "the decode step against its GEMMs (issue 11), $DEVICE"
-timeout 80 python3 benchmarks/decode_step.py --device "$DEVICE" --iters 10 \
+timeout 70 python3 benchmarks/decode_step.py --device "$DEVICE" --iters 10 \
     2>"$WORK/decode_step.stderr.log" | tee "$OUT/decode_step.txt"
+
+step "where BATON's and Orca's time goes on $DEVICE: host ops, GPU busy, launches, syncs"
+timeout 60 python3 benchmarks/profile_schedulers.py --model-spec "$SPEC" --device "$DEVICE" \
+    --dtype float32 --workload orca-trace --num-requests 32 --all-at-once --threads 2 \
+    --schedulers baton,baton-1=baton,orca --scheduler-option baton-1.max_buckets=1 \
+    2>"$WORK/profile.stderr.log" | grep -v "^USDT"
 
 # BATON, Orca and the literal Orca on the two traces: `bench_traces NAME SECONDS DTYPE ARGS...`
 bench_traces() {
@@ -63,9 +72,9 @@ bench_traces() {
 }
 # As defined (32 requests at Poisson 4 req/s: arrival-bound, about 8 s a run on any machine
 # that keeps up), then saturated (128 requests at once), where the schedulers' capacity shows.
-bench_traces defined 110 bfloat16
-bench_traces saturated 110 bfloat16 --num-requests 128 --all-at-once
-bench_traces saturated 110 float32 --num-requests 128 --all-at-once
+bench_traces defined 95 bfloat16
+bench_traces saturated 95 bfloat16 --num-requests 128 --all-at-once
+bench_traces saturated 95 float32 --num-requests 128 --all-at-once
 
 step "done"
 # The tool brings back 8 files: the log, the step table and each workload's results.json.

@@ -7,6 +7,13 @@ throughput ratio between schedulers can be explained by its parts.
     PYTHONPATH=. .venv/bin/python benchmarks/profile_schedulers.py \
         --model-spec smollm2-135m-shape --workload orca-trace --num-requests 16 \
         --schedulers baton,orca
+
+`--device cuda` profiles the GPU too. A small model's GPU pass is bound by the host: each
+kernel is a launch, and a host-device synchronisation (`cudaStreamSynchronize`, a blocking
+copy) stops the host from queueing the next kernels while the GPU works. So the table adds the
+GPU's busy time, the kernels launched and the synchronising calls per scheduler: where one
+scheduler is slower than another on a GPU, these say whether it launches more, waits more
+or computes more.
 """
 
 from __future__ import annotations
@@ -86,17 +93,39 @@ def group_of(name: str) -> str:
     return "other torch ops"
 
 
-def profile_one(contender: EngineContender, requests) -> dict[str, float]:
-    """Seconds per group for one run, plus wall time and the Python time outside torch ops."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+# CUDA runtime calls that block the host until the GPU has caught up (torch follows a blocking
+# host-to-device copy with `cudaStreamSynchronize`)
+SYNCHRONISING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy",
+                       "cudaEventSynchronize")
+
+
+def profile_one(contender: EngineContender, requests, cuda: bool = False) -> dict[str, float]:
+    """Seconds per group for one run, plus wall time and the Python time outside torch ops;
+    with `cuda`, also the GPU's kernel time, the kernels launched and the synchronising calls."""
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
         start = time.perf_counter()
         trace = contender.run(requests)
+        if cuda:
+            torch.cuda.synchronize()
         wall = time.perf_counter() - start
     out: dict[str, float] = defaultdict(float)
+    runtime_calls: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
+        if evt.key.startswith("cuda") or evt.key.startswith("cu"):  # runtime API calls
+            if evt.key in SYNCHRONISING_CALLS:
+                runtime_calls["host-device syncs (count)"] += evt.count
+                runtime_calls["host waiting on syncs"] += evt.self_cpu_time_total / 1e6
+            if "LaunchKernel" in evt.key:
+                runtime_calls["kernels launched (count)"] += evt.count
+            continue
         out[group_of(evt.key)] += evt.self_cpu_time_total / 1e6
+    gpu_busy = sum(evt.self_device_time_total for evt in prof.key_averages()) / 1e6
     torch_total = sum(out.values())
     out["python outside torch ops (+ sleep)"] = max(0.0, wall - torch_total)
+    if cuda:
+        out["GPU busy (kernel time)"] = gpu_busy
+        out.update(runtime_calls)
     out["wall"] = wall
     out["forward passes"] = len(trace.passes)
     out["token slots computed"] = sum(p.computed_tokens for p in trace.passes)
@@ -113,6 +142,8 @@ def main() -> None:
     p.add_argument("--schedulers", default="baton,orca")
     p.add_argument("--scheduler-option", action="append", default=[], metavar="LABEL.KEY=VAL")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32")
     args = p.parse_args()
     options = _scheduler_options(args.scheduler_option)
     torch.set_num_threads(args.threads)
@@ -123,7 +154,8 @@ def main() -> None:
     )
     max_len = min(config.max_position_embeddings, spec.max_total_len())
     requests = generate_requests(spec, config.vocab_size, max_len)
-    model = load_model(path, dtype="float32")
+    model = load_model(path, dtype=args.dtype, device=args.device)
+    cuda = torch.device(args.device).type == "cuda"
     results = {}
     for entry in args.schedulers.split(","):
         label, _, name = entry.rpartition("=")  # LABEL=SCHEDULER, as in `runtime bench`
@@ -131,7 +163,7 @@ def main() -> None:
         contender = EngineContender(label, name, model, None, EngineLimits(64, max_len),
                                     options.get(label))
         contender.warmup()
-        results[label] = profile_one(contender, requests)
+        results[label] = profile_one(contender, requests, cuda)
     keys = [
         *GROUPS,
         "other torch ops",
@@ -141,6 +173,9 @@ def main() -> None:
         "token slots computed",
         "attention pairs computed (M)",
     ]
+    if cuda:
+        keys += ["GPU busy (kernel time)", "kernels launched (count)",
+                 "host-device syncs (count)", "host waiting on syncs"]
     print(f"{'seconds':<38}" + "".join(f"{n:>12}" for n in results))
     for key in keys:
         print(f"{key:<38}" + "".join(f"{results[n].get(key, 0.0):>12.2f}" for n in results))
