@@ -125,6 +125,13 @@ constexpr int64_t kKeyBlock = std::max(kScoreBlock, kValueBlock);
 // next head's keys at worst.
 constexpr int64_t kPrefetchKeys = BATON_PREFETCH_KEYS;
 
+// Each task (a row's KV head) starts two streams, its keys and its values, on a cold miss;
+// asking for the next task's first 16 keys and values into L2 as a task begins hides that
+// start. 30 layers' attention on a 2-core Zen 4: bfloat16, 8-64 rows over 200-300 keys, 1.04x
+// as fast (32 keys ahead: 1.04-1.08x); 600 keys, float32 and one row (three tasks) level
+// within noise (0.94-1.02x).
+constexpr int64_t kNextTaskKeys = 16;
+
 // Ask for the `dim` elements of one key (or value) to be brought into L1 (into L2: `kToL2`).
 template <typename KT, bool kToL2 = false>
 inline void prefetch_key(const KT* key, int64_t dim) {
@@ -698,6 +705,16 @@ void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* of
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, h = task % kv_heads;
       const int64_t first = offsets[r] + h * head_stride;
+#ifdef BATON_AVX2
+      if (task + 1 < end) {  // the next task's first keys and values, while this one runs
+        const int64_t r1 = (task + 1) / kv_heads, h1 = (task + 1) % kv_heads;
+        const int64_t first1 = offsets[r1] + h1 * head_stride;
+        for (int64_t j = 0, n1 = std::min(kNextTaskKeys, counts[r1]); j < n1; ++j) {
+          prefetch_key<KT, true>(kp + first1 + j * key_stride, dim);
+          prefetch_key<KT, true>(vp + first1 + j * key_stride, dim);
+        }
+      }
+#endif
       if (appended.k != nullptr) {  // only this task touches row r's head h
         const int64_t last = first + (counts[r] - 1) * key_stride;
         store_key(appended.k + r * appended.k_row + h * appended.k_head, dim, kp + last);
