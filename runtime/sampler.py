@@ -22,6 +22,7 @@ from runtime.request import Request
 __all__ = ["SampleResult", "get_generator", "row_argmax", "sample"]
 
 ARGMAX_BLOCKS = (256, 128, 64)  # block widths `row_argmax` tries, widest first
+WIDEN_ARGMAX_ROWS = 8  # 16-bit logits of this many rows or more are widened first
 
 
 def row_argmax(x: Tensor) -> Tensor:
@@ -34,11 +35,18 @@ def row_argmax(x: Tensor) -> Tensor:
     holding the row's maximum (a short argmax), then the argmax inside that block. The first
     maximum of the row lies in the first block whose maximum equals it, so the result is exact
     (0.2 ms for the 32 rows). Other devices, or a vocabulary no block width divides: torch's.
+
+    16-bit logits of `WIDEN_ARGMAX_ROWS` rows or more are widened to float32 first, which is
+    exact and keeps their order (NaN too): torch's bfloat16 `amax` ran about 6x slower than its
+    float32 one, so 32-64 rows took 1.8-1.9x less time widened (0.49 against 0.93 ms for 64
+    rows on a 2-core Zen 4); one row took 11 us more.
     """
     rows, width = x.shape
     block = next((b for b in ARGMAX_BLOCKS if width % b == 0 and width > b), None)
     if x.device.type != "cpu" or block is None or rows == 0:
         return x.argmax(dim=-1)
+    if x.dtype.itemsize == 2 and rows >= WIDEN_ARGMAX_ROWS:
+        x = x.float()
     blocks = x.reshape(rows, width // block, block)  # a view unless x is strided
     first = blocks.amax(dim=-1).argmax(dim=-1)  # (rows,) first block holding the maximum
     inner = blocks[torch.arange(rows, device=x.device), first].argmax(dim=-1)

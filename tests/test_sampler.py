@@ -182,11 +182,12 @@ def test_cuda_seeded_matches_across_batches() -> None:
     assert a.generator.device.type == "cuda"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("width", [49152, 1000, 256, 7])
 def test_row_argmax_is_torch_argmax(dtype: torch.dtype, width: int) -> None:
     """The blocked argmax gives torch's indices: the first maximum, NaN as the maximum,
-    ties across and inside blocks, rows of -inf, widths no block divides."""
+    ties across and inside blocks, rows of -inf, widths no block divides; 16-bit rows widened
+    (9 rows) or not (one row)."""
     gen = torch.Generator().manual_seed(width)
     x = torch.randn(9, width, generator=gen).to(dtype)
     x[1] = 0.0  # every entry ties: index 0
@@ -198,6 +199,8 @@ def test_row_argmax_is_torch_argmax(dtype: torch.dtype, width: int) -> None:
     x[6, width - 1] = float("nan")
     x[7, width - 1] = 50.0  # the last column
     assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+    for i in range(8):  # one row at a time: below WIDEN_ARGMAX_ROWS
+        assert torch.equal(row_argmax(x[i : i + 1]), x[i : i + 1].argmax(dim=-1))
     strided = x.t().contiguous().t()  # a non-contiguous view of the same values
     assert torch.equal(row_argmax(strided), x.argmax(dim=-1))
     assert row_argmax(x[:0]).shape == (0,)
