@@ -110,22 +110,21 @@ def profile_one(contender: EngineContender, requests, cuda: bool = False) -> dic
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
     out: dict[str, float] = defaultdict(float)
-    runtime_calls: dict[str, float] = defaultdict(float)
+    gpu: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
-        if evt.key.startswith("cuda") or evt.key.startswith("cu"):  # runtime API calls
+        gpu["GPU busy (kernel time)"] += evt.self_device_time_total / 1e6
+        if evt.key.startswith("cu"):  # CUDA runtime and driver API calls
             if evt.key in SYNCHRONISING_CALLS:
-                runtime_calls["host-device syncs (count)"] += evt.count
-                runtime_calls["host waiting on syncs"] += evt.self_cpu_time_total / 1e6
+                gpu["host-device syncs (count)"] += evt.count
+                gpu["host waiting on syncs"] += evt.self_cpu_time_total / 1e6
             if "LaunchKernel" in evt.key:
-                runtime_calls["kernels launched (count)"] += evt.count
+                gpu["kernels launched (count)"] += evt.count
             continue
         out[group_of(evt.key)] += evt.self_cpu_time_total / 1e6
-    gpu_busy = sum(evt.self_device_time_total for evt in prof.key_averages()) / 1e6
     torch_total = sum(out.values())
     out["python outside torch ops (+ sleep)"] = max(0.0, wall - torch_total)
     if cuda:
-        out["GPU busy (kernel time)"] = gpu_busy
-        out.update(runtime_calls)
+        out.update(gpu)
     out["wall"] = wall
     out["forward passes"] = len(trace.passes)
     out["token slots computed"] = sum(p.computed_tokens for p in trace.passes)

@@ -1,4 +1,4 @@
-"""SDPA over decode widths that grow by one each call, as an engine's passes make them: torch's
+"""SDPA over decode widths new at every call, as an engine's growing passes make them: torch's
 own backend choice against the engine's (`runtime.sdpa_backends`, cuDNN left out on CUDA).
 
 On a GPU where torch puts cuDNN attention first, each new width builds a cuDNN graph; this
