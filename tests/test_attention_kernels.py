@@ -123,6 +123,42 @@ def test_slot_ranges_of_a_pool_match_sdpa(dtype, head_major: bool) -> None:
     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_each_row_gets_the_same_bits_alone_and_in_a_batch_on_any_threads(dtype, threads) -> None:
+    """Threads claim (row, KV head) tasks from a shared counter, so which thread runs a row
+    depends on timing: a row's output and its appended key and value must not. Rows of very
+    different lengths, longest first as BATON's buckets order them, against each row alone."""
+    gen = torch.Generator().manual_seed(5)
+    kv_heads, dim, heads = 3, 64, 9
+    lengths = sorted(torch.randint(1, 300, (37,), generator=gen).tolist(), reverse=True)
+    columns = max(lengths)
+    rows = len(lengths)
+    k = torch.randn(rows, kv_heads, columns, dim, generator=gen).to(dtype)
+    v = torch.randn(rows, kv_heads, columns, dim, generator=gen).to(dtype)
+    q = torch.randn(rows, heads, dim, generator=gen).to(dtype)
+    new_k = torch.randn(rows, kv_heads, dim, generator=gen).to(dtype)
+    new_v = torch.randn(rows, kv_heads, dim, generator=gen).to(dtype)
+    row_size = kv_heads * columns * dim
+    offsets = [r * row_size + (columns - n) * dim for r, n in enumerate(lengths)]
+    kernel = load_native_kernel()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batch_k, batch_v = k.clone(), v.clone()
+        got = kernel(q, batch_k, batch_v, torch.tensor(offsets), torch.tensor(lengths), dim,
+                     columns * dim, kv_heads, new_k, new_v)
+        for r, n in enumerate(lengths):
+            alone_k, alone_v = k[r].clone(), v[r].clone()
+            want = kernel(q[r:r + 1], alone_k, alone_v, torch.tensor([(columns - n) * dim]),
+                          torch.tensor([n]), dim, columns * dim, kv_heads,
+                          new_k[r:r + 1], new_v[r:r + 1])
+            assert torch.equal(got[r:r + 1], want), f"row {r} ({n} keys)"
+            assert torch.equal(batch_k[r], alone_k) and torch.equal(batch_v[r], alone_v)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_the_appended_key_and_value_are_written_then_attended(dtype) -> None:
     """`new_k`/`new_v` (strided, as a fused QKV projection leaves them) land at each row's
