@@ -260,9 +260,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Offline comparison in process, or `bench serve` against OpenAI-compatible servers."""
-    from runtime.bench.main import run_offline_cli, run_online_cli
+    """Offline comparison in process, `bench serve` against OpenAI-compatible servers, or
+    `bench compare` of earlier results."""
+    from runtime.bench.main import run_compare_cli, run_offline_cli, run_online_cli
 
+    if args.bench_mode == "compare":
+        return run_compare_cli(args)
     return run_online_cli(args) if args.bench_mode == "serve" else run_offline_cli(args)
 
 

@@ -153,7 +153,40 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         "--served-model-name",
         help="model id to request (default: the first one GET /v1/models lists)",
     )
+    compare = modes.add_parser(
+        "compare",
+        help="pool the repeats of earlier runs of one workload and compare them repeat by "
+        "repeat (geometric mean, 95%% interval, verdict)",
+    )
+    compare.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
+                         help="results.json files of earlier runs, or the folders holding them")
+    compare.add_argument("--baseline", help="contender to divide by (default: the runs' own)")
     return bench
+
+
+def run_compare_cli(args: argparse.Namespace) -> int:
+    """`runtime bench compare`: the paired table over the pooled repeats of earlier runs."""
+    from runtime.bench.paired import format_paired, paired_ratios, pool_runs
+
+    try:
+        runs, header = pool_runs(args.results)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    baseline = args.baseline or header.get("baseline") or next(iter(runs), None)
+    if baseline not in runs:
+        print(f"error: baseline {baseline!r} is not in every file (they share: "
+              f"{', '.join(runs) or 'no contender'})", file=sys.stderr)
+        return 2
+    paired = paired_ratios(runs, baseline)
+    if not paired:
+        print(f"error: nothing to pair: {baseline!r} has {len(runs[baseline])} repeat(s) and "
+              "needs 2 or more beside another contender", file=sys.stderr)
+        return 2
+    print(f"{header['workload'].get('name')}: {len(runs[baseline])} repeats from "
+          f"{len(args.results)} file(s)")
+    print(format_paired(paired, baseline))
+    return 0
 
 
 def _split_option(flag: str, entry: str, form: str) -> tuple[str, str, str]:
@@ -212,6 +245,7 @@ def _summarise(
 ) -> dict[str, dict]:
     """Print the per-contender reports and ratios; write the JSON files; return the results."""
     from runtime.bench.metrics import aggregate
+    from runtime.bench.paired import format_paired, paired_ratios
     from runtime.bench.report import (
         format_ratios,
         format_report,
@@ -227,10 +261,13 @@ def _summarise(
     if results:
         print(format_summary(results))
     baseline = args.baseline or next(iter(results), None)  # default: the first contender
-    ratios = {}
+    ratios, paired = {}, {}
     if baseline in results:
         ratios = ratio_table(results, baseline)
         print(format_ratios(ratios, baseline))
+        paired = paired_ratios(result.runs, baseline)
+        if paired:
+            print(format_paired(paired, baseline))
     elif baseline:
         print(f"baseline {baseline!r} did not run; no ratio table", file=sys.stderr)
     for label, reason in result.errors.items():
@@ -239,6 +276,10 @@ def _summarise(
         "baseline": baseline,
         "results": results,
         "ratios": ratios,
+        "paired_ratios": {
+            label: {key: ratio.as_json() for key, ratio in rows.items()}
+            for label, rows in paired.items()
+        },
         "runs": result.runs,
         "unavailable": result.errors,
     }

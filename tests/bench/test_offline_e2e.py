@@ -54,6 +54,13 @@ def test_two_schedulers_produce_json_and_png(tmp_path, cache, capsys):
         flat = json.loads((out / f"{label}.json").read_text())
         assert flat["backend"] == label and "p99_ttft_ms" in flat
     assert data["ratios"]["static"]["request_throughput"] == 1.0
+    assert "Paired ratios vs static (2 repeats)" in text
+    paired = data["paired_ratios"]["default"]["output_throughput"]
+    mine, theirs = data["runs"]["default"], data["runs"]["static"]
+    assert paired["ratios"] == pytest.approx(
+        [a["output_throughput"] / b["output_throughput"] for a, b in zip(mine, theirs, strict=True)]
+    )
+    assert paired["ci95"] is None and set(data["paired_ratios"]) == {"default"}
     assert data["workload"]["name"] == "smoke"
     for png in ("throughput.png", "latency_cdf.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
