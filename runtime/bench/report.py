@@ -49,6 +49,7 @@ SUMMARY_ROWS = (
     ("mean_ttft_ms", "Mean TTFT (ms)", 1, ".0f"),
     ("mean_tpot_ms", "Mean TPOT (ms)", 1, ".1f"),
     ("mean_e2el_ms", "Mean E2EL (ms)", 1, ".0f"),
+    ("makespan_over_arrival_bound", "Makespan / arrival bound", 1, ".2f"),
     ("idle_token_fraction", "Idle token slots (%)", 100, ".1f"),
     ("idle_attention_fraction", "Idle attention pairs (%)", 100, ".1f"),
     ("mean_kv_allocated_mib", "KV allocated, mean (MiB)", 1, ".1f"),

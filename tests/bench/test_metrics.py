@@ -112,3 +112,18 @@ def test_cpu_time_throughput():
     assert m["cpu_time_s"] == 2.0 and m["output_tokens_per_cpu_s"] == pytest.approx(3.0)
     assert m["requests_per_cpu_s"] == pytest.approx(1.5)
     assert "cpu_time_s" not in compute_metrics(hand_trace())
+
+
+def test_arrival_bound_serves_each_request_alone_at_the_fastest_pass():
+    m = compute_metrics(hand_trace())
+    # fastest pass 0.1 s; finishes 0 + 3 * 0.1, 1.0 + 2 * 0.1, 0.5 + 1 * 0.1 (the failed
+    # request does not count): the last at 1.2 s
+    assert m["arrival_bound_s"] == pytest.approx(1.2)
+    assert m["makespan_over_arrival_bound"] == pytest.approx(4.0 / 1.2)
+    late = hand_trace()
+    late.requests[1].arrival = 3.5  # a late arrival sets the bound: 3.5 + 2 * 0.1
+    late.requests[1].token_times = [3.6, 3.9]
+    assert compute_metrics(late)["arrival_bound_s"] == pytest.approx(3.7)
+    no_passes = hand_trace()
+    no_passes.passes = []
+    assert "arrival_bound_s" not in compute_metrics(no_passes)
