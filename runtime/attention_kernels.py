@@ -14,7 +14,9 @@ FMA (float32 arithmetic; other dtypes keep SDPA), which every packed layout call
 applies.
 
 It is compiled for this CPU's instruction set on first use (`torch.utils.cpp_extension`, about
-15 s on 2 cores, then cached under `~/.cache/torch_extensions`) and used on CPU for float32,
+15 s on 2 cores, then cached under `~/.cache/torch_extensions`; processes starting together
+take turns, and a build killed midway does not leave the next start waiting: `_build_turn`)
+and used on CPU for float32,
 float64, bfloat16 and float16 models: arithmetic is float32 (float64 for float64), 16-bit
 keys and values are widened as they are loaded. For a bfloat16 model it is about 8x faster
 than torch's bfloat16 SDPA on an AVX2 host (docs/benchmarks.md). The same extension holds the
@@ -30,10 +32,12 @@ and the MKL packed-sgemm linears (`kernels/mkl_linear.cpp`, see `runtime.linear_
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +171,44 @@ _LOADED: DecodeKernel | None = None
 _FAILURE: str | None = None
 
 
+BUILD_TURN_FILE = "baton-build.flock"  # beside torch's own `lock` in the build directory
+
+
+@contextlib.contextmanager
+def _build_turn(name: str) -> Iterator[None]:
+    """Hold this machine's turn to build or check extension `name`, and clear a `lock` file
+    that a killed build left behind.
+
+    Why: `cpp_extension.load` takes its build directory by creating a `lock` file and waits,
+    forever, while one exists. A process killed while it held it (a server stopped during its
+    first build, a test's child timed out) left every later start of the kernel waiting,
+    with no message. An `flock` is released by the kernel when its holder dies, so every
+    loader takes one first: whoever holds it and still finds torch's `lock` knows its maker
+    is gone, and removes it. Where the build directory cannot be known or locked, torch's
+    own waiting is all there is, as before."""
+    try:
+        import fcntl  # POSIX only
+
+        from torch.utils.cpp_extension import _get_build_directory  # torch's own path rule
+
+        directory = Path(_get_build_directory(name, verbose=False))
+        handle = (directory / BUILD_TURN_FILE).open("a")
+    except Exception:  # no fcntl, a torch without the helper, or an unwritable cache
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds
+        stale = directory / "lock"
+        if stale.exists():
+            logger.warning("removing %s, left by a kernel build that was killed", stale)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def load_native_kernel() -> DecodeKernel:
     """Build (first time on this machine) and load the kernel, once per process.
 
@@ -184,10 +226,12 @@ def load_native_kernel() -> DecodeKernel:
         try:
             from torch.utils import cpp_extension
 
-            cpp_extension.load(
-                name=f"baton_kernels_{isa}", sources=[str(s) for s in SOURCES],
-                extra_cflags=["-O3", "-fopenmp", *isa_flags], extra_ldflags=["-fopenmp"],
-                is_python_module=False, verbose=False)
+            name = f"baton_kernels_{isa}"
+            with _build_turn(name):
+                cpp_extension.load(
+                    name=name, sources=[str(s) for s in SOURCES],
+                    extra_cflags=["-O3", "-fopenmp", *isa_flags], extra_ldflags=["-fopenmp"],
+                    is_python_module=False, verbose=False)
             _LOADED = DecodeKernel(isa)
         except Exception as exc:  # a missing compiler or ninja, a failed build: fall back
             lines = str(exc).strip().splitlines()

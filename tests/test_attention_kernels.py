@@ -459,3 +459,27 @@ def test_a_bfloat16_model_decodes_through_the_kernel(scheduler: str) -> None:
         pairs = enumerate(zip(native, sdpa, strict=True))
         agreeing += next((j for j, (a, b) in pairs if a != b), len(native))
     assert agreeing >= 0.75 * total, f"{agreeing} of {total} tokens agree"
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load():
+    """torch's build waits forever on a `lock` file; one left by a killed process is cleared."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    isa, _ = attention_kernels.instruction_set()
+    lock = Path(_get_build_directory(f"baton_kernels_{isa}", verbose=False)) / "lock"
+    lock.touch()  # as a build killed while it held the directory leaves it
+    code = ("from runtime.attention_kernels import load_native_kernel; "
+            "load_native_kernel(); print('loaded')")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=90)
+        left = lock.exists()
+    finally:
+        lock.unlink(missing_ok=True)
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-2000:]
+    assert "left by a kernel build that was killed" in done.stderr
+    assert not left
