@@ -196,17 +196,14 @@ def _build_turn(name: str) -> Iterator[None]:
     except Exception:  # no fcntl, a torch without the helper, or an unwritable cache
         yield
         return
-    with handle:
+    with handle:  # closing it gives the turn up
         fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds
         stale = directory / "lock"
         if stale.exists():
             logger.warning("removing %s, left by a kernel build that was killed", stale)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(stale)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 def load_native_kernel() -> DecodeKernel:

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# (key, label, higher is better): the headline metrics compared repeat by repeat.
-PAIRED_ROWS = (
-    ("output_throughput", "Output token throughput", True),
-    ("mean_ttft_ms", "Mean TTFT", False),
-    ("mean_tpot_ms", "Mean TPOT", False),
-)
+from runtime.bench.report import RATIO_ROWS
+
+# The headline metrics compared repeat by repeat; label and direction as the ratio table's.
+PAIRED_KEYS = ("output_throughput", "mean_ttft_ms", "mean_tpot_ms")
+PAIRED_ROWS = tuple(row for key in PAIRED_KEYS for row in RATIO_ROWS if row[0] == key)
 # Student's t, two-sided 95%, for 1-30 degrees of freedom; beyond 30 the value at 30 is used,
 # which makes the interval at most 4% wider than the exact one.
 T_975 = (
@@ -72,10 +71,11 @@ class PairedRatio:
         return "within noise"
 
     def as_json(self) -> dict[str, Any]:
+        interval = self.interval
         return {
             "ratios": list(self.ratios),
             "geomean": self.geomean,
-            "ci95": list(self.interval) if self.interval else None,
+            "ci95": list(interval) if interval else None,
             "verdict": self.verdict,
         }
 
