@@ -51,7 +51,8 @@ class AttentionTimes:
 
 
 class VariantChooser:
-    """`attention: auto`: pick, per iteration, the variant whose decode attention is cheaper.
+    """`attention: auto` without the decode kernel: pick, per iteration, the variant whose
+    decode attention is cheaper (with the kernel, `auto` takes it: `OrcaKVCache._decode_group`).
 
     Both variants compute the same attention, so the choice only changes speed. Which one is
     faster depends on the machine and on its load (the fused gather is memory-bound, the loop

@@ -231,11 +231,19 @@ class OrcaKVCache(KVCache):
         indexed writes cost about 4 ms of a 24 ms one-row step on a 2-core host. Without the
         kernel, a gather of one row would only add a copy, so it stays in the loop, as does
         every row of the literal `loop`.
+
+        With the kernel, `auto` takes it without measuring the loop: the kernel reads the same
+        slot ranges in place as the loop does, in one call per layer instead of `2 x B_dec`,
+        so the loop cannot be the faster one, and each probe of it cost a slow iteration (on
+        `varied-64`, bfloat16, the probes made `auto` about 0.93x `fused`'s throughput). The
+        chooser weighs the gather against the loop, which is what differs by machine and load.
         """
         if not segments or self.mode == "loop":
             return {}
-        if len(segments) == 1:
-            variant = "loop" if self.decode_kernel is None else "fused"
+        if self.decode_kernel is not None:  # `fused` and `auto` alike: the kernel
+            variant = "fused"
+        elif len(segments) == 1:
+            variant = "loop"
         else:
             variant = self.chooser.choose() if self.mode == "auto" else self.mode
         if variant != "fused":

@@ -67,9 +67,10 @@ class OrcaScheduler:
       `kv_cache_tokens`). A request reserving more than all of it runs alone rather than
       blocking the queue. (`kv_slots`, its former name, is still accepted, with a warning.)
     - `attention`: `fused` (the decode rows gathered into a few padded calls per layer, by
-      length), `loop` (one call per request, the paper's literal split) or `auto` (the
-      default: whichever of the two is measured faster here, re-checked as the run goes;
-      `fused` on CUDA).
+      length; with the engine's decode kernel, one call per layer reading each row's slots
+      in place), `loop` (one call per request, the paper's literal split) or `auto` (the
+      default: the kernel where there is one; else whichever of the two is measured faster
+      here, re-checked as the run goes; `fused` on CUDA).
     - `max_pass_tokens`: tokens per forward pass (default 4096; `null`: no limit, one pass
       per iteration). An iteration with more runs its further initiations in more passes of
       the same step: who runs and when is unchanged, only how the work is cut (docs/orca.md).

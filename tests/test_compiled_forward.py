@@ -181,9 +181,9 @@ def test_warm_up_leaves_a_fresh_layout() -> None:
     engine = Engine(small_model(), None, instantiate_scheduler("orca", {}), "orca")
     warmed = engine.kv_cache
     engine.warm_up()
-    assert warmed.chooser.num_choices > 0  # the warm-up did run decode passes through it
+    assert warmed.chooser.samples["fused"]  # the warm-up did time decode passes
     assert engine.kv_cache is not warmed
-    assert engine.kv_cache.is_empty() and engine.kv_cache.chooser.num_choices == 0
+    assert engine.kv_cache.is_empty() and not engine.kv_cache.chooser.samples["fused"]
     assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == [
         r.output_token_ids for r in Engine(small_model(), None, instantiate_scheduler("orca", {}),
                                            "orca").generate(prompts(), GREEDY)]

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from orca_plugin import OrcaScheduler
-from orca_plugin.attention import KernelAttention, LoopAttention, VariantChooser
+from orca_plugin.attention import (
+    FusedAttention,
+    KernelAttention,
+    LoopAttention,
+    VariantChooser,
+)
 from orca_plugin.cache import split_iteration
 from orca_plugin.groups import DecodeGroup, plan_groups
 from orca_plugin.masks import build_orca_mask, decode_padding_mask
@@ -281,6 +286,36 @@ def test_fragmented_pool_compacts_and_keeps_tokens(model, mode: str) -> None:
             model, lambda: OrcaScheduler(attention=mode), Arrival(0, tuple(prompt), greedy(n))
         )
         assert reqs[key].output_token_ids == solo, key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_auto_measures_the_loop_only_without_the_kernel(model, native_kernel,
+                                                        backend: str) -> None:
+    """With the decode kernel, `auto` runs every decode iteration in it and never probes the
+    loop (the kernel reads the same slot ranges in fewer calls, and a probe costs a slow
+    iteration); without it, `auto` still measures the gather against the loop."""
+    scheduler = OrcaScheduler(attention="auto")
+    engine = engine_for(model, scheduler, attention_backend=backend)
+    requests = [engine.add_request(list(range(1, n)), greedy(24)) for n in (5, 9, 13)]
+    engine.step()  # the initiations
+    cache = scheduler.cache
+    original, used = cache.attention, []
+
+    def recording(batch):
+        handle = original(batch)
+        used.append(type(handle))
+        return handle
+
+    cache.attention = recording
+    drain(engine)
+    if backend == "native":
+        assert set(used) == {KernelAttention} and cache.chooser.num_choices == 0
+        assert cache.chooser.samples["fused"]  # its times are still kept
+    else:
+        assert {FusedAttention, LoopAttention} <= set(used) and cache.chooser.num_choices > 0
+    for request in requests:
+        arrival = Arrival(0, tuple(request.prompt_token_ids), greedy(24))
+        assert request.output_token_ids == run_alone(model, lambda: None, arrival)
 
 
 def test_auto_tries_both_variants_then_keeps_the_faster() -> None:
