@@ -40,9 +40,14 @@ class RequestTrace:
         return self.token_times[-1] - self.arrival
 
 
+STALL_FACTOR = 2.0  # a decode pass this many times its batch size's median is a stall
+STALL_MIN_PASSES = 3  # decode passes of one batch size needed for a median to judge by
+
+
 @dataclass(frozen=True, slots=True)
 class PassTrace:
-    """One forward pass: phase, seconds and the idle-computation counts of its PassStats."""
+    """One forward pass: phase, seconds, the idle-computation counts of its PassStats and how
+    many requests it ran (0 where unknown)."""
 
     phase: str
     seconds: float
@@ -50,6 +55,7 @@ class PassTrace:
     computed_tokens: int
     useful_pairs: int
     computed_pairs: int
+    requests: int = 0
 
 
 @dataclass(slots=True)
@@ -83,6 +89,7 @@ class StepRecorder:
                     p.computed_tokens,
                     p.useful_attention_pairs,
                     p.computed_attention_pairs,
+                    p.num_requests,
                 )
             )
         self.memory.append((stats.memory.allocated_elements, stats.memory.used_elements))
@@ -188,7 +195,32 @@ def pass_metrics(passes: Sequence[PassTrace]) -> dict[str, float | int]:
     for phase in ("prefill", "decode", "mixed"):
         out[f"{phase}_time_s"] = sum(p.seconds for p in passes if p.phase == phase)
         out[f"{phase}_passes"] = sum(1 for p in passes if p.phase == phase)
+    out["decode_stall_passes"], out["decode_stall_s"] = decode_stalls(passes)
     return out
+
+
+def decode_stalls(passes: Sequence[PassTrace]) -> tuple[int, float]:
+    """Decode passes that took over `STALL_FACTOR` times the median of the run's decode passes
+    of the same batch size, and the seconds they took beyond that median.
+
+    Why: a decode pass costs about the same at a given batch size, so one that takes several
+    times as long did something else: a recompile, a reallocation, a probe of a slow variant.
+    Totals hide it (five such passes a run were 14-19% of Orca's decode time on `varied-64`
+    before its `attention: auto` stopped probing the loop beside the kernel,
+    docs/benchmarks.md); this names it. Batch sizes with fewer than `STALL_MIN_PASSES` decode passes are not judged."""
+    by_rows: dict[int, list[float]] = {}
+    for p in passes:
+        if p.phase == "decode" and p.requests > 0:
+            by_rows.setdefault(p.requests, []).append(p.seconds)
+    count, excess = 0, 0.0
+    for seconds in by_rows.values():
+        if len(seconds) < STALL_MIN_PASSES:
+            continue
+        median = float(np.median(seconds))
+        slow = [s for s in seconds if s > STALL_FACTOR * median]
+        count += len(slow)
+        excess += sum(s - median for s in slow)
+    return count, excess
 
 
 def memory_metrics(memory: Sequence[tuple[int, int]], bytes_per_element: int) -> dict[str, float]:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from runtime.bench.metrics import STALL_FACTOR
+
 HEADER = "{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="=")
 _LATENCY_SECTIONS = (
     ("ttft", "TTFT", "Time to First Token"),
@@ -57,6 +59,8 @@ SUMMARY_ROWS = (
     ("prefill_time_s", "Prefill-only passes (s)", 1, ".2f"),
     ("decode_time_s", "Decode-only passes (s)", 1, ".2f"),
     ("mixed_time_s", "Mixed passes (s)", 1, ".2f"),
+    ("decode_stall_passes", f"Decode stalls (> {STALL_FACTOR:g}x median)", 1, ".0f"),
+    ("decode_stall_s", "Decode stall time (s)", 1, ".2f"),
 )
 
 
@@ -113,6 +117,9 @@ def format_report(metrics: Mapping[str, Any], title: str | None = None) -> str:
         lines.append(_section("Time by Phase"))
         for phase in ("prefill", "decode", "mixed"):
             lines.append(_row(f"{phase.capitalize()} time (s):", float(metrics[f"{phase}_time_s"])))
+        if "decode_stall_passes" in metrics:
+            lines.append(_row("Decode stalls (passes):", int(metrics["decode_stall_passes"])))
+            lines.append(_row("Decode stall time (s):", float(metrics["decode_stall_s"])))
     if "mean_kv_allocated_mib" in metrics:
         lines.append(_section("KV Cache Memory"))
         lines.append(_row("Mean allocated (MiB):", float(metrics["mean_kv_allocated_mib"])))

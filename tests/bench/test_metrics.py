@@ -11,6 +11,8 @@ from runtime.bench.metrics import (
     StepRecorder,
     aggregate,
     compute_metrics,
+    decode_stalls,
+    pass_metrics,
 )
 from runtime.kv_cache import MemoryStats, PassStats, Phase
 from runtime.scheduling import StepStats
@@ -92,7 +94,7 @@ def test_step_recorder_reads_step_stats():
         num_waiting=0,
     )
     rec.on_step_end(stats)
-    assert rec.passes == [PassTrace("decode", 0.25, 2, 4, 10, 16)]
+    assert rec.passes == [PassTrace("decode", 0.25, 2, 4, 10, 16, requests=2)]
     assert rec.memory == [(64, 32)]
 
 
@@ -127,3 +129,22 @@ def test_arrival_bound_serves_each_request_alone_at_the_fastest_pass():
     no_passes = hand_trace()
     no_passes.passes = []
     assert "arrival_bound_s" not in compute_metrics(no_passes)
+
+
+def test_decode_stalls_are_passes_far_over_their_batch_sizes_median():
+    """A decode pass over twice the median of its batch size's decode passes is a stall; its
+    time past that median is the stall's cost. Sizes with too few passes are not judged, and
+    prompt-carrying passes never are."""
+    def decode(seconds: float, rows: int) -> PassTrace:
+        return PassTrace("decode", seconds, rows, rows, rows, rows, requests=rows)
+
+    passes = [decode(0.060, 64)] * 6 + [decode(0.065, 64), decode(0.400, 64)]  # median 0.060
+    passes += [decode(0.020, 8)] * 3 + [decode(0.041, 8)]  # median 0.020: 0.041 is a stall
+    passes += [decode(0.010, 1), decode(0.500, 1)]  # two passes: too few to judge
+    passes += [PassTrace("mixed", 2.5, 4000, 4000, 0, 0, requests=40)]
+    assert decode_stalls(passes) == (2, pytest.approx((0.400 - 0.060) + (0.041 - 0.020)))
+    assert decode_stalls(passes[:7]) == (0, 0.0)
+    metrics = pass_metrics(passes)
+    assert metrics["decode_stall_passes"] == 2
+    assert metrics["decode_stall_s"] == pytest.approx(0.361)
+    assert decode_stalls([PassTrace("decode", 9.0, 1, 1, 1, 1)] * 5) == (0, 0.0)  # rows unknown
