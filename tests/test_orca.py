@@ -176,6 +176,20 @@ def test_solo_tokens_equal_the_runtime_default_layout(model) -> None:
         assert run_alone(model, lambda m=mode: OrcaScheduler(attention=m), arrival) == reference
 
 
+def drain_recording_handles(engine: Engine, cache) -> list[type]:
+    """Run `engine` to the end, returning the type of every attention handle its passes used."""
+    original, used = cache.attention, []
+
+    def recording(batch):
+        handle = original(batch)
+        used.append(type(handle))
+        return handle
+
+    cache.attention = recording
+    drain(engine)
+    return used
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_one_decode_row_takes_the_kernel_unless_literal(model, native_kernel, mode: str,
@@ -187,16 +201,7 @@ def test_one_decode_row_takes_the_kernel_unless_literal(model, native_kernel, mo
     engine = engine_for(model, scheduler, attention_backend=backend)
     request = engine.add_request(list(range(3, 20)), greedy(8))
     engine.step()  # the initiation
-    cache = scheduler.cache
-    original, used = cache.attention, []
-
-    def recording(batch):
-        handle = original(batch)
-        used.append(type(handle))
-        return handle
-
-    cache.attention = recording
-    drain(engine)
+    used = drain_recording_handles(engine, scheduler.cache)
     kernel = backend == "native" and mode != "loop"
     assert len(used) == 7 and set(used) == {KernelAttention if kernel else LoopAttention}
     arrival = Arrival(0, tuple(range(3, 20)), greedy(8))
@@ -299,15 +304,7 @@ def test_auto_measures_the_loop_only_without_the_kernel(model, native_kernel,
     requests = [engine.add_request(list(range(1, n)), greedy(24)) for n in (5, 9, 13)]
     engine.step()  # the initiations
     cache = scheduler.cache
-    original, used = cache.attention, []
-
-    def recording(batch):
-        handle = original(batch)
-        used.append(type(handle))
-        return handle
-
-    cache.attention = recording
-    drain(engine)
+    used = drain_recording_handles(engine, cache)
     if backend == "native":
         assert set(used) == {KernelAttention} and cache.chooser.num_choices == 0
         assert cache.chooser.samples["fused"]  # its times are still kept
