@@ -207,7 +207,9 @@ def decode_stalls(passes: Sequence[PassTrace]) -> tuple[int, float]:
     times as long did something else: a recompile, a reallocation, a probe of a slow variant.
     Totals hide it (five such passes a run were 14-19% of Orca's decode time on `varied-64`
     before its `attention: auto` stopped probing the loop beside the kernel,
-    docs/benchmarks.md); this names it. Batch sizes with fewer than `STALL_MIN_PASSES` decode passes are not judged."""
+    docs/benchmarks.md); this names it. Batch sizes with fewer than `STALL_MIN_PASSES`
+    decode passes are not judged.
+    """
     by_rows: dict[int, list[float]] = {}
     for p in passes:
         if p.phase == "decode" and p.requests > 0:
