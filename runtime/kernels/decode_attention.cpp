@@ -8,7 +8,9 @@
 //
 // One task per (row, KV head), claimed in turn by ATen's threads from a shared counter
 // (`attend`): scores, softmax and the
-// weighted values, each streaming the keys (or values) once. The float path uses AVX-512 or
+// weighted values, each streaming the keys (or values) once. A task's memory traffic is spread
+// over its two passes: the scores pass asks for the task's values, the values pass for the
+// thread's next task's keys (`NextKeys`, AVX-512 builds). The float path uses AVX-512 or
 // AVX2/FMA when the build targets it (runtime/attention_kernels.py compiles per ISA); a
 // portable loop serves float64 (exact tests) and other CPUs. Why hand-written: torch's CPU flash kernel
 // runs tiny per-block GEMMs for one query row and reached a third of this machine's memory
@@ -107,6 +109,28 @@ void weighted_values_portable(const T* probs, int64_t group, int64_t count, cons
   }
 }
 
+// The keys of the task a thread runs next (none after its last), which the AVX-512 paths'
+// values pass asks for into L2 key by key. Why: the scores pass reads its task's keys from
+// memory and asks for the task's values meanwhile, so the values pass finds them in L2 and
+// left memory idle, and a task's arithmetic and its reads took turns instead of overlapping.
+// With the next keys asked for there, 30 layers' attention on a 2-core Zen 4 at 8-64 rows of
+// 128-330 keys ran 1.19-1.35x as fast in bfloat16 and 1.16-1.17x in float32; 1-4 rows and rows
+// of 1,000-3,000 keys level (docs/benchmarks.md, thirty-fifth session).
+template <typename KT>
+struct NextKeys {
+  const KT* k = nullptr;
+  int64_t count = 0;
+
+  // How many of the next task's keys a block of `n` keys from `j0` asks for (its own share),
+  // and where they start.
+  int64_t in_block(int64_t j0, int64_t n) const {
+    return k == nullptr ? 0 : std::clamp<int64_t>(count - j0, 0, n);
+  }
+  const KT* from(int64_t j0, int64_t key_stride) const {
+    return k == nullptr ? nullptr : k + j0 * key_stride;
+  }
+};
+
 // Keys per block of the AVX2 path, small enough to stay in L1 while every query head of a
 // group passes over them (a widened 16-bit block is made once per block). Blocks of 8-64
 // were measured within noise of each other; these were the best.
@@ -146,6 +170,12 @@ inline void prefetch_key(const KT* key, int64_t dim) {
         _mm_prefetch(p + b, _MM_HINT_T0);
     }
   }
+}
+
+// The next task's keys past this task's `count` (a longer next task), asked for at its end.
+template <typename KT>
+void ask_for_the_rest(const NextKeys<KT>& next, int64_t count, int64_t key_stride, int64_t dim) {
+  for (int64_t j = count; j < next.count; ++j) prefetch_key<KT, true>(next.k + j * key_stride, dim);
 }
 
 // --- AVX2/FMA float loops (head size a multiple of 8) ---------------------------------------
@@ -415,10 +445,11 @@ inline float dot1_512(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t d
 // `kFourKeys` order). At this width that order also won for keys read in place from memory:
 // 1.2x the key-by-key order at 32-64 rows on an AVX-512 Xeon. The same positions' `values`
 // are asked for into L2 as the first head scores them, as the AVX2 loop does, so that the
-// values pass does not wait on memory (`values` null: not asked for). 30 layers' attention on
-// a 2-core Zen 4: float32 rows of 200-600 keys took 0.88-0.92x the time (1,000 keys: 1.0x);
-// bfloat16 rows of 200-300 keys 0.92-0.97x, but of 400-1,000 keys 1.05-1.12x, whose keys
-// already stream near the bus's rate: `kValuePrefetchMaxKeys16`.
+// values pass does not wait on memory (`values` null: not asked for), and the values pass asks
+// for the next task's keys in turn (`NextKeys`). 30 layers' attention on a 2-core Zen 4:
+// float32 rows of 200-600 keys took 0.88-0.92x the time (1,000 keys: 1.0x), bfloat16 rows of
+// 200-300 keys 0.92-0.97x; bfloat16 rows of 400-1,000 keys were 1.05-1.12x slower with the
+// values asked for until the values pass asked for the next keys (now 0.95-0.97x the time).
 template <typename QT, typename KT>
 void scores_block_avx512(const QT* q, int64_t group, int64_t dim, const KT* k,
                          int64_t key_stride, int64_t n, float scale, float* scores,
@@ -446,7 +477,7 @@ void scores_block_avx512(const QT* q, int64_t group, int64_t dim, const KT* k,
 template <int NV>
 void weighted_values_chunk_512(const float* probs, int64_t prob_stride, int64_t group,
                                int64_t n, const float* v, int64_t key_stride, int64_t d0,
-                               int64_t dim, float* acc) {
+                               int64_t dim, float* acc, const float* ahead, int64_t ahead_n) {
   for (int64_t g = 0; g < group; ++g) {
     __m512 a[NV], b[NV];
     float* ag = acc + g * dim + d0;
@@ -461,6 +492,8 @@ void weighted_values_chunk_512(const float* probs, int64_t prob_stride, int64_t 
       if (from_memory) {
         prefetch_key(v0 + kPrefetchKeys * key_stride, dim);
         prefetch_key(v1 + kPrefetchKeys * key_stride, dim);
+        if (j < ahead_n) prefetch_key<float, true>(ahead + j * key_stride, dim);
+        if (j + 1 < ahead_n) prefetch_key<float, true>(ahead + (j + 1) * key_stride, dim);
       }
       for (int i = 0; i < NV; ++i) {
         a[i] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * i), a[i]);
@@ -478,19 +511,24 @@ void weighted_values_chunk_512(const float* probs, int64_t prob_stride, int64_t 
 
 void weighted_values_block_avx512(const float* probs, int64_t prob_stride, int64_t group,
                                   int64_t n, const float* v, int64_t key_stride, int64_t dim,
-                                  float* acc) {
+                                  float* acc, const float* ahead = nullptr,
+                                  int64_t ahead_n = 0) {  // `ahead_n` keys at `ahead` into L2
   int64_t d0 = 0;
-  for (; d0 + 64 <= dim; d0 += 64)
-    weighted_values_chunk_512<4>(probs, prob_stride, group, n, v, key_stride, d0, dim, acc);
+  for (; d0 + 64 <= dim; d0 += 64, ahead_n = 0)  // the first chunk asks for them
+    weighted_values_chunk_512<4>(probs, prob_stride, group, n, v, key_stride, d0, dim, acc,
+                                 ahead, ahead_n);
   switch ((dim - d0) / 16) {
     case 1:
-      weighted_values_chunk_512<1>(probs, prob_stride, group, n, v, key_stride, d0, dim, acc);
+      weighted_values_chunk_512<1>(probs, prob_stride, group, n, v, key_stride, d0, dim, acc,
+                                   ahead, ahead_n);
       break;
     case 2:
-      weighted_values_chunk_512<2>(probs, prob_stride, group, n, v, key_stride, d0, dim, acc);
+      weighted_values_chunk_512<2>(probs, prob_stride, group, n, v, key_stride, d0, dim, acc,
+                                   ahead, ahead_n);
       break;
     case 3:
-      weighted_values_chunk_512<3>(probs, prob_stride, group, n, v, key_stride, d0, dim, acc);
+      weighted_values_chunk_512<3>(probs, prob_stride, group, n, v, key_stride, d0, dim, acc,
+                                   ahead, ahead_n);
       break;
     default:
       break;
@@ -516,13 +554,14 @@ void probabilities_avx512(const QT* q, int64_t group, int64_t dim, const KT* k,
 // attend_one_avx2 at 16 lanes, for float32 keys and values read in place (dim % 16 == 0).
 void attend_one_avx512(const float* q, const float* k, const float* v, int64_t group,
                        int64_t dim, int64_t key_stride, int64_t count, float scale,
-                       float* scores, float* acc) {
+                       float* scores, float* acc, const NextKeys<float>& next) {
   probabilities_avx512(q, group, dim, k, v, key_stride, count, scale, scores);
   for (int64_t j0 = 0; j0 < count; j0 += kValueBlock) {
     const int64_t n = std::min(kValueBlock, count - j0);
     weighted_values_block_avx512(scores + j0, count, group, n, v + j0 * key_stride, key_stride,
-                                 dim, acc);
+                                 dim, acc, next.from(j0, key_stride), next.in_block(j0, n));
   }
+  ask_for_the_rest(next, count, key_stride, dim);
 }
 
 // `n` 16-bit values widened to float32 rows of `dim` (a multiple of 16) in `buf`.
@@ -539,15 +578,17 @@ inline void widen_16_512(const KT* src, int64_t key_stride, int64_t n, int64_t d
 // acc_g[d0, d0 + 64) += sum_j p[g, j] v_j[d0, d0 + 64) for G query heads over `n` 16-bit
 // values: each value is widened once, in registers, and serves the G heads (4 G + 4 of the 32
 // vector registers), instead of being widened into a buffer and read back once per head.
+// The first head set's pass asks for `ahead_n` keys at `ahead` (the next task's) into L2.
 template <int G, typename KT>
 void weighted_values_16(const float* probs, int64_t prob_stride, int64_t n, const KT* v, int64_t key_stride, int64_t d0, int64_t dim,
-                          float* acc) {
+                          float* acc, const KT* ahead, int64_t ahead_n) {
   __m512 a[G][4];
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < 4; ++i) a[g][i] = _mm512_loadu_ps(acc + g * dim + d0 + 16 * i);
   for (int64_t j = 0; j < n; ++j) {
     const KT* vj = v + j * key_stride + d0;
     if (d0 == 0) prefetch_key(vj + kPrefetchKeys * key_stride, dim);
+    if (j < ahead_n) prefetch_key<KT, true>(ahead + j * key_stride, dim);
     __m512 w[4];
     for (int i = 0; i < 4; ++i) w[i] = load16(vj + 16 * i);
     for (int g = 0; g < G; ++g) {
@@ -559,9 +600,6 @@ void weighted_values_16(const float* probs, int64_t prob_stride, int64_t n, cons
     for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + g * dim + d0 + 16 * i, a[g][i]);
 }
 
-// The longest 16-bit row whose values `attend_one_16` asks for while it scores the keys.
-constexpr int64_t kValuePrefetchMaxKeys16 = 320;
-
 // attend_one for 16-bit keys and values (KT) under a float32 query (a `kv_cache_dtype`
 // cache; dim % 16 == 0) or, on AVX-512 BF16 builds, bfloat16 ones under a bfloat16 query
 // (dim % 32 == 0). `wide` holds kKeyBlock widened values (heads of a width that is not a
@@ -569,10 +607,9 @@ constexpr int64_t kValuePrefetchMaxKeys16 = 320;
 template <typename QT, typename KT>
 void attend_one_16(const QT* q, const KT* k, const KT* v, int64_t group, int64_t dim,
                    int64_t key_stride, int64_t count, float scale, float* scores, float* acc,
-                   float* wide) {
+                   float* wide, const NextKeys<KT>& next) {
   std::fill(acc, acc + group * dim, 0.0f);
-  probabilities_avx512(q, group, dim, k, count <= kValuePrefetchMaxKeys16 ? v : nullptr,
-                       key_stride, count, scale, scores);
+  probabilities_avx512(q, group, dim, k, v, key_stride, count, scale, scores);
   for (int64_t j0 = 0; j0 < count; j0 += kValueBlock) {
     const int64_t n = std::min(kValueBlock, count - j0);
     const KT* vb = v + j0 * key_stride;
@@ -585,14 +622,17 @@ void attend_one_16(const QT* q, const KT* k, const KT* v, int64_t group, int64_t
       for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const float* pg = scores + g0 * count + j0;
         float* ag = acc + g0 * dim;
+        const KT* ahead = next.from(j0, key_stride);
+        const int64_t ahead_n = d0 == 0 && g0 == 0 ? next.in_block(j0, n) : 0;
         switch (std::min<int64_t>(4, group - g0)) {
-          case 1: weighted_values_16<1>(pg, count, n, vb, key_stride, d0, dim, ag); break;
-          case 2: weighted_values_16<2>(pg, count, n, vb, key_stride, d0, dim, ag); break;
-          case 3: weighted_values_16<3>(pg, count, n, vb, key_stride, d0, dim, ag); break;
-          default: weighted_values_16<4>(pg, count, n, vb, key_stride, d0, dim, ag); break;
+          case 1: weighted_values_16<1>(pg, count, n, vb, key_stride, d0, dim, ag, ahead, ahead_n); break;
+          case 2: weighted_values_16<2>(pg, count, n, vb, key_stride, d0, dim, ag, ahead, ahead_n); break;
+          case 3: weighted_values_16<3>(pg, count, n, vb, key_stride, d0, dim, ag, ahead, ahead_n); break;
+          default: weighted_values_16<4>(pg, count, n, vb, key_stride, d0, dim, ag, ahead, ahead_n); break;
         }
       }
   }
+  ask_for_the_rest(next, count, key_stride, dim);
 }
 #ifdef BATON_AVX512_BF16
 // --- AVX-512 BF16 (bfloat16 keys and query, head size a multiple of 32) --------------------
@@ -638,7 +678,8 @@ inline float dot1_512(const c10::BFloat16* qg, const c10::BFloat16* k, int64_t d
 // `wide` is scratch for kKeyBlock * dim floats (the AVX2 path's widened blocks).
 template <typename T, typename KT>
 void attend_one(const T* q, const KT* k, const KT* v, int64_t group, int64_t dim,
-                int64_t key_stride, int64_t count, T scale, T* scores, T* acc, float* wide) {
+                int64_t key_stride, int64_t count, T scale, T* scores, T* acc, float* wide,
+                const NextKeys<KT>& next) {
   std::fill(acc, acc + group * dim, T(0));
 #ifdef BATON_AVX2
   if constexpr (std::is_same_v<T, float>) {
@@ -649,7 +690,7 @@ void attend_one(const T* q, const KT* k, const KT* v, int64_t group, int64_t dim
     // BF16 exists, and for a 16-bit cache under a float32 model (`kv_cache_dtype`).
     if constexpr (std::is_same_v<KT, float>) {
       if (dim % 16 == 0) {
-        attend_one_avx512(q, k, v, group, dim, key_stride, count, scale, scores, acc);
+        attend_one_avx512(q, k, v, group, dim, key_stride, count, scale, scores, acc, next);
         return;
       }
     }
@@ -662,6 +703,7 @@ void attend_one(const T* q, const KT* k, const KT* v, int64_t group, int64_t dim
 #else
   (void)wide;
 #endif
+  (void)next;
   scores_portable(q, group, dim, k, key_stride, count, scale, scores);
   for (int64_t g = 0; g < group; ++g) {
     const T norm = T(1) / softmax_numerators_portable(scores + g * count, count);
@@ -733,6 +775,10 @@ void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* of
         store_key(appended.k + r * appended.k_row + h * appended.k_head, dim, kp + last);
         store_key(appended.v + r * appended.v_row + h * appended.v_head, dim, vp + last);
       }
+      NextKeys<KT> next;
+      if (following < tasks)
+        next = {kp + offsets[following / kv_heads] + (following % kv_heads) * head_stride,
+                counts[following / kv_heads]};
       const int64_t at = (r * heads + h * group) * dim;  // in the (contiguous) output
       const int64_t q_at = r * q_row + h * group * dim;
 #ifdef BATON_AVX512
@@ -746,7 +792,7 @@ void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* of
       if constexpr (kHalfUnderFloat || kBf16Model) {
         if (dim % (kBf16Model ? 32 : 16) == 0) {
           attend_one_16(qp + q_at, kp + first, vp + first, group, dim, key_stride, counts[r],
-                        scale, scores.data(), acc.data(), wide.data());
+                        scale, scores.data(), acc.data(), wide.data(), next);
           for (int64_t i = 0; i < group * dim; ++i) op[at + i] = static_cast<QT>(acc[i]);
           continue;
         }
@@ -760,7 +806,7 @@ void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* of
         qt = qp + q_at;
       }
       attend_one<T, KT>(qt, kp + first, vp + first, group, dim, key_stride, counts[r], scale,
-                        scores.data(), acc.data(), wide.data());
+                        scores.data(), acc.data(), wide.data(), next);
       for (int64_t i = 0; i < group * dim; ++i) op[at + i] = static_cast<QT>(acc[i]);
     }
   });
