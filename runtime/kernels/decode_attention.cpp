@@ -760,25 +760,23 @@ void attend(const at::Tensor& q, at::Tensor& k, at::Tensor& v, const int64_t* of
       following = next_task.fetch_add(1);
       const int64_t r = task / kv_heads, h = task % kv_heads;
       const int64_t first = offsets[r] + h * head_stride;
-#ifdef BATON_AVX2
-      if (following < tasks) {  // the next task's first keys and values, while this one runs
-        const int64_t r1 = following / kv_heads, h1 = following % kv_heads;
-        const int64_t first1 = offsets[r1] + h1 * head_stride;
+      NextKeys<KT> next;  // the thread's next task, asked for while this one runs
+      if (following < tasks) {
+        const int64_t r1 = following / kv_heads;
+        const int64_t first1 = offsets[r1] + (following % kv_heads) * head_stride;
+        next = {kp + first1, counts[r1]};
+#ifdef BATON_AVX2  // its first keys and values now; the AVX-512 values pass asks for the rest
         for (int64_t j = 0, n1 = std::min(kNextTaskKeys, counts[r1]); j < n1; ++j) {
           prefetch_key<KT, true>(kp + first1 + j * key_stride, dim);
           prefetch_key<KT, true>(vp + first1 + j * key_stride, dim);
         }
-      }
 #endif
+      }
       if (appended.k != nullptr) {  // only this task touches row r's head h
         const int64_t last = first + (counts[r] - 1) * key_stride;
         store_key(appended.k + r * appended.k_row + h * appended.k_head, dim, kp + last);
         store_key(appended.v + r * appended.v_row + h * appended.v_head, dim, vp + last);
       }
-      NextKeys<KT> next;
-      if (following < tasks)
-        next = {kp + offsets[following / kv_heads] + (following % kv_heads) * head_stride,
-                counts[following / kv_heads]};
       const int64_t at = (r * heads + h * group) * dim;  // in the (contiguous) output
       const int64_t q_at = r * q_row + h * group * dim;
 #ifdef BATON_AVX512
