@@ -399,3 +399,28 @@ def test_pending_graphs_are_a_metric_read_at_scrape_time() -> None:
     assert scraped(metrics) == 2
     queue.pending = 0
     assert scraped(metrics) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_compiled_rope_rotates_each_half_with_the_eager_arithmetic(dtype) -> None:
+    """Compiled, `apply_rope` rotates the halves one by one (inductor's `roll` is a gather);
+    each element's arithmetic is eager's, so float32 and float64 match bit for bit, and
+    bfloat16 is the float32 result rounded once (inductor keeps a fused kernel's
+    intermediates in float32)."""
+    from runtime.architectures.layers import apply_rope, rope_tables
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 12, 16, generator=gen)[:, 1:4]  # (tok, H, D) with a row stride, as qkv's
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    cos, sin = rope_tables(inv_freq, torch.arange(7) * 5, dtype)
+    x = x.to(dtype)
+    compiled = torch.compile(apply_rope, dynamic=False, fullgraph=True)(x, cos, sin)
+    if dtype == torch.bfloat16:
+        wide = apply_rope(x.float(), cos.float(), sin.float())
+        assert torch.equal(compiled, wide.to(dtype))
+    else:
+        assert torch.equal(compiled, apply_rope(x, cos, sin))
+    if dtype == torch.float64:  # and it is HF's x * cos + rotate_half(x) * sin
+        rotated = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
+        plain_sin = torch.cat((-sin[..., :8], sin[..., 8:]), dim=-1)  # the table, unsigned
+        assert torch.equal(compiled, x * cos + rotated * plain_sin)

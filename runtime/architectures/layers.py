@@ -176,8 +176,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     """Rotate x (*tok, H, D): x*cos + rotate_half(x)*sin, HF's convention, in fewer ops.
 
     rotate_half(x) = cat(-x2, x1) equals roll(x, D/2) times the sign already in `signed_sin`.
+
+    Compiled, each half is rotated on its own instead: inductor reads a `roll` element by
+    element (the index wraps modulo D, so it cannot prove a half contiguous), and the rope
+    kernel of a 1,280-token bfloat16 pass took 2.6x as long (0.49 against 0.19 ms, 2-core Zen
+    4). The arithmetic per element is the same, so the bits are too; eager keeps `roll`,
+    which is the faster of the two there (one kernel per op instead of four).
     """
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    half = x.shape[-1] // 2
+    if torch.compiler.is_compiling():
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos[..., :half] + x2 * signed_sin[..., :half],
+                          x2 * cos[..., half:] + x1 * signed_sin[..., half:]), dim=-1)
+    return x * cos + x.roll(half, dims=-1) * signed_sin
 
 
 @torch.no_grad()
