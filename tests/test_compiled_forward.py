@@ -424,3 +424,22 @@ def test_compiled_rope_rotates_each_half_with_the_eager_arithmetic(dtype) -> Non
         rotated = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
         plain_sin = torch.cat((-sin[..., :8], sin[..., 8:]), dim=-1)  # the table, unsigned
         assert torch.equal(compiled, x * cos + rotated * plain_sin)
+
+
+def test_the_norms_eps_are_constants_of_the_compiled_graph() -> None:
+    """With `dynamic=True` dynamo would make each norm's float `eps` a graph input, rebuilt as a
+    tensor in Python before every pass; the compiled decoder keeps them constants instead.
+    Read from the code dynamo runs before the graph (what it looks up by name)."""
+    import inspect
+
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    model = small_model().to(torch.bfloat16)  # its norms add `eps` in Python (float32: an op)
+    engine = Engine(model, None, instantiate_scheduler("baton", {}), "baton", compile_model=True)
+    engine.generate(prompts()[:2], GREEDY)
+    compiled = inspect.getclosurevars(model._compiled_decoder).nonlocals["compiled"]
+    entries = _debug_get_cache_entry_list(compiled._torchdynamo_orig_callable.__code__)
+    assert entries  # the graphs are there to look at
+    for entry in entries:
+        assert "eps" not in entry.code.co_names
+        assert "_as_tensor_fullprec" not in entry.code.co_names
