@@ -226,7 +226,7 @@ def test_native_sgemm_matches_float64_and_is_row_invariant(out_features: int,
     bias = torch.randn(out_features, generator=gen)
     packed = ops.sgemm_pack(weight)
     assert torch.equal(ops.sgemm_unpack(packed, out_features), weight)
-    for rows in (1, 2, 5, 6, 7, 8, 13, 32, 200, 400):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 13, 32, 200, 400):
         x = torch.randn(rows, in_features, generator=gen)
         y = ops.sgemm_linear(x, packed, out_features, bias)
         want = x.double() @ weight.double().T + bias.double()
@@ -333,7 +333,7 @@ def test_native_bf16_gemm_matches_float64_and_is_row_invariant(out_features: int
     bias = torch.randn(out_features, generator=gen).bfloat16()
     packed = ops.bf16_pack(weight)
     assert torch.equal(ops.bf16_unpack(packed, out_features, in_features), weight)
-    for rows in (1, 2, 5, 6, 7, 8, 13, 32, 200, 400):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 13, 32, 200, 400):
         x = torch.randn(rows, in_features, generator=gen).bfloat16()
         y = ops.bf16_linear(x, packed, out_features, bias)
         assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)

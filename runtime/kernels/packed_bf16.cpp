@@ -10,8 +10,10 @@
 // inputs (k, k+1), the 32 features' two weights side by side: 64 bfloat16, one 512-bit
 // vector, which `vdpbf16ps` multiplies by a broadcast pair of x (k, k+1) into 16 float32 sums
 // per half panel. N is padded to a multiple of 32 and K to a multiple of 2 with zeros. The
-// kernel walks a panel's K block once per tile of up to 6 rows of x, holding a 6 x 32 tile of
-// float32 sums in 12 registers: two W loads and six broadcasts per 12 dot products. K is cut
+// kernel walks a panel's K block once per tile of up to 8 rows of x, holding an 8 x 32 tile of
+// float32 sums in 16 registers: two W loads and eight broadcasts per 16 dot products (tiles
+// of 6 rows, 12 registers, ran the decoder's linears at 0.91-0.97x the speed from 8 to 64
+// rows, level at 256: docs/benchmarks.md, thirty-sixth session). K is cut
 // into blocks of 192 (a panel's block is 12 KiB, L1-resident) whose float32 sums add up in a
 // small buffer; each output is rounded to bfloat16 once, to nearest even. Threads split the
 // panels.
@@ -130,7 +132,7 @@ inline void store_sums(float* part, __m512 lo, __m512 hi, bool first) {
   _mm512_storeu_ps(part + 16, hi);
 }
 
-// ROWS (1-6) rows of x times one panel's K block (`npairs` pairs, the last one possibly
+// ROWS (1-8) rows of x times one panel's K block (`npairs` pairs, the last one possibly
 // half: `odd_tail`), into `part` (ROWS x 32 float32 sums). Named accumulators, as in the
 // float32 sgemm: an array was kept on the stack.
 #define BATON_BF16_DOT(r)                                                 \
@@ -156,7 +158,8 @@ inline void tile(const bf16* x, int64_t ldx, const bf16* w, float* part, int64_t
                  int64_t ahead_pairs) {
   __m512 acc0lo = _mm512_setzero_ps(), acc0hi = acc0lo, acc1lo = acc0lo, acc1hi = acc0lo,
          acc2lo = acc0lo, acc2hi = acc0lo, acc3lo = acc0lo, acc3hi = acc0lo, acc4lo = acc0lo,
-         acc4hi = acc0lo, acc5lo = acc0lo, acc5hi = acc0lo;
+         acc4hi = acc0lo, acc5lo = acc0lo, acc5hi = acc0lo, acc6lo = acc0lo, acc6hi = acc0lo,
+         acc7lo = acc0lo, acc7hi = acc0lo;
   for (int64_t j = 0; j < npairs; ++j) {
     const bf16* wj = w + j * kPanel * 2;
     const __m512bh w_lo = (__m512bh)_mm512_loadu_si512(wj);
@@ -173,24 +176,26 @@ inline void tile(const bf16* x, int64_t ldx, const bf16* w, float* part, int64_t
     const bool tail = odd_tail && j == npairs - 1;
     BATON_BF16_DOT(0) BATON_BF16_DOT(1) BATON_BF16_DOT(2)
     BATON_BF16_DOT(3) BATON_BF16_DOT(4) BATON_BF16_DOT(5)
+    BATON_BF16_DOT(6) BATON_BF16_DOT(7)
   }
   BATON_BF16_STORE(0) BATON_BF16_STORE(1) BATON_BF16_STORE(2)
   BATON_BF16_STORE(3) BATON_BF16_STORE(4) BATON_BF16_STORE(5)
+  BATON_BF16_STORE(6) BATON_BF16_STORE(7)
 }
 #undef BATON_BF16_DOT
 #undef BATON_BF16_STORE
 
-// `rows` rows of x times one panel's K block, in tiles of at most 6 rows sized evenly. What
+// `rows` rows of x times one panel's K block, in tiles of at most 8 rows sized evenly. What
 // follows the block in memory (the panel's next K block, or the next panel's first) is what
 // the thread reads next: the tiles after the first ask for it, in equal shares, from the
 // first `kPrefetchPairs` pairs on (the first tile's stream asks for those).
 void row_block(const bf16* x, int64_t ldx, const bf16* w, float* part, int64_t npairs,
                bool odd_tail, bool first, int64_t rows) {
-  const int64_t total = (rows + 5) / 6;
+  const int64_t total = (rows + 7) / 8;
   const bf16* next = w + (npairs + kPrefetchPairs) * kPanel * 2;
   const int64_t share = baton::prefetch_share_steps(kDepth / 2, kPrefetchPairs, total);
   for (int64_t i = 0, t = 0, tiles = total; tiles > 0; --tiles, ++t) {
-    const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-6
+    const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-8
     const bf16* xr = x + i * ldx;
     float* p = part + i * kPanel;
     const bf16* ahead = t > 0 ? next + (t - 1) * share * kPanel * 2 : nullptr;
@@ -200,6 +205,8 @@ void row_block(const bf16* x, int64_t ldx, const bf16* w, float* part, int64_t n
   case R:                                                                                 \
     tile<R>(xr, ldx, w, p, npairs, odd_tail, first, t == 0, ahead, share); \
     break;
+      BATON_BF16_TILE(8)
+      BATON_BF16_TILE(7)
       BATON_BF16_TILE(6)
       BATON_BF16_TILE(5)
       BATON_BF16_TILE(4)
