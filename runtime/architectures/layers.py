@@ -178,10 +178,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     rotate_half(x) = cat(-x2, x1) equals roll(x, D/2) times the sign already in `signed_sin`.
 
     Compiled, each half is rotated on its own instead: inductor reads a `roll` element by
-    element (the index wraps modulo D, so it cannot prove a half contiguous), and the rope
-    kernel of a 1,280-token bfloat16 pass took 2.6x as long (0.49 against 0.19 ms, 2-core Zen
-    4). The arithmetic per element is the same, so the bits are too; eager keeps `roll`,
-    which is the faster of the two there (one kernel per op instead of four).
+    element (the index wraps modulo D, so it cannot prove a half contiguous): in a 1,280-token
+    bfloat16 pass the rope kernel took 0.56 ms a layer, against 0.12 as halves (2-core Zen 4,
+    docs/benchmarks.md). The arithmetic per element is the same, so the bits are too; eager
+    keeps `roll`, which is the faster of the two there (one kernel per op instead of four).
     """
     half = x.shape[-1] // 2
     if torch.compiler.is_compiling():

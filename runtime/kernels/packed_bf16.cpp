@@ -54,6 +54,7 @@ constexpr int64_t kPanel = 32;      // output features per panel (two 16-float h
 constexpr int64_t kDepth = 192;     // K block (pairs: 96): a panel's block is 12 KiB
 constexpr int64_t kRowBlock = 192;  // x rows per block at prefill sizes
 constexpr int64_t kPrefetchPairs = 32;  // how far ahead the tile asks for W (4 KiB)
+constexpr int64_t kTileRows = 8;  // x rows per tile: 16 accumulators of the 32 registers
 
 bool bf16_gemm_available() {
 #ifdef BATON_BF16_GEMM
@@ -191,11 +192,11 @@ inline void tile(const bf16* x, int64_t ldx, const bf16* w, float* part, int64_t
 // first `kPrefetchPairs` pairs on (the first tile's stream asks for those).
 void row_block(const bf16* x, int64_t ldx, const bf16* w, float* part, int64_t npairs,
                bool odd_tail, bool first, int64_t rows) {
-  const int64_t total = (rows + 7) / 8;
+  const int64_t total = (rows + kTileRows - 1) / kTileRows;
   const bf16* next = w + (npairs + kPrefetchPairs) * kPanel * 2;
   const int64_t share = baton::prefetch_share_steps(kDepth / 2, kPrefetchPairs, total);
   for (int64_t i = 0, t = 0, tiles = total; tiles > 0; --tiles, ++t) {
-    const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-8
+    const int64_t n = (rows - i + tiles - 1) / tiles;  // 1 to kTileRows
     const bf16* xr = x + i * ldx;
     float* p = part + i * kPanel;
     const bf16* ahead = t > 0 ? next + (t - 1) * share * kPanel * 2 : nullptr;
