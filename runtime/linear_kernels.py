@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime import huge_pages
+from runtime import huge_pages, sgemm_prefetch
 from runtime.architectures.layers import Linear
 from runtime.attention_kernels import NativeKernelUnavailable, load_native_kernel
 from runtime.hardware import release_freed_memory
@@ -356,4 +356,6 @@ def apply_linear_backend(model: nn.Module, requested: str = "auto") -> LinearCho
         unpack_linears(model)
     logger.info("linear kernels: %s (%s; %.0f MiB extra for shared weights)",
                 choice.backend, choice.reason, choice.extra_bytes / 2**20)
+    if choice.backend == "native":  # how its float32 GEMMs ask for weights, measured
+        sgemm_prefetch.tune(model)
     return choice

@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -99,6 +100,17 @@ at::Tensor sgemm_unpack(const at::Tensor& packed, int64_t out_features) {
   return w;
 }
 
+// How many rows the GEMMs spread their W prefetches up to (see `prefetch_share` below).
+constexpr int64_t kDefaultSpreadRows = 32;
+std::atomic<int64_t> g_spread_rows{kDefaultSpreadRows};
+
+// Sets how many rows of x the GEMMs spread their prefetches up to (0: never), for the calls
+// that start after it; returns the value it replaces.
+int64_t sgemm_set_spread_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "baton_kernels::sgemm_set_spread_rows: rows must be >= 0, got ", rows);
+  return g_spread_rows.exchange(rows, std::memory_order_relaxed);
+}
+
 #ifdef BATON_SGEMM
 
 // One output row's 16 columns: stored, or added to what an earlier K block stored.
@@ -129,15 +141,16 @@ inline void store_row(float* out, __m256 lo, __m256 hi, bool first, int64_t cols
 #define BATON_ROW_STORE(r) \
   if constexpr (ROWS > r) store_row(out + r * ldo, acc##r##lo, acc##r##hi, first, cols);
 
-// Prefetches as in the bfloat16 GEMM (kernels/packed_bf16.cpp), up to `kSpreadRows` rows of
-// x: the first tile over a block streams it, asking `kPrefetchRows` ahead (`stream`); the
+// Prefetches as in the bfloat16 GEMM (kernels/packed_bf16.cpp), up to `g_spread_rows` rows
+// of x: the first tile over a block streams it, asking `kPrefetchRows` ahead (`stream`); the
 // later tiles find it in L1 and ask for their share of what the thread reads next (`ahead`,
-// `ahead_rows`: W rows into L2). The decoder's linears and fused SwiGLUs of a pass ran 1.07-
-// 1.19x as fast at 8-16 rows and 1.03-1.04x at 32 (float32 on a 2-core Zen 4, two
-// interleaved runs against the tiles that all stream), but 0.87-0.95x at 64-256 rows, so
-// there every tile streams as before.
-constexpr int64_t kSpreadRows = 32;
-
+// `ahead_rows`: W rows into L2). Above that every tile streams. Which is faster depends on
+// the machine, so the engine measures it at startup (runtime/sgemm_prefetch.py) and sets it
+// (`sgemm_set_spread_rows`); the outputs are the same bits either way. The decoder's linears
+// and fused SwiGLUs of a pass, spread against streaming, interleaved in one process:
+// - a 2-core Zen 4 (1 MiB L2): 1.07-1.19x as fast at 8-16 rows, 1.03-1.04x at 32, 0.87-0.95x
+//   at 64-256, hence the default of 32;
+// - a 2-core Zen 3 (512 KiB L2): 0.95x at 4-16 rows, 0.82-0.87x at 24-32, 0.8x at 48-64.
 inline void prefetch_share(const float* ahead, int64_t j, int64_t ahead_rows) {
   if (j < ahead_rows) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * kPanel), _MM_HINT_T1);
 }
@@ -172,11 +185,11 @@ inline void tile(const float* x, int64_t ldx, const float* w, float* out, int64_
 // leaves the FMA units idle on their latency, so 8 rows run as 4 + 4 rather than 6 + 2 and 32
 // as 6 x 4 + 4 x 2 (0.93x the time at 32 rows).
 void row_block(const float* x, int64_t ldx, const float* w, float* out, int64_t ldo,
-               int64_t depth, bool first, int64_t cols, int64_t rows) {
+               int64_t depth, bool first, int64_t cols, int64_t rows, int64_t spread_rows) {
   const int64_t total = (rows + 5) / 6;
   const int64_t share = baton::prefetch_share_steps(kDepth, kPrefetchRows, total);
   const float* next = w + (depth + kPrefetchRows) * kPanel;  // what follows the block
-  const bool spread = rows <= kSpreadRows;
+  const bool spread = rows <= spread_rows;
   for (int64_t i = 0, t = 0, tiles = total; tiles > 0; --tiles, ++t) {
     const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-6
     const float* xr = x + i * ldx;
@@ -253,7 +266,7 @@ inline void gated_tile(const float* x, int64_t ldx, const float* wg, const float
 // `rows` rows of x times one K block of a gate/up panel pair, in tiles of at most 3 rows
 // sized evenly, into `part` (rows x kGatedWidth).
 void gated_row_block(const float* x, int64_t ldx, const float* wg, const float* wu, float* part,
-                     int64_t depth, bool first, int64_t rows) {
+                     int64_t depth, bool first, int64_t rows, int64_t spread_rows) {
   const int64_t total = (rows + 2) / 3;
   const int64_t share = baton::prefetch_share_steps(kDepth, kPrefetchRows, total);
   const int64_t skip = (depth + kPrefetchRows) * kPanel;  // to what follows each block
@@ -262,7 +275,7 @@ void gated_row_block(const float* x, int64_t ldx, const float* wg, const float* 
     const float* xr = x + i * ldx;
     float* p = part + i * kGatedWidth;
     const int64_t at = t > 0 ? skip + (t - 1) * share * kPanel : 0;
-    const bool stream = t == 0 || rows > kSpreadRows;
+    const bool stream = t == 0 || rows > spread_rows;
     i += n;
     switch (n) {
 #define BATON_GATED_TILE(R)                                                           \
@@ -309,6 +322,7 @@ at::Tensor sgemm_packed_linear(const at::Tensor& x, const at::Tensor& packed,
     const float* ws = packed.data_ptr<float>();
     float* os = out.data_ptr<float>();
     const int64_t n = out_features;
+    const int64_t spread_rows = g_spread_rows.load(std::memory_order_relaxed);
     at::parallel_for(0, panels(n), 1, [&](int64_t p0, int64_t p1) {
       for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, m - r0);
@@ -316,7 +330,7 @@ at::Tensor sgemm_packed_linear(const at::Tensor& x, const at::Tensor& packed,
           const int64_t cols = std::min(kPanel, n - q * kPanel);
           for (int64_t j0 = 0; j0 < k; j0 += kDepth) {
             row_block(xs + r0 * k + j0, k, ws + (q * k + j0) * kPanel, os + r0 * n + q * kPanel,
-                      n, std::min(kDepth, k - j0), j0 == 0, cols, rows);
+                      n, std::min(kDepth, k - j0), j0 == 0, cols, rows, spread_rows);
           }
         }
       }
@@ -346,6 +360,7 @@ at::Tensor sgemm_packed_swiglu(const at::Tensor& x, const at::Tensor& packed,
     const float* ws = packed.data_ptr<float>();
     float* os = out.data_ptr<float>();
     const int64_t gate_panels = intermediate / kPanel;
+    const int64_t spread_rows = g_spread_rows.load(std::memory_order_relaxed);
     at::parallel_for(0, gate_panels, 1, [&](int64_t p0, int64_t p1) {
       std::vector<float> part(kRowBlock * kGatedWidth);  // a row block's gate/up sums
       for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
@@ -355,7 +370,8 @@ at::Tensor sgemm_packed_swiglu(const at::Tensor& x, const at::Tensor& packed,
           const float* wu = ws + (q + gate_panels) * k * kPanel;
           for (int64_t j0 = 0; j0 < k; j0 += kDepth) {
             gated_row_block(xs + r0 * k + j0, k, wg + j0 * kPanel, wu + j0 * kPanel,
-                            part.data(), std::min(kDepth, k - j0), j0 == 0, rows);
+                            part.data(), std::min(kDepth, k - j0), j0 == 0, rows,
+                            spread_rows);
           }
           for (int64_t r = 0; r < rows; ++r) {
             const float* pr = part.data() + r * kGatedWidth;
@@ -377,6 +393,7 @@ at::Tensor sgemm_packed_swiglu(const at::Tensor& x, const at::Tensor& packed,
 TORCH_LIBRARY_FRAGMENT(baton_kernels, m) {
   m.def("sgemm_available() -> bool", TORCH_FN(sgemm_available));
   m.def("sgemm_pack(Tensor weight) -> Tensor", TORCH_FN(sgemm_pack));
+  m.def("sgemm_set_spread_rows(int rows) -> int", TORCH_FN(sgemm_set_spread_rows));
   m.def("sgemm_unpack(Tensor packed, int out_features) -> Tensor", TORCH_FN(sgemm_unpack));
   m.def("sgemm_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
   m.impl("sgemm_linear", c10::DispatchKey::CPU, TORCH_FN(sgemm_linear));
