@@ -164,6 +164,14 @@ inline void tile(const float* x, int64_t ldx, const float* w, float* out, int64_
   __m256 acc0lo = _mm256_setzero_ps(), acc0hi = acc0lo, acc1lo = acc0lo, acc1hi = acc0lo,
          acc2lo = acc0lo, acc2hi = acc0lo, acc3lo = acc0lo, acc3hi = acc0lo, acc4lo = acc0lo,
          acc4hi = acc0lo, acc5lo = acc0lo, acc5hi = acc0lo;
+  // The output rows the tile ends on (stored, or read and added to after the first K block)
+  // asked for now, so they are in L1 by then: at prefill sizes the output is megabytes and
+  // those reads waited on L3 at the end of every tile. A pass's linears and fused SwiGLUs at
+  // 128-1,024 rows ran 1.07-1.12x as fast on a 2-core Zen 3 (level at 32-64 rows).
+  for (int r = 0; r < ROWS; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(out + r * ldo), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(out + r * ldo + kPanel - 1), _MM_HINT_T0);
+  }
   for (int64_t j = 0; j < depth; ++j) {
     const __m256 w_lo = _mm256_loadu_ps(w + j * kPanel);
     const __m256 w_hi = _mm256_loadu_ps(w + j * kPanel + 8);
