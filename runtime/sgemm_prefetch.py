@@ -5,7 +5,7 @@ tile over the block. Up to `spread_rows` rows of x, the later tiles also ask for
 of the next block into L2 ("spread"); above it every tile streams. Which is faster is a
 property of the machine, not of the code: on a 2-core Zen 4 (1 MiB of L2 a core) spreading
 ran a pass's linears 1.07-1.19x as fast at 8-16 rows and 1.03x at 32; on a 2-core Zen 3
-(512 KiB) it ran them at 0.92x at 16 rows and 0.82-0.87x at 24-32 (docs/benchmarks.md,
+(512 KiB) it ran them at 0.92x at 16 rows and 0.82-0.88x at 24-32 (docs/benchmarks.md,
 thirty-seventh session). So the engine times both at startup, as it times the GEMM kernels
 themselves (`runtime.linear_kernels`), and keeps the faster. The outputs are the same bits
 either way: only prefetch hints change, never the arithmetic or its order.

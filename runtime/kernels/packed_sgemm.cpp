@@ -150,7 +150,8 @@ inline void store_row(float* out, __m256 lo, __m256 hi, bool first, int64_t cols
 // and fused SwiGLUs of a pass, spread against streaming, interleaved in one process:
 // - a 2-core Zen 4 (1 MiB L2): 1.07-1.19x as fast at 8-16 rows, 1.03-1.04x at 32, 0.87-0.95x
 //   at 64-256, hence the default of 32;
-// - a 2-core Zen 3 (512 KiB L2): 0.95x at 4-16 rows, 0.82-0.87x at 24-32, 0.8x at 48-64.
+// - a 2-core Zen 3 (512 KiB L2): 0.92-1.02x at 4-16 rows, 0.82-0.88x at 24-32, and spread up
+//   to 64 rows 0.8x at 48-64.
 inline void prefetch_share(const float* ahead, int64_t j, int64_t ahead_rows) {
   if (j < ahead_rows) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * kPanel), _MM_HINT_T1);
 }
