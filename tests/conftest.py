@@ -12,6 +12,21 @@ from runtime.testing import tiny_model
 from tests.plugin_dist import install_fake_dist, uninstall_fake_dist
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group tests for pytest-xdist's `loadgroup` and start the slow modules first.
+
+    A module runs on one worker, so its module fixtures (a compiled package store, a model)
+    are built once; every test under tests/distributed shares one worker and so one Ray
+    instance. Modules marked `slow` (the compile-heavy ones) are sent out first: started
+    last, one of them would end the run alone on one core.
+    """
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        group = "distributed" if module.startswith("tests/distributed/") else module
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+
 @pytest.fixture(scope="module")
 def model(request: pytest.FixtureRequest) -> torch.nn.Module:
     """The conformance kit's tiny float64 model, seeded by the module's `MODEL_SEED` (default 0).

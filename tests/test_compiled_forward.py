@@ -15,6 +15,8 @@ from runtime.model_config import ModelConfig
 from runtime.plugins import instantiate_scheduler
 from runtime.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.slow  # compiles: started first under xdist
+
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 

@@ -17,6 +17,8 @@ from runtime.plugins import instantiate_scheduler
 from runtime.static_graphs import StaticDecodeGraphs
 from tests.test_compiled_forward import GREEDY, prompts, small_model
 
+pytestmark = pytest.mark.slow  # compiles and builds packages: started first under xdist
+
 
 def eager_tokens(scheduler: str) -> list[list[int]]:
     engine = Engine(small_model(), None, instantiate_scheduler(scheduler, {}), scheduler)
