@@ -18,6 +18,8 @@ from runtime.static_graphs import StaticDecodeGraphs
 from tests.test_compiled_forward import GREEDY, prompts, small_model
 
 pytestmark = pytest.mark.slow  # compiles and builds packages: started first under xdist
+# The tests of the module's package store run on one xdist worker, in order: the first builds.
+SHARES_PACKAGES = pytest.mark.xdist_group("tests/test_static_graphs.py::packages")
 
 
 def eager_tokens(scheduler: str) -> list[list[int]]:
@@ -31,6 +33,7 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> PackageCacheSpec:
     return PackageCacheSpec(tmp_path_factory.mktemp("static-graphs"), 2**40)
 
 
+@SHARES_PACKAGES
 @pytest.mark.parametrize("scheduler", ["baton", "orca"])
 def test_buckets_serve_padded_passes_with_the_eager_tokens(scheduler: str,
                                                            packages: PackageCacheSpec) -> None:
@@ -58,6 +61,7 @@ def test_buckets_serve_padded_passes_with_the_eager_tokens(scheduler: str,
         assert graphs.logits(hidden[:0]) is None and graphs.logits(torch.zeros(9, 64)) is None
 
 
+@SHARES_PACKAGES
 @pytest.mark.parametrize("scheduler", ["baton", "orca"])
 def test_a_padded_bucket_pass_runs_its_decode_plan_in_the_cpp_attention_op(
         native_kernel, scheduler: str, packages: PackageCacheSpec) -> None:
@@ -139,6 +143,7 @@ def test_static_decode_rows_is_a_config_key_and_a_flag(tmp_path) -> None:
                static_decode_rows=(4,))
 
 
+@SHARES_PACKAGES
 def test_packages_are_built_once_then_loaded_by_the_next_start(
         packages: PackageCacheSpec, caplog) -> None:
     """The first engine over these weights compiles the bucket's packages (here, or in the
