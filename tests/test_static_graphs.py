@@ -14,12 +14,25 @@ from runtime import graph_packages
 from runtime.engine import Engine
 from runtime.graph_packages import PackageCacheSpec
 from runtime.plugins import instantiate_scheduler
-from runtime.static_graphs import StaticDecodeGraphs
+from runtime.static_graphs import FROZEN_GEMM_SETTINGS, PACKAGE_SETTINGS, StaticDecodeGraphs
 from tests.test_compiled_forward import GREEDY, prompts, small_model
 
 pytestmark = pytest.mark.slow  # compiles and builds packages: started first under xdist
 # The tests of the module's package store run on one xdist worker, in order: the first builds.
 SHARES_PACKAGES = pytest.mark.xdist_group("tests/test_static_graphs.py::packages")
+
+
+@pytest.fixture
+def cpp_gemms_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frozen GEMMs on inductor's C++ template only, which computes from its own packed copy.
+
+    Autotuning may pick ATen's GEMM instead, which reads the dense weight. At these tiny
+    shapes the two time alike, so the pick follows the machine's load (under a parallel run
+    it went to ATen three times in three): tests that need a packed copy, or the dense weights
+    unread, fix it.
+    """
+    for settings in (FROZEN_GEMM_SETTINGS, PACKAGE_SETTINGS):
+        monkeypatch.setitem(settings, "max_autotune_gemm_backends", "CPP")
 
 
 def eager_tokens(scheduler: str) -> list[list[int]]:
@@ -225,12 +238,12 @@ def _packed_constants(graphs: StaticDecodeGraphs) -> dict[tuple[int, str], torch
             for name, tensor in runner.constants.items() if name not in model_names}
 
 
-def test_packages_with_the_same_packed_weights_share_one_stored_copy(tmp_path) -> None:
+def test_packages_with_the_same_packed_weights_share_one_stored_copy(tmp_path,
+                                                                    cpp_gemms_only) -> None:
     """Two packages whose packed constants are the same bytes (here the same frozen GEMM under
     two names, as buckets get when inductor picks one blocking for both) store them once and
     load them as one tensor, counted once; each still computes its module's output."""
     from runtime.graph_packages import GraphPackages
-    from runtime.static_graphs import PACKAGE_SETTINGS
 
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.ReLU()).eval()
@@ -255,13 +268,13 @@ def test_packages_with_the_same_packed_weights_share_one_stored_copy(tmp_path) -
         torch.testing.assert_close(second(x), expected)
 
 
-def test_a_package_lists_the_tensors_its_code_never_reads(tmp_path, monkeypatch) -> None:
+def test_a_package_lists_the_tensors_its_code_never_reads(tmp_path, monkeypatch,
+                                                          cpp_gemms_only) -> None:
     """A frozen GEMM computes from its packed weight: the probe finds the original unread
     (a NaN copy of it leaves the output bit for bit the same), and a load hands a one-element
     stand-in for it; the embedding, which the graph does read, is kept. Without a probe
     nothing is listed and every tensor is the module's own."""
     from runtime.graph_packages import GraphPackages
-    from runtime.static_graphs import PACKAGE_SETTINGS
 
     monkeypatch.setattr(GraphPackages, "min_unread_bytes", 0)
     torch.manual_seed(0)
@@ -285,7 +298,8 @@ def test_a_package_lists_the_tensors_its_code_never_reads(tmp_path, monkeypatch)
                for name, tensor in module.state_dict().items() if name in plain.constants)
 
 
-def test_buckets_from_packages_release_the_dense_copies(tmp_path, monkeypatch) -> None:
+def test_buckets_from_packages_release_the_dense_copies(tmp_path, monkeypatch,
+                                                        cpp_gemms_only) -> None:
     """With the linears packed for oneDNN, the twin the buckets are frozen from holds dense
     copies of their weights. Once every bucket's graphs come from packages that never read
     them, the twin is dropped; a restart that loads the packages frees the copies (a process
