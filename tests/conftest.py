@@ -13,24 +13,12 @@ from tests.plugin_dist import install_fake_dist, uninstall_fake_dist
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group tests for pytest-xdist's `loadgroup` and send the slow ones out first.
+    """Modules marked `slow` (the compile-heavy ones) first, for pytest-xdist's `loadfile`.
 
-    A module runs on one worker, in order, so its module fixtures (a live server, a model)
-    are built once and its tests see each other's effects as they do in one process; every
-    test under tests/distributed shares one worker and so one Ray instance. The tests of a
-    module marked `slow` (the compile-heavy ones, each independent) go one by one to
-    whichever worker is free, save those that name their own `xdist_group` (a store of
-    compiled packages they share), and all go out first: a slow module started last would
-    end the run alone on one core.
+    Each module runs on one worker, in order (its module fixtures, such as a store of compiled
+    packages or a live server, are built once), and a worker takes the next module when it is
+    nearly done; a slow module taken last would end the run alone on one core.
     """
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        module = item.nodeid.split("::", 1)[0]
-        if module.startswith("tests/distributed/"):
-            item.add_marker(pytest.mark.xdist_group("distributed"))
-        elif item.get_closest_marker("slow") is None:
-            item.add_marker(pytest.mark.xdist_group(module))
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
 
 
