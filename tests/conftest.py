@@ -83,3 +83,19 @@ def native_kernel() -> None:
 
 
 BACKENDS = ("native", "sdpa")  # attention_backend values a layout test runs under
+
+
+@pytest.fixture
+def cpp_gemms_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frozen GEMMs on inductor's C++ template only, which computes from its own packed copy.
+
+    Autotuning may pick ATen's GEMM instead, which reads the dense weight. At these tiny
+    shapes the two time alike, so the pick follows the machine's load (under a parallel run
+    it went to ATen three times in three): tests that need a packed copy, or the dense weights
+    unread, fix it. Its settings are part of a package store's key, so the tests that share a
+    store all use it.
+    """
+    from runtime.static_graphs import FROZEN_GEMM_SETTINGS, PACKAGE_SETTINGS
+
+    for settings in (FROZEN_GEMM_SETTINGS, PACKAGE_SETTINGS):
+        monkeypatch.setitem(settings, "max_autotune_gemm_backends", "CPP")

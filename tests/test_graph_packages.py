@@ -15,24 +15,11 @@ import torch
 from runtime.engine import Engine
 from runtime.graph_packages import PackageCacheSpec
 from runtime.plugins import instantiate_scheduler
-from runtime.static_graphs import FROZEN_GEMM_SETTINGS, PACKAGE_SETTINGS
+from runtime.static_graphs import PACKAGE_SETTINGS
 from tests.test_compiled_forward import GREEDY, prompts, small_model
 from tests.test_static_graphs import eager_tokens
 
 pytestmark = pytest.mark.slow  # compiles and builds packages: started first under xdist
-
-
-@pytest.fixture
-def cpp_gemms_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Frozen GEMMs on inductor's C++ template only, which computes from its own packed copy.
-
-    Autotuning may pick ATen's GEMM instead, which reads the dense weight. At these tiny
-    shapes the two time alike, so the pick follows the machine's load (under a parallel run
-    it went to ATen three times in three): tests that need a packed copy, or the dense weights
-    unread, fix it.
-    """
-    for settings in (FROZEN_GEMM_SETTINGS, PACKAGE_SETTINGS):
-        monkeypatch.setitem(settings, "max_autotune_gemm_backends", "CPP")
 
 
 def test_packages_with_the_same_packed_weights_share_one_stored_copy(tmp_path,
