@@ -24,17 +24,21 @@ def eager_tokens(scheduler: str) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def packages(tmp_path_factory: pytest.TempPathFactory) -> PackageCacheSpec:
-    """One package directory for the module: the first engine builds, the next ones load.
-    Its tests fix the GEMMs to inductor's C++ template (`cpp_gemms_only`): the damaged store
-    below needs both packages to hold packed constants, and the settings are in the key."""
+def package_directory(tmp_path_factory: pytest.TempPathFactory) -> PackageCacheSpec:
     return PackageCacheSpec(tmp_path_factory.mktemp("static-graphs"), 2**40)
+
+
+@pytest.fixture
+def packages(package_directory: PackageCacheSpec, cpp_gemms_only) -> PackageCacheSpec:
+    """One package directory for the module: the first engine builds, the next ones load.
+    Its GEMMs are inductor's C++ template (`cpp_gemms_only`, part of the store's key): the
+    damaged store below needs both packages to hold packed constants."""
+    return package_directory
 
 
 @pytest.mark.parametrize("scheduler", ["baton", "orca"])
 def test_buckets_serve_padded_passes_with_the_eager_tokens(scheduler: str,
-                                                           packages: PackageCacheSpec,
-                                                           cpp_gemms_only) -> None:
+                                                           packages: PackageCacheSpec) -> None:
     """Five decode rows run in the 8-row graphs (three pad rows), the decoder's and the LM
     head's, from their packages (built by the first engine, loaded by the second). The graphs
     are ready after warm-up, and traffic compiles nothing more."""
@@ -61,7 +65,7 @@ def test_buckets_serve_padded_passes_with_the_eager_tokens(scheduler: str,
 
 @pytest.mark.parametrize("scheduler", ["baton", "orca"])
 def test_a_padded_bucket_pass_runs_its_decode_plan_in_the_cpp_attention_op(
-        native_kernel, scheduler: str, packages: PackageCacheSpec, cpp_gemms_only) -> None:
+        native_kernel, scheduler: str, packages: PackageCacheSpec) -> None:
     """The buckets' graphs (from packages) call the C++ attention op too: a decode-only pass
     padded to the bucket runs the layout's decode plan there, pad rows zeroed, without the
     Python handle; only the passes with prompts call it back. The tokens are the eager ones."""
@@ -141,7 +145,7 @@ def test_static_decode_rows_is_a_config_key_and_a_flag(tmp_path) -> None:
 
 
 def test_packages_are_built_once_then_loaded_by_the_next_start(
-        packages: PackageCacheSpec, caplog, cpp_gemms_only) -> None:
+        packages: PackageCacheSpec, caplog) -> None:
     """The first engine over these weights compiles the bucket's packages (here, or in the
     test above); a second model with the same weights (a restart: its rotary embeddings get
     new op slots) loads them, compiling nothing, and gives the eager tokens. An unreadable
