@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime import huge_pages, sgemm_prefetch
-from runtime.architectures.layers import Linear
+from runtime.architectures.layers import Linear, sample_by_shape
 from runtime.attention_kernels import NativeKernelUnavailable, load_native_kernel
 from runtime.hardware import release_freed_memory
 
@@ -242,20 +242,10 @@ PROBE_CALLS = 4  # linears timed per shape and round, scaled up to the shape's c
 
 
 def _probe_sample(model: nn.Module) -> list[tuple[list[Linear], int]]:
-    """Up to `PROBE_CALLS` linears per distinct weight shape, with how many of that shape a
-    pass runs.
-
-    A pass's GEMM time is about the sum over shapes of count x time, so timing a few of each
-    (the head included) weighs the MLP's large linears and the small K/V ones as a real pass
-    does. Distinct linears, not one called again, so each weight comes from memory as in a
-    pass rather than from the cache the previous call left it in.
-    """
-    by_shape: dict[tuple, list[Linear]] = {}
-    for linear in model_linears(model):
-        if linear.packed is None:
-            key = (tuple(linear.weight.shape), linear.bias is not None)
-            by_shape.setdefault(key, []).append(linear)
-    return [(group[:PROBE_CALLS], len(group)) for group in by_shape.values()]
+    """Up to `PROBE_CALLS` of the model's unpacked linears per shape (the head included),
+    with how many of that shape a pass runs (`sample_by_shape`)."""
+    return sample_by_shape((linear for linear in model_linears(model) if linear.packed is None),
+                           PROBE_CALLS)
 
 
 @torch.inference_mode()

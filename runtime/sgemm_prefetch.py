@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.architectures.layers import FusedLinear, Linear, native_op
+from runtime.architectures.layers import FusedLinear, Linear, native_op, sample_by_shape
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +48,11 @@ def set_spread_rows(rows: int) -> int:
 
 
 def _sample(model: nn.Module) -> list[tuple[list[Linear], int]]:
-    """Up to `PROBE_CALLS` natively packed float32 linears per weight shape, with how many of
-    that shape a pass runs (as the kernel probe samples a pass)."""
-    by_shape: dict[tuple, list[Linear]] = {}
-    for m in model.modules():
-        if isinstance(m, Linear) and m.packed_by == "native" and m.packed is not None \
-                and m.packed.dtype == torch.float32:
-            by_shape.setdefault((tuple(m.packed.shape), m.bias is not None), []).append(m)
-    return [(group[:PROBE_CALLS], len(group)) for group in by_shape.values()]
+    """Up to `PROBE_CALLS` natively packed float32 linears per shape, with how many of that
+    shape a pass runs (`sample_by_shape`, as the kernel probe samples a pass)."""
+    return sample_by_shape((m for m in model.modules() if isinstance(m, Linear)
+                            and m.packed_by == "native" and m.packed is not None
+                            and m.packed.dtype == torch.float32), PROBE_CALLS)
 
 
 def _runs_swiglu(m: Linear) -> bool:

@@ -7,7 +7,7 @@ and a packed `(N,)` one go through the same code.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +99,24 @@ class FusedLinear(Linear):
     def fuses_swiglu(self, act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
         """Whether `gated` runs as one fused op: fusable, on the engine's sgemm."""
         return self.packed_by == "native" and self.swiglu_fusable(act)
+
+
+def sample_by_shape(linears: Iterable[Linear], per_shape: int
+                    ) -> list[tuple[list[Linear], int]]:
+    """Up to `per_shape` of `linears` per shape (features in and out, bias), each group with
+    how many linears of that shape there are.
+
+    Why: a pass's GEMM time is about the sum over shapes of count x time, so the startup
+    probes (`runtime.linear_kernels`, `runtime.sgemm_prefetch`) time a few of each shape and
+    scale them by the count, weighing the MLP's large linears and the small K/V ones as a
+    pass does. Distinct linears, not one called again, so each weight comes from memory as in
+    a pass rather than from the cache the previous call left it in.
+    """
+    by_shape: dict[tuple[int, int, bool], list[Linear]] = {}
+    for linear in linears:
+        key = (linear.out_features, linear.in_features, linear.bias is not None)
+        by_shape.setdefault(key, []).append(linear)
+    return [(group[:per_shape], len(group)) for group in by_shape.values()]
 
 
 def gated_product(y: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
