@@ -51,8 +51,8 @@ def _sample(model: nn.Module) -> list[tuple[list[Linear], int]]:
     """Up to `PROBE_CALLS` natively packed float32 linears per shape, with how many of that
     shape a pass runs (`sample_by_shape`, as the kernel probe samples a pass)."""
     return sample_by_shape((m for m in model.modules() if isinstance(m, Linear)
-                            and m.packed_by == "native" and m.packed is not None
-                            and m.packed.dtype == torch.float32), PROBE_CALLS)
+                            and m.packed_by == "native" and m.packed.dtype == torch.float32),
+                           PROBE_CALLS)
 
 
 def _runs_swiglu(m: Linear) -> bool:
