@@ -49,20 +49,44 @@ def test_setting_the_spread_returns_the_one_it_replaces() -> None:
     assert sgemm_prefetch.set_spread_rows(sgemm_prefetch.DEFAULT_SPREAD_ROWS) == 7
 
 
-@pytest.mark.parametrize(("ratios", "want"), [({32: 1.0, 0: 0.88}, 0), ({32: 1.0, 0: 1.07}, 32),
-                                              ({32: 1.0, 0: 1.0}, 32)])
-def test_the_engine_keeps_the_spread_measured_faster(monkeypatch, caplog, ratios, want) -> None:
-    """The probe's figures decide (a tie keeps the kernel's default), the kernel runs with
-    the choice, and startup logs it with the figures."""
-    monkeypatch.setattr(sgemm_prefetch, "measure", lambda model, rounds=5: ratios)
+@pytest.mark.parametrize(("never", "wider", "want"), [(0.88, 0.97, 0), (1.07, 1.02, 32),
+                                                      (1.07, 0.96, 64), (1.0, 1.0, 32),
+                                                      (0.99, 0.99, 32)])
+def test_the_engine_keeps_the_spread_measured_faster(monkeypatch, caplog, never, wider,
+                                                     want) -> None:
+    """The probe's figures decide (a lead under 2% keeps the baseline), the kernel runs with the
+    choice, startup logs it with the figures, and the wider spread is timed only when
+    spreading won."""
+    asked = []
+
+    def measure(model, candidates, rows, rounds=5):
+        asked.append((candidates, rows))
+        return {candidates[0]: 1.0, candidates[1]: never if candidates[1] == 0 else wider}
+
+    monkeypatch.setattr(sgemm_prefetch, "measure", measure)
     with caplog.at_level(logging.INFO, logger="runtime.sgemm_prefetch"):
         apply_linear_backend(small_model(), "native")
     assert sgemm_prefetch.set_spread_rows(sgemm_prefetch.DEFAULT_SPREAD_ROWS) == want
-    assert "sgemm weight prefetch" in caplog.text and f"never {ratios[0]:.2f}" in caplog.text
+    assert asked[0] == sgemm_prefetch.SPREAD_PROBE
+    assert asked[1:] == ([] if want == 0 else [sgemm_prefetch.WIDER_PROBE])
+    assert "sgemm weight prefetch" in caplog.text and f"never {never:.2f}" in caplog.text
+    assert (f"up to 64 rows {wider:.2f}" in caplog.text) == (want != 0)
+
+
+def test_each_probe_is_measured_once_per_process(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(sgemm_prefetch, "measure",
+                        lambda model, candidates, rows, rounds=5:
+                        calls.append(candidates) or {candidates[0]: 1.0, candidates[1]: 1.1})
+    model = small_model()
+    pack_linears(model, "native")
+    for _ in range(2):
+        assert sgemm_prefetch.tune(model).spread_rows == 32
+    assert calls == [sgemm_prefetch.SPREAD_PROBE[0], sgemm_prefetch.WIDER_PROBE[0]]
 
 
 def test_measuring_restores_the_setting_and_times_the_fused_swiglu(monkeypatch) -> None:
-    """A real (one-round) probe: a ratio per candidate, the default's 1, the setting left as
+    """A real (one-round) probe: a ratio per candidate, the baseline's 1, the setting left as
     it was, the gate-and-up projection timed as the fused op the pass runs."""
     model = small_model()
     pack_linears(model, "native")
@@ -70,9 +94,10 @@ def test_measuring_restores_the_setting_and_times_the_fused_swiglu(monkeypatch) 
     real = sgemm_prefetch._runs_swiglu
     monkeypatch.setattr(sgemm_prefetch, "_runs_swiglu", lambda m: fused.append(real(m)) or real(m))
     sgemm_prefetch.set_spread_rows(5)
-    ratios = sgemm_prefetch.measure(model, rounds=1)
-    assert set(ratios) == set(sgemm_prefetch.CANDIDATES) and ratios[32] == 1.0
-    assert all(r > 0 for r in ratios.values())
+    for candidates, rows in (sgemm_prefetch.SPREAD_PROBE, sgemm_prefetch.WIDER_PROBE):
+        ratios = sgemm_prefetch.measure(model, candidates, rows, rounds=1)
+        assert set(ratios) == set(candidates) and ratios[candidates[0]] == 1.0
+        assert all(r > 0 for r in ratios.values())
     assert sgemm_prefetch.set_spread_rows(sgemm_prefetch.DEFAULT_SPREAD_ROWS) == 5
     assert any(fused) and not all(fused)
 

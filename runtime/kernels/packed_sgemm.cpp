@@ -150,10 +150,18 @@ inline void store_row(float* out, __m256 lo, __m256 hi, bool first, int64_t cols
 // and fused SwiGLUs of a pass, spread against streaming, interleaved in one process:
 // - a 2-core Zen 4 (1 MiB L2): 1.07-1.19x as fast at 8-16 rows, 1.03-1.04x at 32, 0.87-0.95x
 //   at 64-256, hence the default of 32;
-// - a 2-core Zen 3 (512 KiB L2): 0.92-1.02x at 4-16 rows, 0.82-0.88x at 24-32, and spread up
-//   to 64 rows 0.8x at 48-64.
+// - a 2-core Zen 3 (512 KiB L2), with the share asked for behind a branch: 0.92-1.02x at 4-16
+//   rows, 0.82-0.88x at 24-32: the linears gained 1.03-1.09x, the fused SwiGLU lost (0.6x).
+// The branch was the cost, not the prefetches: the SwiGLU's 3-row tile holds 12 accumulators
+// and 4 W vectors, and with the branch GCC kept three of them on the stack, loaded and stored
+// every step. Without it (below), on that Zen 3, every shape of the pass ran 1.02-1.19x as
+// fast spread at 8-32 rows, the plain linears 1.01-1.15x at 40-64 and the SwiGLU 0.94-0.98x
+// there; a BATON decode step 1.03-1.07x at 8-32 rows and 1.06-1.08x at 40-48 spread up to 64
+// rows (docs/benchmarks.md, fortieth session). Past its share a tile asks again for the
+// share's last row: a line already on its way, one issue slot.
 inline void prefetch_share(const float* ahead, int64_t j, int64_t ahead_rows) {
-  if (j < ahead_rows) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * kPanel), _MM_HINT_T1);
+  const int64_t row = j < ahead_rows ? j : ahead_rows - 1;
+  _mm_prefetch(reinterpret_cast<const char*>(ahead + row * kPanel), _MM_HINT_T1);
 }
 
 // `kStream` a template argument: a branch in the loop cost the 6-row tile (16 AVX2 registers,
