@@ -11,8 +11,8 @@ projection as the fused SwiGLU op, down), 30 distinct packed copies so that the 
 from memory as in a pass, timed with every tile streaming (spread 0) and with the spread on,
 interleaved round by round. With `--step`, also one compiled engine's decode step at each
 row count (contexts 16-255 tokens; `--scheduler orca` for Orca's), its steps alternated
-between the two settings. Figures
-above 1 mean spreading is faster. The outputs are the same bits either way.
+between the two settings. Figures above 1 mean spreading is faster. The outputs are the same
+bits either way.
 """
 
 from __future__ import annotations
