@@ -14,10 +14,9 @@ import argparse
 
 import decode_step
 import torch
-from decode_step import SMOLLM2_135M, interleaved_median_ms, make_engine
+from decode_step import SMOLLM2_135M, interleaved_median_ms, make_engine, start_decoding
 
 from runtime.architectures import build_model
-from runtime.sampling_params import SamplingParams
 
 
 def main() -> None:
@@ -40,22 +39,14 @@ def main() -> None:
     backends = args.linear_backends.split(",")
     models = {b: build_model(SMOLLM2_135M).init_weights(0).to(getattr(torch, args.dtype)).eval()
               for b in backends}
-    vocab = SMOLLM2_135M.vocab_size
     contenders = [(name, b) for name in args.schedulers.split(",") for b in backends]
     names = [name if len(backends) == 1 else f"{name}/{b}" for name, b in contenders]
     engines = []
     for name, backend in contenders:
-        engine = make_engine(models[backend], name, args.rows, backend, 1024)
-        params = SamplingParams(max_tokens=6 * args.iters + 64, temperature=0.0, ignore_eos=True)
-        requests = []
-        for i in range(args.rows):
-            context = 16 + (37 * i) % 240 if args.spread else args.context
-            requests.append(
-                engine.add_request([(13 * i + j) % vocab for j in range(context)], params))
-        while not all(r.num_output_tokens for r in requests):  # every prompt prefilled
-            engine.step()
-        engine.step()  # every row decoding
-        engines.append(engine)
+        contexts = [16 + (37 * i) % 240 if args.spread else args.context
+                    for i in range(args.rows)]
+        engines.append(start_decoding(make_engine(models[backend], name, args.rows, backend, 1024),
+                                      contexts, 6 * args.iters + 64))
     times = interleaved_median_ms([e.step for e in engines], args.iters)
     contexts = "16-255 (spread)" if args.spread else str(args.context)
     print(f"{args.rows} rows, contexts {contexts}, {torch.get_num_threads()} threads, "

@@ -93,6 +93,19 @@ def make_engine(model: torch.nn.Module, scheduler: str, rows: int, backend: str,
                   static_decode_rows=STATIC_ROWS)
 
 
+def start_decoding(engine: Engine, contexts: list[int], max_tokens: int) -> Engine:
+    """`engine` with one greedy request per entry of `contexts` (its prompt's length)
+    prefilled and every row decoding: the state a decode step's benchmark times."""
+    vocab = engine.shape.vocab_size
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    requests = [engine.add_request([(13 * i + j) % vocab for j in range(context)], params)
+                for i, context in enumerate(contexts)]
+    while not all(r.num_output_tokens for r in requests):  # every prompt prefilled
+        engine.step()
+    engine.step()  # every row decoding
+    return engine
+
+
 def linears_alone(model: torch.nn.Module, rows: int, head_rows: int | None = None
                   ) -> Callable[[], None]:
     """Every linear of one pass on `rows` rows (the LM head on `head_rows`, the rows that are

@@ -24,12 +24,11 @@ from collections.abc import Callable
 
 import decode_step
 import torch
-from decode_step import SMOLLM2_135M, interleaved_median_ms, make_engine
+from decode_step import SMOLLM2_135M, interleaved_median_ms, make_engine, start_decoding
 
 from runtime import sgemm_prefetch
 from runtime.architectures import build_model
 from runtime.attention_kernels import load_native_kernel
-from runtime.sampling_params import SamplingParams
 
 LAYERS = 30
 SHAPES = {  # name -> (out features, in features) of SmolLM2-135M's decoder linears
@@ -87,18 +86,11 @@ def stepped(engine, setting: int) -> Callable[[], None]:
 def per_step(rows: list[int], spread: int, rounds: int, scheduler: str) -> None:
     decode_step.COMPILE = True  # its make_engine reads the flag
     model = build_model(SMOLLM2_135M).init_weights(0).to(torch.float32).eval()
-    vocab = SMOLLM2_135M.vocab_size
     print(f"compiled {scheduler} decode step, streaming / spread up to {spread} rows, median of "
           f"{rounds} alternated steps")
     for count in rows:
-        engine = make_engine(model, scheduler, count, "native", 1024)
-        params = SamplingParams(max_tokens=2 * rounds + 16, temperature=0.0, ignore_eos=True)
-        requests = [engine.add_request([(13 * i + j) % vocab for j in range(16 + (37 * i) % 240)],
-                                       params) for i in range(count)]
-        while not all(r.num_output_tokens for r in requests):  # every prompt prefilled
-            engine.step()
-        engine.step()  # every row decoding
-
+        engine = start_decoding(make_engine(model, scheduler, count, "native", 1024),
+                                [16 + (37 * i) % 240 for i in range(count)], 2 * rounds + 16)
         stream, spreading = interleaved_median_ms(
             [stepped(engine, 0), stepped(engine, spread)], rounds)
         print(f"{count:>5} rows: {stream:7.1f} ms streaming, {spreading:7.1f} ms spread, "

@@ -16,14 +16,13 @@ import time
 
 import decode_step
 import torch
-from decode_step import SMOLLM2_135M, interleaved_median_ms, make_engine
+from decode_step import SMOLLM2_135M, interleaved_median_ms, make_engine, start_decoding
 
 from runtime.architectures import build_model
 from runtime.engine import Engine
 from runtime.hardware import cpu_info, keep_freed_memory
 from runtime.model_runner import EngineLimits
 from runtime.plugins import instantiate_scheduler
-from runtime.sampling_params import SamplingParams
 
 
 def engine_with_buckets(model: torch.nn.Module, scheduler: str, rows: int,
@@ -35,14 +34,7 @@ def engine_with_buckets(model: torch.nn.Module, scheduler: str, rows: int,
 
 def decoding(engine: Engine, rows: int, context: int, steps: int) -> Engine:
     """`engine` with `rows` requests prefilled and decoding."""
-    vocab = engine.shape.vocab_size
-    params = SamplingParams(max_tokens=steps + 16, temperature=0.0, ignore_eos=True)
-    requests = [engine.add_request([(13 * i + j) % vocab for j in range(context)], params)
-                for i in range(rows)]
-    while not all(r.num_output_tokens for r in requests):
-        engine.step()
-    engine.step()
-    return engine
+    return start_decoding(engine, [context] * rows, steps + 16)
 
 
 def main() -> None:
