@@ -1,21 +1,18 @@
-"""The float32 sgemm's prefetch settings against each other, per weight shape and per step.
+"""The float32 sgemm's weight prefetch spread against streaming, per weight shape and per step.
 
-`runtime.sgemm_prefetch` picks the settings at startup with a short probe. This times the
-same choices at any row count and for longer, so that a new machine's figures can be checked.
-`--spread N` times spreading up to N rows against every tile streaming; `--compare A B` any
-two settings, each `spread,slice` (row limits, 0 for never):
+`runtime.sgemm_prefetch` picks the spread at startup with a short probe. This times the same
+choice at any row count and for longer, so that a new machine's figures can be checked:
 
     python benchmarks/sgemm_spread.py --rows 8 16 24 32 --spread 32
     python benchmarks/sgemm_spread.py --rows 40 48 64 --spread 64 --step
-    python benchmarks/sgemm_spread.py --rows 4 8 16 24 32 --compare 32,0 32,32 --step
 
 Per shape: each weight shape of a SmolLM2-135M-shaped pass (the fused QKV, o, the gate-and-up
 projection as the fused SwiGLU op, down), 30 distinct packed copies so that the weights come
 from memory as in a pass, timed with every tile streaming (spread 0) and with the spread on,
 interleaved round by round. With `--step`, also one compiled engine's decode step at each
 row count (contexts 16-255 tokens; `--scheduler orca` for Orca's), its steps alternated
-between the two settings. Figures above 1 mean the second setting is faster. The outputs are
-the same bits either way.
+between the two settings. Figures above 1 mean spreading is faster. The outputs are the same
+bits either way.
 """
 
 from __future__ import annotations
@@ -51,76 +48,60 @@ def shape_pass(name: str, weights: list[torch.Tensor], x: torch.Tensor) -> Calla
     return lambda: [ops.sgemm_linear(x, w, out_features, None) for w in weights]
 
 
-Settings = sgemm_prefetch.PrefetchSettings
-
-
-def per_shape(rows: list[int], base: Settings, other: Settings, rounds: int) -> None:
+def per_shape(rows: list[int], spread: int, rounds: int) -> None:
     torch.manual_seed(0)
     weights = {name: [torch.ops.baton_kernels.sgemm_pack(torch.randn(n, k) * 0.02)
                       for _ in range(LAYERS)] for name, (n, k) in SHAPES.items()}
-    print(f"speed with {other.describe()} / with {base.describe()}; {LAYERS} distinct weights "
+    print(f"speed spread up to {spread} rows / every tile streaming, {LAYERS} distinct weights "
           f"a shape, median of {rounds} interleaved rounds ({torch.get_num_threads()} threads)")
     print(f"{'rows':>5} " + " ".join(f"{name:>16}" for name in SHAPES))
     for count in rows:
         cells = []
         for name, (n, k) in SHAPES.items():
             run = shape_pass(name, weights[name], torch.randn(count, k))
-            seconds: dict[Settings, list[float]] = {base: [], other: []}
+            seconds: dict[int, list[float]] = {0: [], spread: []}
             for setting in seconds:  # warm-up
-                sgemm_prefetch.apply(setting)
+                sgemm_prefetch.set_spread_rows(setting)
                 run()
             for _ in range(rounds):
                 for setting, times in seconds.items():
-                    sgemm_prefetch.apply(setting)
+                    sgemm_prefetch.set_spread_rows(setting)
                     start = time.perf_counter()
                     run()
                     times.append(time.perf_counter() - start)
-            before, after = (statistics.median(seconds[s]) for s in (base, other))
-            gflops = 2 * count * n * k * LAYERS / after / 1e9
-            cells.append(f"{before / after:5.2f}x {gflops:5.0f} GF/s")
+            stream, spreading = (statistics.median(seconds[s]) for s in (0, spread))
+            gflops = 2 * count * n * k * LAYERS / spreading / 1e9
+            cells.append(f"{stream / spreading:5.2f}x {gflops:5.0f} GF/s")
         print(f"{count:>5} " + " ".join(f"{c:>16}" for c in cells), flush=True)
 
 
-def stepped(engine, setting: Settings) -> Callable[[], None]:
-    """One `engine.step()` with the sgemm's prefetch settings set to `setting` first."""
+def stepped(engine, setting: int) -> Callable[[], None]:
+    """One `engine.step()` with the sgemm's spread set to `setting` first."""
     def step() -> None:
-        sgemm_prefetch.apply(setting)
+        sgemm_prefetch.set_spread_rows(setting)
         engine.step()
     return step
 
 
-def per_step(rows: list[int], base: Settings, other: Settings, rounds: int,
-             scheduler: str) -> None:
+def per_step(rows: list[int], spread: int, rounds: int, scheduler: str) -> None:
     decode_step.COMPILE = True  # its make_engine reads the flag
     model = build_model(SMOLLM2_135M).init_weights(0).to(torch.float32).eval()
-    print(f"compiled {scheduler} decode step, A: {base.describe()}; B: {other.describe()}; "
-          f"median of {rounds} alternated steps")
+    print(f"compiled {scheduler} decode step, streaming / spread up to {spread} rows, median of "
+          f"{rounds} alternated steps")
     for count in rows:
         engine = start_decoding(make_engine(model, scheduler, count, "native", 1024),
                                 [16 + (37 * i) % 240 for i in range(count)], 2 * rounds + 16)
-        before, after = interleaved_median_ms(
-            [stepped(engine, base), stepped(engine, other)], rounds)
-        print(f"{count:>5} rows: {before:7.1f} ms A, {after:7.1f} ms B, {before / after:5.3f}x",
-              flush=True)
-
-
-def settings(text: str) -> Settings:
-    """`spread,slice` row limits."""
-    try:
-        spread, sliced = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"want spread,slice, got {text!r}") from None
-    return Settings(spread, sliced)
+        stream, spreading = interleaved_median_ms(
+            [stepped(engine, 0), stepped(engine, spread)], rounds)
+        print(f"{count:>5} rows: {stream:7.1f} ms streaming, {spreading:7.1f} ms spread, "
+              f"{stream / spreading:5.3f}x", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[8, 16, 24, 32])
-    choice = parser.add_mutually_exclusive_group()
-    choice.add_argument("--spread", type=int, default=sgemm_prefetch.DEFAULT_SPREAD_ROWS,
+    parser.add_argument("--spread", type=int, default=sgemm_prefetch.DEFAULT_SPREAD_ROWS,
                         help="spread up to this many rows against streaming")
-    choice.add_argument("--compare", type=settings, nargs=2, metavar=("A", "B"),
-                        help="two settings, each spread,slice (row limits)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per figure")
     parser.add_argument("--step", action="store_true", help="also time the decode step")
     parser.add_argument("--scheduler", default="baton", help="whose step --step times")
@@ -128,14 +109,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_native_kernel()
-    base, other = args.compare or (Settings(0, 0), Settings(args.spread, 0))
-    previous = sgemm_prefetch.apply(other)
+    previous = sgemm_prefetch.set_spread_rows(args.spread)
     try:
-        per_shape(args.rows, base, other, args.rounds)
+        per_shape(args.rows, args.spread, args.rounds)
         if args.step:
-            per_step(args.rows, base, other, 4 * args.rounds, args.scheduler)
+            per_step(args.rows, args.spread, 4 * args.rounds, args.scheduler)
     finally:
-        sgemm_prefetch.apply(previous)
+        sgemm_prefetch.set_spread_rows(previous)
 
 
 if __name__ == "__main__":

@@ -100,39 +100,15 @@ at::Tensor sgemm_unpack(const at::Tensor& packed, int64_t out_features) {
   return w;
 }
 
-// What the GEMMs ask for early, by how many rows of x a call has; set by `sgemm_set_prefetch`
-// (the engine measures the settings at startup, runtime/sgemm_prefetch.py), read at the start
-// of each call. No setting changes an output bit: only prefetch hints and the order in which
-// tiles take their turns change, never an FMA chain.
+// How many rows the GEMMs spread their W prefetches up to (see `prefetch_share` below).
 constexpr int64_t kDefaultSpreadRows = 32;
-std::atomic<int64_t> g_spread_rows{kDefaultSpreadRows};  // spread up to these rows (0: never)
-std::atomic<int64_t> g_slice_rows{0};                    // slice K blocks up to these rows
+std::atomic<int64_t> g_spread_rows{kDefaultSpreadRows};
 
-// Sets both row limits for the calls that start after it; returns the ones it replaces, in
-// the same order.
-std::vector<int64_t> sgemm_set_prefetch(int64_t spread_rows, int64_t slice_rows) {
-  TORCH_CHECK(spread_rows >= 0 && slice_rows >= 0,
-              "baton_kernels::sgemm_set_prefetch: row limits must be >= 0, got ", spread_rows,
-              " and ", slice_rows);
-  return {g_spread_rows.exchange(spread_rows, std::memory_order_relaxed),
-          g_slice_rows.exchange(slice_rows, std::memory_order_relaxed)};
-}
-
-// K rows a tile walks before the next tile over the block takes its turn, when slicing.
-constexpr int64_t kSlice = 96;
-
-// The K rows a block is walked in: `kSlice` up to `slice_rows` rows of x where more than one
-// tile shares the block (`tiles`), else the whole block. Why: with the spread on, the later
-// tiles over a block ask for the next one while the block itself must stay in L1, and AMD
-// cores before Zen 4 fill L1 on a `prefetcht1` as on a `t0` (Zen 4 is the first to send it
-// to L2 alone), so on a Zen 3 a linear's 12 KiB block and the 12 KiB asked for next, or the
-// fused SwiGLU's 24 and 24 KiB, overflow its 32 KiB of L1. In slices of 96 rows each tile
-// walks half a block and the next tile takes its turn while it is still in L1. On a 2-core
-// Zen 3, BATON's and Orca's decode steps ran 1.02-1.07x as fast at 4-16 rows, 0.93-1.11x at
-// 24-32 (the host's noise), 0.93x at 64 (docs/benchmarks.md, forty-first session); the
-// engine measures it (sgemm_prefetch.py).
-inline int64_t slice_of(int64_t depth, int64_t rows, int64_t tiles, int64_t slice_rows) {
-  return tiles > 1 && rows <= slice_rows ? std::min(kSlice, depth) : depth;
+// Sets how many rows of x the GEMMs spread their prefetches up to (0: never), for the calls
+// that start after it; returns the value it replaces.
+int64_t sgemm_set_spread_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "baton_kernels::sgemm_set_spread_rows: rows must be >= 0, got ", rows);
+  return g_spread_rows.exchange(rows, std::memory_order_relaxed);
 }
 
 #ifdef BATON_SGEMM
@@ -164,23 +140,13 @@ inline void store_row(float* out, __m256 lo, __m256 hi, bool first, int64_t cols
   }
 #define BATON_ROW_STORE(r) \
   if constexpr (ROWS > r) store_row(out + r * ldo, acc##r##lo, acc##r##hi, first, cols);
-#define BATON_ROW_LOAD(r)                                                 \
-  if constexpr (ROWS > r) {                                               \
-    acc##r##lo = _mm256_loadu_ps(chain + r * kPanel);                     \
-    acc##r##hi = _mm256_loadu_ps(chain + r * kPanel + 8);                 \
-  }
-#define BATON_ROW_KEEP(r)                                                 \
-  if constexpr (ROWS > r) {                                               \
-    _mm256_storeu_ps(chain + r * kPanel, acc##r##lo);                     \
-    _mm256_storeu_ps(chain + r * kPanel + 8, acc##r##hi);                 \
-  }
 
 // Prefetches as in the bfloat16 GEMM (kernels/packed_bf16.cpp), up to `g_spread_rows` rows
 // of x: the first tile over a block streams it, asking `kPrefetchRows` ahead (`stream`); the
 // later tiles find it in L1 and ask for their share of what the thread reads next (`ahead`,
 // `ahead_rows`: W rows into L2). Above that every tile streams. Which is faster depends on
 // the machine, so the engine measures it at startup (runtime/sgemm_prefetch.py) and sets it
-// (`sgemm_set_prefetch`); the outputs are the same bits either way. The decoder's linears
+// (`sgemm_set_spread_rows`); the outputs are the same bits either way. The decoder's linears
 // and fused SwiGLUs of a pass, spread against streaming, interleaved in one process:
 // - a 2-core Zen 4 (1 MiB L2): 1.07-1.19x as fast at 8-16 rows, 1.03-1.04x at 32, 0.87-0.95x
 //   at 64-256, hence the default of 32;
@@ -202,15 +168,11 @@ inline void prefetch_share(const float* ahead, int64_t j, int64_t ahead_rows) {
 // 14 in use) 5-12% at 48-256 rows.
 template <int ROWS, bool kStream>
 inline void tile(const float* x, int64_t ldx, const float* w, float* out, int64_t ldo,
-                 float* chain, int64_t depth, bool first, bool resume, bool finish,
-                 int64_t cols, const float* ahead, int64_t ahead_rows) {
+                 int64_t depth, bool first, int64_t cols, const float* ahead,
+                 int64_t ahead_rows) {
   __m256 acc0lo = _mm256_setzero_ps(), acc0hi = acc0lo, acc1lo = acc0lo, acc1hi = acc0lo,
          acc2lo = acc0lo, acc2hi = acc0lo, acc3lo = acc0lo, acc3hi = acc0lo, acc4lo = acc0lo,
          acc4hi = acc0lo, acc5lo = acc0lo, acc5hi = acc0lo;
-  if (resume) {
-    BATON_ROW_LOAD(0) BATON_ROW_LOAD(1) BATON_ROW_LOAD(2)
-    BATON_ROW_LOAD(3) BATON_ROW_LOAD(4) BATON_ROW_LOAD(5)
-  }
   // The output rows the tile ends on (stored, or read and added to after the first K block)
   // asked for now, so they are in L1 by then: at prefill sizes the output is megabytes and
   // those reads waited on L3 at the end of every tile. A pass's linears and fused SwiGLUs at
@@ -229,61 +191,44 @@ inline void tile(const float* x, int64_t ldx, const float* w, float* out, int64_
     BATON_ROW_FMA(0) BATON_ROW_FMA(1) BATON_ROW_FMA(2)
     BATON_ROW_FMA(3) BATON_ROW_FMA(4) BATON_ROW_FMA(5)
   }
-  if (finish) {
-    BATON_ROW_STORE(0) BATON_ROW_STORE(1) BATON_ROW_STORE(2)
-    BATON_ROW_STORE(3) BATON_ROW_STORE(4) BATON_ROW_STORE(5)
-  } else {
-    BATON_ROW_KEEP(0) BATON_ROW_KEEP(1) BATON_ROW_KEEP(2)
-    BATON_ROW_KEEP(3) BATON_ROW_KEEP(4) BATON_ROW_KEEP(5)
-  }
+  BATON_ROW_STORE(0) BATON_ROW_STORE(1) BATON_ROW_STORE(2)
+  BATON_ROW_STORE(3) BATON_ROW_STORE(4) BATON_ROW_STORE(5)
 }
 #undef BATON_ROW_FMA
-#undef BATON_ROW_LOAD
-#undef BATON_ROW_KEEP
 #undef BATON_ROW_STORE
 
 // `rows` rows of x times one panel's K block, in as few tiles of at most 6 rows as can hold
 // them, sized evenly: a tile of fewer than 4 rows has fewer than 8 independent FMA chains and
 // leaves the FMA units idle on their latency, so 8 rows run as 4 + 4 rather than 6 + 2 and 32
-// as 6 x 4 + 4 x 2 (0.93x the time at 32 rows). The block is walked in slices (`slice_of`),
-// every tile over one slice before the next: each output's FMA chain goes on from the slice
-// before (kept in `chain`, rows x kPanel), so the sums are the same bits whatever the slice.
+// as 6 x 4 + 4 x 2 (0.93x the time at 32 rows).
 void row_block(const float* x, int64_t ldx, const float* w, float* out, int64_t ldo,
-               float* chain, int64_t depth, bool first, int64_t cols, int64_t rows,
-               int64_t spread_rows, int64_t slice_rows) {
+               int64_t depth, bool first, int64_t cols, int64_t rows, int64_t spread_rows) {
   const int64_t total = (rows + 5) / 6;
+  const int64_t share = baton::prefetch_share_steps(kDepth, kPrefetchRows, total);
+  const float* next = w + (depth + kPrefetchRows) * kPanel;  // what follows the block
   const bool spread = rows <= spread_rows;
-  const int64_t slice = slice_of(depth, rows, total, slice_rows);
-  for (int64_t s0 = 0; s0 < depth; s0 += slice) {
-    const int64_t d = std::min(slice, depth - s0);
-    const bool resume = s0 > 0, finish = s0 + d == depth;
-    const int64_t share = baton::prefetch_share_steps(d, kPrefetchRows, total);
-    const float* ws = w + s0 * kPanel;
-    const float* next = ws + (d + kPrefetchRows) * kPanel;  // what follows the slice
-    for (int64_t i = 0, t = 0, tiles = total; tiles > 0; --tiles, ++t) {
-      const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-6
-      const float* xr = x + i * ldx + s0;
-      float* o = out + i * ldo;
-      float* c = chain + i * kPanel;
-      const float* ahead = t > 0 ? next + (t - 1) * share * kPanel : nullptr;
-      const bool stream = t == 0 || !spread;
-      i += n;
-      switch (n) {
-#define BATON_SGEMM_TILE(R)                                                                \
-  case R:                                                                                  \
-    if (stream)                                                                            \
-      tile<R, true>(xr, ldx, ws, o, ldo, c, d, first, resume, finish, cols, ahead, share);  \
-    else                                                                                   \
-      tile<R, false>(xr, ldx, ws, o, ldo, c, d, first, resume, finish, cols, ahead, share); \
+  for (int64_t i = 0, t = 0, tiles = total; tiles > 0; --tiles, ++t) {
+    const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-6
+    const float* xr = x + i * ldx;
+    float* o = out + i * ldo;
+    const float* ahead = t > 0 ? next + (t - 1) * share * kPanel : nullptr;
+    const bool stream = t == 0 || !spread;
+    i += n;
+    switch (n) {
+#define BATON_SGEMM_TILE(R)                                             \
+  case R:                                                               \
+    if (stream)                                                         \
+      tile<R, true>(xr, ldx, w, o, ldo, depth, first, cols, ahead, share);  \
+    else                                                                \
+      tile<R, false>(xr, ldx, w, o, ldo, depth, first, cols, ahead, share); \
     break;
-        BATON_SGEMM_TILE(6)
-        BATON_SGEMM_TILE(5)
-        BATON_SGEMM_TILE(4)
-        BATON_SGEMM_TILE(3)
-        BATON_SGEMM_TILE(2)
-        default: BATON_SGEMM_TILE(1)
+      BATON_SGEMM_TILE(6)
+      BATON_SGEMM_TILE(5)
+      BATON_SGEMM_TILE(4)
+      BATON_SGEMM_TILE(3)
+      BATON_SGEMM_TILE(2)
+      default: BATON_SGEMM_TILE(1)
 #undef BATON_SGEMM_TILE
-      }
     }
   }
 }
@@ -301,22 +246,6 @@ void row_block(const float* x, int64_t ldx, const float* w, float* out, int64_t 
     u##r##lo = _mm256_fmadd_ps(xv, wu_lo, u##r##lo);                      \
     u##r##hi = _mm256_fmadd_ps(xv, wu_hi, u##r##hi);                      \
   }
-#define BATON_GATED_LOAD(r)                                         \
-  if constexpr (ROWS > r) {                                         \
-    const float* c = chain + r * kGatedWidth;                       \
-    g##r##lo = _mm256_loadu_ps(c);                                  \
-    g##r##hi = _mm256_loadu_ps(c + 8);                              \
-    u##r##lo = _mm256_loadu_ps(c + kPanel);                         \
-    u##r##hi = _mm256_loadu_ps(c + kPanel + 8);                     \
-  }
-#define BATON_GATED_KEEP(r)                                         \
-  if constexpr (ROWS > r) {                                         \
-    float* c = chain + r * kGatedWidth;                             \
-    _mm256_storeu_ps(c, g##r##lo);                                  \
-    _mm256_storeu_ps(c + 8, g##r##hi);                              \
-    _mm256_storeu_ps(c + kPanel, u##r##lo);                         \
-    _mm256_storeu_ps(c + kPanel + 8, u##r##hi);                     \
-  }
 #define BATON_GATED_STORE(r)                                                           \
   if constexpr (ROWS > r) {                                                            \
     store_row(part + r * kGatedWidth, g##r##lo, g##r##hi, first, kPanel);              \
@@ -327,15 +256,11 @@ constexpr int64_t kGatedWidth = 2 * kPanel;  // a row's gate then up partial sum
 
 template <int ROWS, bool kStream>
 inline void gated_tile(const float* x, int64_t ldx, const float* wg, const float* wu,
-                       float* part, float* chain, int64_t depth, bool first, bool resume,
-                       bool finish, const float* ahead_g, const float* ahead_u,
-                       int64_t ahead_rows) {
+                       float* part, int64_t depth, bool first, const float* ahead_g,
+                       const float* ahead_u, int64_t ahead_rows) {
   __m256 g0lo = _mm256_setzero_ps(), g0hi = g0lo, u0lo = g0lo, u0hi = g0lo, g1lo = g0lo,
          g1hi = g0lo, u1lo = g0lo, u1hi = g0lo, g2lo = g0lo, g2hi = g0lo, u2lo = g0lo,
          u2hi = g0lo;
-  if (resume) {  // the chains an earlier slice of this K block left off
-    BATON_GATED_LOAD(0) BATON_GATED_LOAD(1) BATON_GATED_LOAD(2)
-  }
   for (int64_t j = 0; j < depth; ++j) {
     const __m256 wg_lo = _mm256_loadu_ps(wg + j * kPanel);
     const __m256 wg_hi = _mm256_loadu_ps(wg + j * kPanel + 8);
@@ -350,55 +275,37 @@ inline void gated_tile(const float* x, int64_t ldx, const float* wg, const float
     }
     BATON_GATED_FMA(0) BATON_GATED_FMA(1) BATON_GATED_FMA(2)
   }
-  if (finish) {
-    BATON_GATED_STORE(0) BATON_GATED_STORE(1) BATON_GATED_STORE(2)
-  } else {
-    BATON_GATED_KEEP(0) BATON_GATED_KEEP(1) BATON_GATED_KEEP(2)
-  }
+  BATON_GATED_STORE(0) BATON_GATED_STORE(1) BATON_GATED_STORE(2)
 }
 #undef BATON_GATED_FMA
-#undef BATON_GATED_LOAD
-#undef BATON_GATED_KEEP
 #undef BATON_GATED_STORE
 
 // `rows` rows of x times one K block of a gate/up panel pair, in tiles of at most 3 rows
-// sized evenly, into `part` (rows x kGatedWidth), in slices as `row_block` (`chain`: rows x
-// kGatedWidth).
+// sized evenly, into `part` (rows x kGatedWidth).
 void gated_row_block(const float* x, int64_t ldx, const float* wg, const float* wu, float* part,
-                     float* chain, int64_t depth, bool first, int64_t rows,
-                     int64_t spread_rows, int64_t slice_rows) {
+                     int64_t depth, bool first, int64_t rows, int64_t spread_rows) {
   const int64_t total = (rows + 2) / 3;
-  const int64_t slice = slice_of(depth, rows, total, slice_rows);
-  for (int64_t s0 = 0; s0 < depth; s0 += slice) {
-    const int64_t d = std::min(slice, depth - s0);
-    const bool resume = s0 > 0, finish = s0 + d == depth;
-    const int64_t share = baton::prefetch_share_steps(d, kPrefetchRows, total);
-    const int64_t skip = (s0 + d + kPrefetchRows) * kPanel;  // to what follows the slice
-    for (int64_t i = 0, t = 0, tiles = total; tiles > 0; --tiles, ++t) {
-      const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-3
-      const float* xr = x + i * ldx + s0;
-      const float* g = wg + s0 * kPanel;
-      const float* u = wu + s0 * kPanel;
-      float* p = part + i * kGatedWidth;
-      float* c = chain + i * kGatedWidth;
-      const int64_t at = t > 0 ? skip + (t - 1) * share * kPanel : 0;
-      const bool stream = t == 0 || rows > spread_rows;
-      i += n;
-      switch (n) {
-#define BATON_GATED_TILE(R)                                                               \
-  case R:                                                                                 \
-    if (stream)                                                                           \
-      gated_tile<R, true>(xr, ldx, g, u, p, c, d, first, resume, finish, wg + at, wu + at, \
-                          share);                                                         \
-    else                                                                                  \
-      gated_tile<R, false>(xr, ldx, g, u, p, c, d, first, resume, finish, wg + at,         \
-                           wu + at, share);                                               \
+  const int64_t share = baton::prefetch_share_steps(kDepth, kPrefetchRows, total);
+  const int64_t skip = (depth + kPrefetchRows) * kPanel;  // to what follows each block
+  for (int64_t i = 0, t = 0, tiles = total; tiles > 0; --tiles, ++t) {
+    const int64_t n = (rows - i + tiles - 1) / tiles;  // 1-3
+    const float* xr = x + i * ldx;
+    float* p = part + i * kGatedWidth;
+    const int64_t at = t > 0 ? skip + (t - 1) * share * kPanel : 0;
+    const bool stream = t == 0 || rows > spread_rows;
+    i += n;
+    switch (n) {
+#define BATON_GATED_TILE(R)                                                           \
+  case R:                                                                             \
+    if (stream)                                                                       \
+      gated_tile<R, true>(xr, ldx, wg, wu, p, depth, first, wg + at, wu + at, share);  \
+    else                                                                              \
+      gated_tile<R, false>(xr, ldx, wg, wu, p, depth, first, wg + at, wu + at, share); \
     break;
-        BATON_GATED_TILE(3)
-        BATON_GATED_TILE(2)
-        default: BATON_GATED_TILE(1)
+      BATON_GATED_TILE(3)
+      BATON_GATED_TILE(2)
+      default: BATON_GATED_TILE(1)
 #undef BATON_GATED_TILE
-      }
     }
   }
 }
@@ -433,17 +340,14 @@ at::Tensor sgemm_packed_linear(const at::Tensor& x, const at::Tensor& packed,
     float* os = out.data_ptr<float>();
     const int64_t n = out_features;
     const int64_t spread_rows = g_spread_rows.load(std::memory_order_relaxed);
-    const int64_t slice_rows = g_slice_rows.load(std::memory_order_relaxed);
     at::parallel_for(0, panels(n), 1, [&](int64_t p0, int64_t p1) {
-      std::vector<float> chain(slice_rows > 0 ? std::min(m, kRowBlock) * kPanel : 0);
       for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, m - r0);
         for (int64_t q = p0; q < p1; ++q) {
           const int64_t cols = std::min(kPanel, n - q * kPanel);
           for (int64_t j0 = 0; j0 < k; j0 += kDepth) {
             row_block(xs + r0 * k + j0, k, ws + (q * k + j0) * kPanel, os + r0 * n + q * kPanel,
-                      n, chain.data(), std::min(kDepth, k - j0), j0 == 0, cols, rows,
-                      spread_rows, slice_rows);
+                      n, std::min(kDepth, k - j0), j0 == 0, cols, rows, spread_rows);
           }
         }
       }
@@ -474,10 +378,8 @@ at::Tensor sgemm_packed_swiglu(const at::Tensor& x, const at::Tensor& packed,
     float* os = out.data_ptr<float>();
     const int64_t gate_panels = intermediate / kPanel;
     const int64_t spread_rows = g_spread_rows.load(std::memory_order_relaxed);
-    const int64_t slice_rows = g_slice_rows.load(std::memory_order_relaxed);
     at::parallel_for(0, gate_panels, 1, [&](int64_t p0, int64_t p1) {
       std::vector<float> part(kRowBlock * kGatedWidth);  // a row block's gate/up sums
-      std::vector<float> chain(slice_rows > 0 ? std::min(m, kRowBlock) * kGatedWidth : 0);
       for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, m - r0);
         for (int64_t q = p0; q < p1; ++q) {
@@ -485,8 +387,8 @@ at::Tensor sgemm_packed_swiglu(const at::Tensor& x, const at::Tensor& packed,
           const float* wu = ws + (q + gate_panels) * k * kPanel;
           for (int64_t j0 = 0; j0 < k; j0 += kDepth) {
             gated_row_block(xs + r0 * k + j0, k, wg + j0 * kPanel, wu + j0 * kPanel,
-                            part.data(), chain.data(), std::min(kDepth, k - j0), j0 == 0,
-                            rows, spread_rows, slice_rows);
+                            part.data(), std::min(kDepth, k - j0), j0 == 0, rows,
+                            spread_rows);
           }
           for (int64_t r = 0; r < rows; ++r) {
             const float* pr = part.data() + r * kGatedWidth;
@@ -508,8 +410,7 @@ at::Tensor sgemm_packed_swiglu(const at::Tensor& x, const at::Tensor& packed,
 TORCH_LIBRARY_FRAGMENT(baton_kernels, m) {
   m.def("sgemm_available() -> bool", TORCH_FN(sgemm_available));
   m.def("sgemm_pack(Tensor weight) -> Tensor", TORCH_FN(sgemm_pack));
-  m.def("sgemm_set_prefetch(int spread_rows, int slice_rows) -> int[]",
-        TORCH_FN(sgemm_set_prefetch));
+  m.def("sgemm_set_spread_rows(int rows) -> int", TORCH_FN(sgemm_set_spread_rows));
   m.def("sgemm_unpack(Tensor packed, int out_features) -> Tensor", TORCH_FN(sgemm_unpack));
   m.def("sgemm_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
   m.impl("sgemm_linear", c10::DispatchKey::CPU, TORCH_FN(sgemm_linear));
