@@ -16,7 +16,8 @@
 // at decode sizes (24 KiB at 32 rows) share L1 while every row block of x uses them (blocks
 // of 256 overflowed it: 0.92x the rate at 8-32 rows); rows are cut into blocks of 192 so x's
 // block stays in L2 at prefill sizes. Threads split the panels (at::parallel_for), each
-// writing its own columns.
+// writing its own columns; from `g_claim_rows` rows up they claim (row block, panel group)
+// items from a shared counter instead (`for_each_block`).
 //
 // Exactness: each output is one float32 FMA chain per K block, in order, the blocks' sums
 // added in order, so the result does not depend on the row count or the thread count (a row's
@@ -109,6 +110,53 @@ std::atomic<int64_t> g_spread_rows{kDefaultSpreadRows};
 int64_t sgemm_set_spread_rows(int64_t rows) {
   TORCH_CHECK(rows >= 0, "baton_kernels::sgemm_set_spread_rows: rows must be >= 0, got ", rows);
   return g_spread_rows.exchange(rows, std::memory_order_relaxed);
+}
+
+// From how many rows of x the threads claim a GEMM's work item by item instead of each
+// taking an even share of the panels (0: never). Why: the two cores of a shared host slow
+// down independently (one core's sgemm rate moved between 59 and 91 GFLOP/s from one
+// half-second to the next while the other's held, 2-core Zen 3, forty-second session), and
+// with even shares every GEMM waits for the slower core. Items are a row block's
+// `kClaimPanels` panels (192 rows x 64 features: about 0.2 ms of one core at 576 inputs),
+// claimed in row-block order so that both threads read the same block of x. A compiled
+// engine's prefill of 32 prompts (4,227 tokens) ran 1.05-1.08x as fast claimed; the pass's
+// linears 1.0-1.3x from 192 rows up, but 0.92-1.07x at 64-128 (`benchmarks/sgemm_claim.py`).
+// Below the threshold (decode sizes) the even split stays: a thread's panels are contiguous
+// there, which the spread prefetch relies on. Which thread computes an output never changes
+// its bits.
+constexpr int64_t kDefaultClaimRows = kRowBlock;
+constexpr int64_t kClaimPanels = 4;
+std::atomic<int64_t> g_claim_rows{kDefaultClaimRows};
+
+// Sets the row count from which threads claim work (0: never); returns the value it replaces.
+int64_t sgemm_set_claim_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "baton_kernels::sgemm_set_claim_rows: rows must be >= 0, got ", rows);
+  return g_claim_rows.exchange(rows, std::memory_order_relaxed);
+}
+
+// Calls `body(r0, rows, q0, q1)` for every row block of an `m`-row GEMM over `p` panels, each
+// block's panels [q0, q1) once, on the threads: an even split of the panels, or from
+// `g_claim_rows` rows work items claimed from a shared counter.
+template <typename Body>
+void for_each_block(int64_t m, int64_t p, const Body& body) {
+  const int64_t claim_rows = g_claim_rows.load(std::memory_order_relaxed);
+  const int64_t threads = at::get_num_threads();
+  if (claim_rows == 0 || m < claim_rows || threads < 2 || at::in_parallel_region()) {
+    at::parallel_for(0, p, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) body(r0, std::min(kRowBlock, m - r0), p0, p1);
+    });
+    return;
+  }
+  const int64_t groups = (p + kClaimPanels - 1) / kClaimPanels;
+  const int64_t items = groups * ((m + kRowBlock - 1) / kRowBlock);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < items;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      const int64_t r0 = i / groups * kRowBlock, q0 = i % groups * kClaimPanels;
+      body(r0, std::min(kRowBlock, m - r0), q0, std::min(p, q0 + kClaimPanels));
+    }
+  });
 }
 
 #ifdef BATON_SGEMM
@@ -340,15 +388,12 @@ at::Tensor sgemm_packed_linear(const at::Tensor& x, const at::Tensor& packed,
     float* os = out.data_ptr<float>();
     const int64_t n = out_features;
     const int64_t spread_rows = g_spread_rows.load(std::memory_order_relaxed);
-    at::parallel_for(0, panels(n), 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, m - r0);
-        for (int64_t q = p0; q < p1; ++q) {
-          const int64_t cols = std::min(kPanel, n - q * kPanel);
-          for (int64_t j0 = 0; j0 < k; j0 += kDepth) {
-            row_block(xs + r0 * k + j0, k, ws + (q * k + j0) * kPanel, os + r0 * n + q * kPanel,
-                      n, std::min(kDepth, k - j0), j0 == 0, cols, rows, spread_rows);
-          }
+    for_each_block(m, panels(n), [&](int64_t r0, int64_t rows, int64_t p0, int64_t p1) {
+      for (int64_t q = p0; q < p1; ++q) {
+        const int64_t cols = std::min(kPanel, n - q * kPanel);
+        for (int64_t j0 = 0; j0 < k; j0 += kDepth) {
+          row_block(xs + r0 * k + j0, k, ws + (q * k + j0) * kPanel, os + r0 * n + q * kPanel,
+                    n, std::min(kDepth, k - j0), j0 == 0, cols, rows, spread_rows);
         }
       }
     });
@@ -378,25 +423,22 @@ at::Tensor sgemm_packed_swiglu(const at::Tensor& x, const at::Tensor& packed,
     float* os = out.data_ptr<float>();
     const int64_t gate_panels = intermediate / kPanel;
     const int64_t spread_rows = g_spread_rows.load(std::memory_order_relaxed);
-    at::parallel_for(0, gate_panels, 1, [&](int64_t p0, int64_t p1) {
-      std::vector<float> part(kRowBlock * kGatedWidth);  // a row block's gate/up sums
-      for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, m - r0);
-        for (int64_t q = p0; q < p1; ++q) {
-          const float* wg = ws + q * k * kPanel;
-          const float* wu = ws + (q + gate_panels) * k * kPanel;
-          for (int64_t j0 = 0; j0 < k; j0 += kDepth) {
-            gated_row_block(xs + r0 * k + j0, k, wg + j0 * kPanel, wu + j0 * kPanel,
-                            part.data(), std::min(kDepth, k - j0), j0 == 0, rows,
-                            spread_rows);
-          }
-          for (int64_t r = 0; r < rows; ++r) {
-            const float* pr = part.data() + r * kGatedWidth;
-            float* o = os + (r0 + r) * intermediate + q * kPanel;
-            _mm256_storeu_ps(o, swiglu8(_mm256_loadu_ps(pr), _mm256_loadu_ps(pr + kPanel)));
-            _mm256_storeu_ps(o + 8, swiglu8(_mm256_loadu_ps(pr + 8),
-                                            _mm256_loadu_ps(pr + kPanel + 8)));
-          }
+    for_each_block(m, gate_panels, [&](int64_t r0, int64_t rows, int64_t p0, int64_t p1) {
+      thread_local std::vector<float> part(kRowBlock * kGatedWidth);  // gate/up sums
+      for (int64_t q = p0; q < p1; ++q) {
+        const float* wg = ws + q * k * kPanel;
+        const float* wu = ws + (q + gate_panels) * k * kPanel;
+        for (int64_t j0 = 0; j0 < k; j0 += kDepth) {
+          gated_row_block(xs + r0 * k + j0, k, wg + j0 * kPanel, wu + j0 * kPanel,
+                          part.data(), std::min(kDepth, k - j0), j0 == 0, rows,
+                          spread_rows);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* pr = part.data() + r * kGatedWidth;
+          float* o = os + (r0 + r) * intermediate + q * kPanel;
+          _mm256_storeu_ps(o, swiglu8(_mm256_loadu_ps(pr), _mm256_loadu_ps(pr + kPanel)));
+          _mm256_storeu_ps(o + 8, swiglu8(_mm256_loadu_ps(pr + 8),
+                                          _mm256_loadu_ps(pr + kPanel + 8)));
         }
       }
     });
@@ -411,6 +453,7 @@ TORCH_LIBRARY_FRAGMENT(baton_kernels, m) {
   m.def("sgemm_available() -> bool", TORCH_FN(sgemm_available));
   m.def("sgemm_pack(Tensor weight) -> Tensor", TORCH_FN(sgemm_pack));
   m.def("sgemm_set_spread_rows(int rows) -> int", TORCH_FN(sgemm_set_spread_rows));
+  m.def("sgemm_set_claim_rows(int rows) -> int", TORCH_FN(sgemm_set_claim_rows));
   m.def("sgemm_unpack(Tensor packed, int out_features) -> Tensor", TORCH_FN(sgemm_unpack));
   m.def("sgemm_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
   m.impl("sgemm_linear", c10::DispatchKey::CPU, TORCH_FN(sgemm_linear));
