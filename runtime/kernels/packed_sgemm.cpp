@@ -32,7 +32,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <vector>
 
@@ -134,14 +136,90 @@ int64_t sgemm_set_claim_rows(int64_t rows) {
   return g_claim_rows.exchange(rows, std::memory_order_relaxed);
 }
 
+// Below the claiming threshold each thread still takes one contiguous range of panels, but
+// sized by how fast that thread ran the GEMMs before it instead of evenly: each call times
+// every thread's range and moves the shares a quarter of the way towards the speeds it saw.
+// A core slowed by another tenant stays slow for a while (the half-second rates above), so
+// the shares follow it (they moved between 0.85 and 1.15 of an even share within a minute),
+// and the ranges stay contiguous for the spread prefetch. A compiled BATON decode step ran
+// 1.01-1.08x as fast at 16 rows, 1.0-1.07x at 32 and 1.0-1.07x at 64, steps alternated 60
+// times (`benchmarks/sgemm_threads.py balance`). Up to `kMaxBalanced` threads; `g_balance`
+// off: even shares.
+constexpr int64_t kMaxBalanced = 64;
+constexpr float kBalanceStep = 0.25f;
+std::atomic<bool> g_balance{true};
+std::array<std::atomic<float>, kMaxBalanced> g_thread_share{};  // 0: not yet measured (1)
+
+// Turns sizing the threads' shares by their speed on or off; returns the setting it replaces.
+bool sgemm_set_balance(bool on) {
+  return g_balance.exchange(on, std::memory_order_relaxed);
+}
+
+// The threads' current shares (1: an even share; empty until a balanced GEMM ran).
+std::vector<double> sgemm_thread_shares() {
+  std::vector<double> shares;
+  for (const auto& share : g_thread_share) {
+    const float value = share.load(std::memory_order_relaxed);
+    if (value <= 0.0f) break;
+    shares.push_back(value);
+  }
+  return shares;
+}
+
+// `for_each_block`'s contiguous split over `threads` threads, sized by `g_thread_share`.
+template <typename Body>
+void balanced_split(int64_t m, int64_t p, int64_t threads, const Body& body) {
+  std::array<float, kMaxBalanced> weight{};
+  std::array<int64_t, kMaxBalanced + 1> bounds{};
+  std::array<double, kMaxBalanced> seconds{};
+  float total = 0.0f;
+  for (int64_t t = 0; t < threads; ++t) {
+    const float w = g_thread_share[t].load(std::memory_order_relaxed);
+    weight[t] = w > 0.0f ? w : 1.0f;
+    total += weight[t];
+  }
+  float cumulative = 0.0f;
+  for (int64_t t = 0; t < threads; ++t) {  // at least one panel each, in order
+    cumulative += weight[t];
+    const int64_t at = static_cast<int64_t>(p * (cumulative / total) + 0.5f);
+    bounds[t + 1] = std::clamp<int64_t>(at, bounds[t] + 1, p - (threads - 1 - t));
+  }
+  bounds[threads] = p;
+  const auto start = std::chrono::steady_clock::now();  // a late start counts as slowness
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t r0 = 0; r0 < m; r0 += kRowBlock)
+        body(r0, std::min(kRowBlock, m - r0), bounds[t], bounds[t + 1]);
+      seconds[t] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+  });
+  // Each thread's speed in panels a second, as a share of the mean speed.
+  double mean = 0.0;
+  for (int64_t t = 0; t < threads; ++t) {
+    if (seconds[t] <= 0.0) return;  // too fast to time: keep the shares
+    mean += (bounds[t + 1] - bounds[t]) / seconds[t] / threads;
+  }
+  for (int64_t t = 0; t < threads; ++t) {
+    const float speed = static_cast<float>((bounds[t + 1] - bounds[t]) / seconds[t] / mean);
+    g_thread_share[t].store((1.0f - kBalanceStep) * weight[t] / total * threads +
+                                kBalanceStep * speed, std::memory_order_relaxed);
+  }
+}
+
 // Calls `body(r0, rows, q0, q1)` for every row block of an `m`-row GEMM over `p` panels, each
-// block's panels [q0, q1) once, on the threads: an even split of the panels, or from
+// block's panels [q0, q1) once, on the threads: a contiguous range of panels each, or from
 // `g_claim_rows` rows work items claimed from a shared counter.
 template <typename Body>
 void for_each_block(int64_t m, int64_t p, const Body& body) {
   const int64_t claim_rows = g_claim_rows.load(std::memory_order_relaxed);
   const int64_t threads = at::get_num_threads();
   if (claim_rows == 0 || m < claim_rows || threads < 2 || at::in_parallel_region()) {
+    const int64_t used = std::min(threads, p);
+    if (used >= 2 && used <= kMaxBalanced && !at::in_parallel_region() &&
+        g_balance.load(std::memory_order_relaxed)) {
+      balanced_split(m, p, used, body);
+      return;
+    }
     at::parallel_for(0, p, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) body(r0, std::min(kRowBlock, m - r0), p0, p1);
     });
@@ -454,6 +532,8 @@ TORCH_LIBRARY_FRAGMENT(baton_kernels, m) {
   m.def("sgemm_pack(Tensor weight) -> Tensor", TORCH_FN(sgemm_pack));
   m.def("sgemm_set_spread_rows(int rows) -> int", TORCH_FN(sgemm_set_spread_rows));
   m.def("sgemm_set_claim_rows(int rows) -> int", TORCH_FN(sgemm_set_claim_rows));
+  m.def("sgemm_set_balance(bool on) -> bool", TORCH_FN(sgemm_set_balance));
+  m.def("sgemm_thread_shares() -> float[]", TORCH_FN(sgemm_thread_shares));
   m.def("sgemm_unpack(Tensor packed, int out_features) -> Tensor", TORCH_FN(sgemm_unpack));
   m.def("sgemm_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
   m.impl("sgemm_linear", c10::DispatchKey::CPU, TORCH_FN(sgemm_linear));

@@ -1,4 +1,5 @@
-"""The float32 sgemm's threads claiming work items at prefill sizes: no output bit changes."""
+"""How the float32 sgemm's threads share a GEMM (work items claimed at prefill sizes, ranges
+sized by each thread's speed at decode sizes): no output bit changes with either."""
 
 import pytest
 import torch
@@ -15,11 +16,16 @@ def set_claim_rows(rows: int) -> int:
     return int(torch.ops.baton_kernels.sgemm_set_claim_rows(rows))
 
 
+def set_balance(on: bool) -> bool:
+    return bool(torch.ops.baton_kernels.sgemm_set_balance(on))
+
+
 @pytest.fixture(autouse=True)
-def default_claim_rows():
+def default_sharing():
     threads = torch.get_num_threads()
     yield
     set_claim_rows(DEFAULT_CLAIM_ROWS)
+    set_balance(True)
     torch.set_num_threads(threads)
 
 
@@ -55,3 +61,32 @@ def test_claiming_starts_at_a_row_block_and_the_setter_returns_what_it_replaces(
     with pytest.raises(RuntimeError, match="rows must be >= 0"):
         set_claim_rows(-1)
     assert set_claim_rows(DEFAULT_CLAIM_ROWS) == 500
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_speed_sized_ranges_change_no_output_bit(threads: int) -> None:
+    """Decode sizes (below the claiming threshold): each thread's contiguous range sized by
+    the speeds measured so far, against even ranges, over many calls so the shares move."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(150, 400, generator=gen)
+    gate_up = torch.randn(160, 400, generator=gen)
+    packed = torch.ops.baton_kernels.sgemm_pack(weight)
+    packed_gu = torch.ops.baton_kernels.sgemm_pack(gate_up)
+    for rows in (1, 3, 16, 33, 64, 150):
+        x = torch.randn(rows, 400, generator=gen)
+        set_balance(False)
+        even = (torch.ops.baton_kernels.sgemm_linear(x, packed, 150, None),
+                torch.ops.baton_kernels.sgemm_swiglu(x, packed_gu, 80))
+        set_balance(True)
+        for _ in range(20):
+            assert torch.equal(torch.ops.baton_kernels.sgemm_linear(x, packed, 150, None), even[0])
+            assert torch.equal(torch.ops.baton_kernels.sgemm_swiglu(x, packed_gu, 80), even[1])
+    shares = torch.ops.baton_kernels.sgemm_thread_shares()
+    assert len(shares) >= threads and all(0.0 < s < threads for s in shares[:threads])
+    assert sum(shares[:threads]) == pytest.approx(threads, rel=0.05)
+
+
+def test_balancing_is_on_by_default_and_the_setter_returns_what_it_replaces() -> None:
+    assert set_balance(False) is True
+    assert set_balance(True) is False
