@@ -15,9 +15,10 @@
 // FMAs. The K dimension is cut into blocks of 192, so a panel's block (12 KiB) and x's block
 // at decode sizes (24 KiB at 32 rows) share L1 while every row block of x uses them (blocks
 // of 256 overflowed it: 0.92x the rate at 8-32 rows); rows are cut into blocks of 192 so x's
-// block stays in L2 at prefill sizes. Threads split the panels (at::parallel_for), each
-// writing its own columns; from `g_claim_rows` rows up they claim (row block, panel group)
-// items from a shared counter instead (`for_each_block`).
+// block stays in L2 at prefill sizes. Threads split the panels, each writing its own
+// columns: each thread one contiguous range sized by its measured speed, or from
+// `g_claim_rows` rows up (row block, panel group) items claimed from a shared counter
+// (`for_each_block`).
 //
 // Exactness: each output is one float32 FMA chain per K block, in order, the blocks' sums
 // added in order, so the result does not depend on the row count or the thread count (a row's
@@ -122,7 +123,7 @@ int64_t sgemm_set_spread_rows(int64_t rows) {
 // `kClaimPanels` panels (192 rows x 64 features: about 0.2 ms of one core at 576 inputs),
 // claimed in row-block order so that both threads read the same block of x. A compiled
 // engine's prefill of 32 prompts (4,227 tokens) ran 1.05-1.08x as fast claimed; the pass's
-// linears 1.0-1.3x from 192 rows up, but 0.92-1.07x at 64-128 (`benchmarks/sgemm_claim.py`).
+// linears 1.0-1.3x from 192 rows up, but 0.92-1.07x at 64-128 (`benchmarks/sgemm_threads.py claim`).
 // Below the threshold (decode sizes) the even split stays: a thread's panels are contiguous
 // there, which the spread prefetch relies on. Which thread computes an output never changes
 // its bits.
