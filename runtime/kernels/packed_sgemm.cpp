@@ -123,7 +123,8 @@ int64_t sgemm_set_spread_rows(int64_t rows) {
 // `kClaimPanels` panels (192 rows x 64 features: about 0.2 ms of one core at 576 inputs),
 // claimed in row-block order so that both threads read the same block of x. A compiled
 // engine's prefill of 32 prompts (4,227 tokens) ran 1.05-1.08x as fast claimed; the pass's
-// linears 1.0-1.3x from 192 rows up, but 0.92-1.07x at 64-128 (`benchmarks/sgemm_threads.py claim`).
+// linears 0.97-1.31x from 192 rows up (21 of 28 figures above 1.02x), but 0.91-1.07x at
+// 64-128 rows (`benchmarks/sgemm_threads.py claim`).
 // Below the threshold (decode sizes) the even split stays: a thread's panels are contiguous
 // there, which the spread prefetch relies on. Which thread computes an output never changes
 // its bits.
