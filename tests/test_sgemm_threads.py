@@ -20,6 +20,17 @@ def set_balance(on: bool) -> bool:
     return bool(torch.ops.baton_kernels.sgemm_set_balance(on))
 
 
+def weights(seed: int) -> tuple[torch.Generator, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor]:
+    """(generator, weight, gate_up, their packed forms): a linear of 150 features (10 panels,
+    the last of 6) and a SwiGLU of 80 (5 gate panels), both of 400 inputs (3 K blocks)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(150, 400, generator=gen)
+    gate_up = torch.randn(160, 400, generator=gen)
+    return (gen, weight, gate_up, torch.ops.baton_kernels.sgemm_pack(weight),
+            torch.ops.baton_kernels.sgemm_pack(gate_up))
+
+
 @pytest.fixture(autouse=True)
 def default_sharing():
     threads = torch.get_num_threads()
@@ -35,11 +46,7 @@ def test_claimed_work_changes_no_output_bit(threads: int) -> None:
     N of 10 panels (groups of 4: the last group short) with a last panel of 6 features, and a
     SwiGLU of 5 gate panels: claimed at every row count against the even split."""
     torch.set_num_threads(threads)
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(150, 400, generator=gen)
-    gate_up = torch.randn(160, 400, generator=gen)
-    packed = torch.ops.baton_kernels.sgemm_pack(weight)
-    packed_gu = torch.ops.baton_kernels.sgemm_pack(gate_up)
+    gen, weight, gate_up, packed, packed_gu = weights(0)
     for rows in (1, 7, 64, 191, 192, 193, 384, 385, 600):
         x = torch.randn(rows, 400, generator=gen)
         outputs = []
@@ -68,11 +75,7 @@ def test_speed_sized_ranges_change_no_output_bit(threads: int) -> None:
     """Decode sizes (below the claiming threshold): each thread's contiguous range sized by
     the speeds measured so far, against even ranges, over many calls so the shares move."""
     torch.set_num_threads(threads)
-    gen = torch.Generator().manual_seed(1)
-    weight = torch.randn(150, 400, generator=gen)
-    gate_up = torch.randn(160, 400, generator=gen)
-    packed = torch.ops.baton_kernels.sgemm_pack(weight)
-    packed_gu = torch.ops.baton_kernels.sgemm_pack(gate_up)
+    gen, _, _, packed, packed_gu = weights(1)
     for rows in (1, 3, 16, 33, 64, 150):
         x = torch.randn(rows, 400, generator=gen)
         set_balance(False)
