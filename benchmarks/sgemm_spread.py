@@ -48,10 +48,15 @@ def shape_pass(name: str, weights: list[torch.Tensor], x: torch.Tensor) -> Calla
     return lambda: [ops.sgemm_linear(x, w, out_features, None) for w in weights]
 
 
-def per_shape(rows: list[int], spread: int, rounds: int) -> None:
+def packed_weights() -> dict[str, list[torch.Tensor]]:
+    """`LAYERS` distinct packed weights of each shape (seed 0), so each comes from memory."""
     torch.manual_seed(0)
-    weights = {name: [torch.ops.baton_kernels.sgemm_pack(torch.randn(n, k) * 0.02)
-                      for _ in range(LAYERS)] for name, (n, k) in SHAPES.items()}
+    return {name: [torch.ops.baton_kernels.sgemm_pack(torch.randn(n, k) * 0.02)
+                   for _ in range(LAYERS)] for name, (n, k) in SHAPES.items()}
+
+
+def per_shape(rows: list[int], spread: int, rounds: int) -> None:
+    weights = packed_weights()
     print(f"speed spread up to {spread} rows / every tile streaming, {LAYERS} distinct weights "
           f"a shape, median of {rounds} interleaved rounds ({torch.get_num_threads()} threads)")
     print(f"{'rows':>5} " + " ".join(f"{name:>16}" for name in SHAPES))

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import decode_step
 import torch
 from decode_step import SMOLLM2_135M, build_model, make_engine, start_decoding
-from sgemm_spread import LAYERS, SHAPES, shape_pass
+from sgemm_spread import LAYERS, SHAPES, packed_weights, shape_pass
 
 from runtime.attention_kernels import load_native_kernel
 from runtime.sampling_params import SamplingParams
@@ -64,9 +64,7 @@ def paired(run: Callable[[], None], turn: Callable[[bool], object],
 
 
 def per_shape(mode: str, rows: list[int], rounds: int) -> None:
-    torch.manual_seed(0)
-    weights = {name: [torch.ops.baton_kernels.sgemm_pack(torch.randn(n, k) * 0.02)
-                      for _ in range(LAYERS)] for name, (n, k) in SHAPES.items()}
+    weights = packed_weights()
     print(f"speed {mode} / even split, {LAYERS} distinct weights a shape, median paired ratio "
           f"of {rounds} rounds ({torch.get_num_threads()} threads)")
     print(f"{'rows':>5} " + " ".join(f"{name:>16}" for name in SHAPES))

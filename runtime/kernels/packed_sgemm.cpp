@@ -125,9 +125,9 @@ int64_t sgemm_set_spread_rows(int64_t rows) {
 // engine's prefill of 32 prompts (4,227 tokens) ran 1.05-1.08x as fast claimed; the pass's
 // linears 0.97-1.31x from 192 rows up (21 of 28 figures above 1.02x), but 0.91-1.07x at
 // 64-128 rows (`benchmarks/sgemm_threads.py claim`).
-// Below the threshold (decode sizes) the even split stays: a thread's panels are contiguous
-// there, which the spread prefetch relies on. Which thread computes an output never changes
-// its bits.
+// Below the threshold (decode sizes) each thread keeps one contiguous range of panels, which
+// the spread prefetch relies on (sized by speed, below). Which thread computes an output
+// never changes its bits.
 constexpr int64_t kDefaultClaimRows = kRowBlock;
 constexpr int64_t kClaimPanels = 4;
 std::atomic<int64_t> g_claim_rows{kDefaultClaimRows};
@@ -144,8 +144,8 @@ int64_t sgemm_set_claim_rows(int64_t rows) {
 // A core slowed by another tenant stays slow for a while (the half-second rates above), so
 // the shares follow it (they moved between 0.85 and 1.15 of an even share within a minute),
 // and the ranges stay contiguous for the spread prefetch. A compiled BATON decode step ran
-// 1.01-1.08x as fast at 16 rows, 1.0-1.07x at 32 and 1.0-1.07x at 64, steps alternated 60
-// times (`benchmarks/sgemm_threads.py balance`). Up to `kMaxBalanced` threads; `g_balance`
+// 1.01-1.08x as fast at 16 rows, 1.0-1.07x at 32 and 1.0-1.07x at 64, steps alternated
+// 20-60 times (`benchmarks/sgemm_threads.py balance`). Up to `kMaxBalanced` threads; `g_balance`
 // off: even shares.
 constexpr int64_t kMaxBalanced = 64;
 constexpr float kBalanceStep = 0.25f;
@@ -214,29 +214,26 @@ void balanced_split(int64_t m, int64_t p, int64_t threads, const Body& body) {
 template <typename Body>
 void for_each_block(int64_t m, int64_t p, const Body& body) {
   const int64_t claim_rows = g_claim_rows.load(std::memory_order_relaxed);
-  const int64_t threads = at::get_num_threads();
-  if (claim_rows == 0 || m < claim_rows || threads < 2 || at::in_parallel_region()) {
-    const int64_t used = std::min(threads, p);
-    if (used >= 2 && used <= kMaxBalanced && !at::in_parallel_region() &&
-        g_balance.load(std::memory_order_relaxed)) {
-      balanced_split(m, p, used, body);
-      return;
-    }
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), p);
+  const bool shared = threads >= 2 && !at::in_parallel_region();
+  if (shared && claim_rows > 0 && m >= claim_rows) {
+    const int64_t groups = (p + kClaimPanels - 1) / kClaimPanels;
+    const int64_t items = groups * ((m + kRowBlock - 1) / kRowBlock);
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < items;
+           i = next.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t r0 = i / groups * kRowBlock, q0 = i % groups * kClaimPanels;
+        body(r0, std::min(kRowBlock, m - r0), q0, std::min(p, q0 + kClaimPanels));
+      }
+    });
+  } else if (shared && threads <= kMaxBalanced && g_balance.load(std::memory_order_relaxed)) {
+    balanced_split(m, p, threads, body);
+  } else {
     at::parallel_for(0, p, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) body(r0, std::min(kRowBlock, m - r0), p0, p1);
     });
-    return;
   }
-  const int64_t groups = (p + kClaimPanels - 1) / kClaimPanels;
-  const int64_t items = groups * ((m + kRowBlock - 1) / kRowBlock);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < items;
-         i = next.fetch_add(1, std::memory_order_relaxed)) {
-      const int64_t r0 = i / groups * kRowBlock, q0 = i % groups * kClaimPanels;
-      body(r0, std::min(kRowBlock, m - r0), q0, std::min(p, q0 + kClaimPanels));
-    }
-  });
 }
 
 #ifdef BATON_SGEMM
