@@ -15,9 +15,10 @@ AVX-512 BF16, or on CUDA), with the engine's fast path applied (`--linear-backen
   what they evict from the caches for the ops around them), and the remainder is everything
   else. With `--compile` the linears then go through the compiled decoder's Python op, which
   can be replayed, rather than its C++ op (about 50 us more per call);
-- `--static-decode-rows N ...` (with `--compile`): a batch size that is a bucket is timed in
-  its fixed-shape graph, against the same linears frozen and autotuned as the bucket builds
-  them (runtime/static_graphs.py); `--kv-cache-dtype bfloat16` stores the cache in 16 bits.
+- `--static-decode-rows N ...` (with `--compile`): the buckets are built first, as serving's
+  warm-up builds them (a bucket slower than the dynamic graph is dropped, and the run says
+  so); a batch size that is a kept bucket is timed in its fixed-shape graph, against the same
+  linears frozen and autotuned as the bucket builds them (runtime/static_graphs.py); `--kv-cache-dtype bfloat16` stores the cache in 16 bits.
 
 - `--device cuda`: the same on a GPU (each timed call ends with a synchronize; the decode
   kernel is CPU-only, so the attention is SDPA's there), for float32 and bfloat16.
@@ -88,9 +89,20 @@ def make_engine(model: torch.nn.Module, scheduler: str, rows: int, backend: str,
                 max_model_len: int) -> Engine:
     limits = EngineLimits(max_num_seqs=max(rows, 1), max_model_len=max_model_len,
                           kv_cache_tokens=max(rows, 1) * max_model_len, kv_cache_dtype=KV_DTYPE)
-    return Engine(model, None, instantiate_scheduler(scheduler, {}), scheduler, limits,
-                  linear_backend=backend, compile_model=COMPILE, attention_backend=ATTENTION,
-                  static_decode_rows=STATIC_ROWS)
+    engine = Engine(model, None, instantiate_scheduler(scheduler, {}), scheduler, limits,
+                    linear_backend=backend, compile_model=COMPILE, attention_backend=ATTENTION,
+                    static_decode_rows=STATIC_ROWS)
+    graphs = engine.runner.static_graphs
+    if graphs is not None and not graphs.built and not graphs.failed:
+        # Built before any pass, as `runtime serve`'s warm-up builds them, each bucket kept
+        # only where it beats the dynamic graph. (Built lazily inside a step, a bucket took
+        # ATen's GEMM in its autotuning and ran 1.7x slower; static_graphs says why.)
+        engine.runner.build_static_graphs()
+        for rows, (mine, theirs) in sorted(graphs.compared.items()):
+            verdict = "kept" if rows in graphs.built else "dropped"
+            print(f"{rows}-row bucket {verdict}: {mine:.1f} ms a pass against {theirs:.1f} in "
+                  "the dynamic graph")
+    return engine
 
 
 def start_decoding(engine: Engine, contexts: list[int], max_tokens: int) -> Engine:
@@ -198,7 +210,9 @@ def decode_rows(model, scheduler: str, rows: int, context: int, iters: int, back
     engine.step()  # prefill every row and their first decode
     engine.step()
     kernel = engine.kv_cache.decode_kernel
-    gemms = frozen_linears_alone(model, rows) if rows in STATIC_ROWS else linears_alone(model, rows)
+    graphs = engine.runner.static_graphs
+    in_bucket = graphs is not None and rows in graphs.built
+    gemms = frozen_linears_alone(model, rows) if in_bucket else linears_alone(model, rows)
     return interleaved_median_ms(
         [engine.step, gemms, attention_alone(model, rows, context, kernel, engine.runner.kv_dtype)],
         iters)

@@ -33,7 +33,18 @@ about a minute on 2 cores for a 30-layer model. With a package cache (`static_gr
 `runtime.graph_packages`) that happens once per model: the bucket is saved as an AOTInductor
 package and the next start loads it in about a second, and buckets whose packed weights are
 the same bytes (inductor chose the same blocking) share one copy of them, on disk and in
-memory. float32 and bfloat16 on CPU only: float64 (the exact parity tests) keeps the plain
+memory.
+
+A bucket is kept only where it is measured faster than the dynamic graph at its own row count
+(`speed_check`): right after it is built or loaded, both run a throwaway pass of that many
+rows, decoder and LM head, alternately for `SPEED_CHECK_ROUNDS` rounds, and a bucket whose
+median paired ratio is above 1 is dropped, logged with both times, its passes left to the
+dynamic graph. Autotuning picks each GEMM's kernel by timing the candidates once, and on a
+loaded host the pick follows the load: on a 2-core Zen 3 a one-row bucket built in a busy
+minute took ATen's GEMM (MKL's generic matrix-vector code on that CPU) and ran a decode step
+in 37-45 ms against the dynamic graph's 22-27 ms, while the same bucket built in a quiet one
+ran 22-24 ms (docs/benchmarks.md, forty-third session). A package keeps its picks, so without
+the check such a bucket would slow every start that loads it. float32 and bfloat16 on CPU only: float64 (the exact parity tests) keeps the plain
 path, and CUDA has its own graph replay to build.
 """
 
@@ -66,6 +77,9 @@ STATIC_DTYPES = (torch.float32, torch.bfloat16)
 FROZEN_GEMM_SETTINGS = {"freezing": True, "max_autotune": True,
                         "max_autotune_gemm_backends": "CPP,ATEN",
                         "autotune_num_choices_displayed": 0}
+# Paired rounds of the check that keeps a bucket only where it beats the dynamic graph (0: no
+# check, every built bucket serves). Seven cost a few seconds a bucket at startup.
+SPEED_CHECK_ROUNDS = 7
 # The same for an ahead-of-time package (`runtime.graph_packages`), less the display-only key,
 # with the constants stored as files beside its shared library rather than inside it: loaded
 # from the library, every weight would take memory twice (the graph keeps the parameters it
@@ -169,6 +183,10 @@ class StaticDecodeGraphs:
         self.built: dict[int, float] = {}  # bucket -> seconds its graph took
         self.failed: dict[int, str] = {}  # bucket -> why
         self.passes: dict[int, int] = dict.fromkeys(self.rows, 0)  # passes each bucket ran
+        # bucket -> (its pass, the dynamic graph's pass) in ms, from the speed check
+        self.compared: dict[int, tuple[float, float]] = {}
+        self._dynamic: Callable[..., torch.Tensor] | None = None  # set by `wrap`
+        self._dynamic_logits: Callable[[torch.Tensor], torch.Tensor] = model.compute_logits
         self.released_bytes = 0  # dense copies dropped once every bucket came from a package
         self._lazy = lazy
         self._pass = pass_state
@@ -224,6 +242,7 @@ class StaticDecodeGraphs:
         if self.packages is not None and self._from_packages(rows, ids, positions):
             self.built[rows] = time.perf_counter() - start
             self._packaged.add(rows)
+            self._keep_if_faster(rows)
             self._release_dense_copies()
             return
         try:
@@ -241,6 +260,49 @@ class StaticDecodeGraphs:
             return
         self.built[rows] = time.perf_counter() - start
         logger.info("static_decode_rows: %d-row graph built in %.1f s", rows, self.built[rows])
+        self._keep_if_faster(rows)
+
+    def _keep_if_faster(self, rows: int) -> None:
+        """Drop the built bucket `rows` where a pass of that many rows, decoder and head, runs
+        slower in it than in the dynamic graph (the median of `SPEED_CHECK_ROUNDS` paired,
+        alternating rounds on throwaway tokens, attention stubbed in both)."""
+        rounds = SPEED_CHECK_ROUNDS
+        if not rounds or self._dynamic is None or rows not in self.built:
+            return
+        dynamic = self._dynamic
+        ids = torch.zeros(rows, dtype=torch.long, device=self._device)
+        positions = torch.arange(rows, dtype=torch.long, device=self._device)
+
+        def bucket_pass() -> None:
+            with torch.inference_mode(), self._throwaway_pass(rows):
+                hidden = self._graphs[rows](ids, positions)
+                self._heads[rows](hidden.reshape(rows, -1))
+
+        def dynamic_pass() -> None:
+            with torch.inference_mode():
+                hidden = dynamic(ids, positions, self._zero, None)
+                self._dynamic_logits(hidden.reshape(rows, -1))
+
+        try:
+            times = paired_times(bucket_pass, dynamic_pass, rounds)
+        except Exception as exc:  # the dynamic graph could not run it: nothing to set against
+            logger.warning("static_decode_rows: the %d-row graph's speed check failed (%s: %s);"
+                           " keeping it", rows, type(exc).__name__, exc)
+            return
+        ratio = sorted(b / d for b, d in times)[len(times) // 2]
+        mine = 1000 * sorted(b for b, _ in times)[len(times) // 2]
+        theirs = 1000 * sorted(d for _, d in times)[len(times) // 2]
+        self.compared[rows] = (mine, theirs)
+        if ratio <= 1.0:
+            logger.info("static_decode_rows: %d-row graph kept: %.1f ms a pass against %.1f in "
+                        "the dynamic graph (%.2fx)", rows, mine, theirs, 1 / ratio)
+            return
+        del self.built[rows]
+        self._packaged.discard(rows)
+        self.failed[rows] = (f"slower than the dynamic graph: {mine:.1f} against {theirs:.1f} ms "
+                             f"a {rows}-row pass")
+        logger.warning("static_decode_rows: the %d-row graph is dropped, %s; passes of that "
+                       "size take the dynamic graph", rows, self.failed[rows])
 
     def _from_packages(self, rows: int, ids: torch.Tensor, positions: torch.Tensor) -> bool:
         """The bucket's decoder and head from their packages (built first if missing); False,
@@ -374,6 +436,8 @@ class StaticDecodeGraphs:
     def wrap(self, dynamic: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """The engine's forward: a bucket's graph where one fits, else `dynamic`."""
 
+        self._dynamic = dynamic
+
         def forward(input_ids: torch.Tensor, positions: torch.Tensor, attn: Any,
                     mask: Any) -> torch.Tensor:
             tokens = input_ids.shape[0]
@@ -397,3 +461,20 @@ class StaticDecodeGraphs:
 
         forward.static_graphs = self  # type: ignore[attr-defined]
         return forward
+
+
+def paired_times(first: Callable[[], object], second: Callable[[], object], rounds: int
+                 ) -> list[tuple[float, float]]:
+    """Seconds of `first` and `second` in each of `rounds` rounds, alternating which runs
+    first, after one untimed call of each: a paired sample of a noisy host's same moment."""
+    first()
+    second()
+    times = []
+    for i in range(rounds):
+        pair = [0.0, 0.0]
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            (first, second)[which]()
+            pair[which] = time.perf_counter() - start
+        times.append((pair[0], pair[1]))
+    return times

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 import zipfile
 
 import pytest
 import torch
 
-from runtime import graph_packages
+from runtime import graph_packages, static_graphs
 from runtime.engine import Engine
 from runtime.graph_packages import PackageCacheSpec
 from runtime.plugins import instantiate_scheduler
@@ -113,6 +114,51 @@ def test_a_bucket_that_fails_to_build_leaves_its_passes_to_the_dynamic_graph(
     assert graphs.bucket(5) is None and not graphs.built
     assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == \
         eager_tokens("baton")
+
+
+def slowed(fn, seconds: float):
+    """`fn` taking `seconds` longer per call."""
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return fn(*args, **kwargs)
+
+    return slow
+
+
+def test_a_bucket_serves_only_while_it_beats_the_dynamic_graph(monkeypatch, caplog) -> None:
+    """The startup check times the bucket and the dynamic graph on a pass of the bucket's
+    rows: the bucket is kept where the dynamic graph is the slower one, and dropped, logged
+    with both times, once the bucket is; its passes then go to the dynamic graph, with the
+    same tokens."""
+    monkeypatch.setattr(static_graphs, "SPEED_CHECK_ROUNDS", 3)
+    engine = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton",
+                    compile_model=True, static_decode_rows=(8,))
+    graphs = engine.runner.static_graphs
+    fast_dynamic = graphs._dynamic
+    graphs._dynamic = slowed(fast_dynamic, 0.05)  # only the check calls it through here
+    with caplog.at_level(logging.INFO, logger="runtime.static_graphs"):
+        engine.warm_up()
+    mine, theirs = graphs.compared[8]
+    assert set(graphs.built) == {8} and not graphs.failed and mine < theirs
+    assert "8-row graph kept" in caplog.text
+    expected = eager_tokens("baton")
+    assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == expected
+    served = graphs.passes[8]
+    assert served > 0
+
+    graphs._dynamic = fast_dynamic
+    graphs._graphs[8] = slowed(graphs._graphs[8], 0.05)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="runtime.static_graphs"):
+        graphs._keep_if_faster(8)
+    mine, theirs = graphs.compared[8]
+    assert mine > theirs and not graphs.built
+    assert graphs.failed[8].startswith("slower than the dynamic graph")
+    assert "8-row graph is dropped, slower than the dynamic graph" in caplog.text
+    assert graphs.bucket(5) is None and graphs.logits(torch.zeros(5, 64)) is None
+    assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == expected
+    assert graphs.passes[8] == served
 
 
 def test_float64_keeps_the_plain_path(caplog) -> None:
