@@ -295,12 +295,14 @@ class StaticDecodeGraphs:
         self.compared[rows] = (mine, theirs)
         if ratio <= 1.0:
             logger.info("static_decode_rows: %d-row graph kept: %.1f ms a pass against %.1f in "
-                        "the dynamic graph (%.2fx)", rows, mine, theirs, 1 / ratio)
+                        "the dynamic graph (medians), %.2fx as fast in the median of %d paired "
+                        "rounds", rows, mine, theirs, 1 / ratio, rounds)
             return
         del self.built[rows]
         self._packaged.discard(rows)
         self.failed[rows] = (f"slower than the dynamic graph: {mine:.1f} against {theirs:.1f} ms "
-                             f"a {rows}-row pass")
+                             f"a {rows}-row pass, {ratio:.2f}x its time in the median of "
+                             f"{rounds} paired rounds")
         logger.warning("static_decode_rows: the %d-row graph is dropped, %s; passes of that "
                        "size take the dynamic graph", rows, self.failed[rows])
 
