@@ -39,11 +39,11 @@ A bucket is kept only where it is measured faster than the dynamic graph at its 
 (`speed_check`): right after it is built or loaded, both run a throwaway pass of that many
 rows, decoder and LM head, alternately for `SPEED_CHECK_ROUNDS` rounds, and a bucket whose
 median paired ratio is above 1 is dropped, logged with both times, its passes left to the
-dynamic graph. Autotuning picks each GEMM's kernel by timing the candidates once, and on a
-loaded host the pick follows the load: on a 2-core Zen 3 a one-row bucket built in a busy
-minute took ATen's GEMM (MKL's generic matrix-vector code on that CPU) and ran a decode step
-in 37-45 ms against the dynamic graph's 22-27 ms, while the same bucket built in a quiet one
-ran 22-24 ms (docs/benchmarks.md, forty-third session). A package keeps its picks, so without
+dynamic graph. Autotuning picks each GEMM's kernel from one timing of the candidates, and a
+pick can be wrong for the pass: on a 2-core Zen 3 a one-row bucket built inside a step took
+ATen's GEMM (MKL's generic matrix-vector code on that CPU) and ran a decode step in 37-45 ms
+against the dynamic graph's 22-27 ms, while the same bucket built before the first pass ran
+22-24 ms (docs/benchmarks.md, forty-third session; why that build picked ATen was not found). A package keeps its picks, so without
 the check such a bucket would slow every start that loads it. float32 and bfloat16 on CPU only: float64 (the exact parity tests) keeps the plain
 path, and CUDA has its own graph replay to build.
 """
