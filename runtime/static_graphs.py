@@ -237,8 +237,7 @@ class StaticDecodeGraphs:
         if rows in self.built or rows in self.failed:
             return
         start = time.perf_counter()
-        ids = torch.zeros(rows, dtype=torch.long, device=self._device)  # made outside
-        positions = torch.arange(rows, dtype=torch.long, device=self._device)  # inference mode
+        ids, positions = self._throwaway_tokens(rows)
         if self.packages is not None and self._from_packages(rows, ids, positions):
             self.built[rows] = time.perf_counter() - start
             self._packaged.add(rows)
@@ -262,6 +261,18 @@ class StaticDecodeGraphs:
         logger.info("static_decode_rows: %d-row graph built in %.1f s", rows, self.built[rows])
         self._keep_if_faster(rows)
 
+    def _throwaway_tokens(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and positions for a pass of `rows` rows, made outside inference mode even
+        when a lazy build runs inside a pass's: dynamo guards on the dispatch keys, so a graph
+        traced on inference tensors does not match the layouts' tensors, and the first real
+        pass compiled the bucket again without the frozen, autotuned settings. That graph ran
+        its GEMMs on ATen's (MKL's generic matrix-vector code on an AMD CPU): a one-row step in
+        37-45 ms against 22-24 (docs/benchmarks.md, forty-third session)."""
+        with torch.inference_mode(False):
+            ids = torch.zeros(rows, dtype=torch.long, device=self._device)
+            positions = torch.arange(rows, dtype=torch.long, device=self._device)
+        return ids, positions
+
     def _keep_if_faster(self, rows: int) -> None:
         """Drop the built bucket `rows` where a pass of that many rows, decoder and head, runs
         slower in it than in the dynamic graph (the median of `SPEED_CHECK_ROUNDS` paired,
@@ -270,8 +281,7 @@ class StaticDecodeGraphs:
         if not rounds or self._dynamic is None or rows not in self.built:
             return
         dynamic = self._dynamic
-        ids = torch.zeros(rows, dtype=torch.long, device=self._device)
-        positions = torch.arange(rows, dtype=torch.long, device=self._device)
+        ids, positions = self._throwaway_tokens(rows)
 
         def bucket_pass() -> None:
             with torch.inference_mode(), self._throwaway_pass(rows):
