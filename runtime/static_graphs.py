@@ -35,16 +35,16 @@ package and the next start loads it in about a second, and buckets whose packed 
 the same bytes (inductor chose the same blocking) share one copy of them, on disk and in
 memory.
 
-A bucket is kept only where it is measured faster than the dynamic graph at its own row count
-(`speed_check`): right after it is built or loaded, both run a throwaway pass of that many
-rows, decoder and LM head, alternately for `SPEED_CHECK_ROUNDS` rounds, and a bucket whose
-median paired ratio is above 1 is dropped, logged with both times, its passes left to the
-dynamic graph. Autotuning picks each GEMM's kernel from one timing of the candidates, and a
-pick can be wrong for the pass: on a 2-core Zen 3 a one-row bucket built inside a step took
-ATen's GEMM (MKL's generic matrix-vector code on that CPU) and ran a decode step in 37-45 ms
-against the dynamic graph's 22-27 ms, while the same bucket built before the first pass ran
-22-24 ms (docs/benchmarks.md, forty-third session; why that build picked ATen was not found). A package keeps its picks, so without
-the check such a bucket would slow every start that loads it. float32 and bfloat16 on CPU only: float64 (the exact parity tests) keeps the plain
+A bucket is kept only where it is measured faster than the dynamic graph at its own row count:
+right after it is built or loaded, both run a throwaway pass of that many rows, decoder and LM
+head, alternately for `SPEED_CHECK_ROUNDS` rounds, and a bucket whose median paired ratio is
+above 1 is dropped, logged with both times, its passes left to the dynamic graph. Nothing
+makes a bucket faster by construction: autotuning picks each GEMM's kernel from one timing of
+the candidates, a package keeps those picks for every later start, and at 1-2 rows on a 2-core
+Zen 3 a bucket and the dynamic graph are about level (docs/benchmarks.md, forty-third session:
+in eight starts the 2-row bucket was kept five times at 1.01-1.10x and dropped three times).
+
+float32 and bfloat16 on CPU only: float64 (the exact parity tests) keeps the plain
 path, and CUDA has its own graph replay to build.
 """
 
