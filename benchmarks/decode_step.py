@@ -95,8 +95,7 @@ def make_engine(model: torch.nn.Module, scheduler: str, rows: int, backend: str,
     graphs = engine.runner.static_graphs
     if graphs is not None and not graphs.built and not graphs.failed:
         # Built before any pass, as `runtime serve`'s warm-up builds them, each bucket kept
-        # only where it beats the dynamic graph. (Built lazily inside a step, a bucket took
-        # ATen's GEMM in its autotuning and ran 1.7x slower; static_graphs says why.)
+        # only where it beats the dynamic graph.
         engine.runner.build_static_graphs()
         for rows, (mine, theirs) in sorted(graphs.compared.items()):
             verdict = "kept" if rows in graphs.built else "dropped"
