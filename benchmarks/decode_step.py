@@ -18,7 +18,8 @@ AVX-512 BF16, or on CUDA), with the engine's fast path applied (`--linear-backen
 - `--static-decode-rows N ...` (with `--compile`): the buckets are built first, as serving's
   warm-up builds them (a bucket slower than the dynamic graph is dropped, and the run says
   so); a batch size that is a kept bucket is timed in its fixed-shape graph, against the same
-  linears frozen and autotuned as the bucket builds them (runtime/static_graphs.py); `--kv-cache-dtype bfloat16` stores the cache in 16 bits.
+  linears frozen and autotuned as the bucket builds them (runtime/static_graphs.py);
+  `--kv-cache-dtype bfloat16` stores the cache in 16 bits.
 
 - `--device cuda`: the same on a GPU (each timed call ends with a synchronize; the decode
   kernel is CPU-only, so the attention is SDPA's there), for float32 and bfloat16.

@@ -54,6 +54,7 @@ import contextlib
 import copy
 import gc
 import logging
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -299,9 +300,9 @@ class StaticDecodeGraphs:
             logger.warning("static_decode_rows: the %d-row graph's speed check failed (%s: %s);"
                            " keeping it", rows, type(exc).__name__, exc)
             return
-        ratio = sorted(b / d for b, d in times)[len(times) // 2]
-        mine = 1000 * sorted(b for b, _ in times)[len(times) // 2]
-        theirs = 1000 * sorted(d for _, d in times)[len(times) // 2]
+        ratio = statistics.median(b / d for b, d in times)
+        mine = 1000 * statistics.median(b for b, _ in times)
+        theirs = 1000 * statistics.median(d for _, d in times)
         self.compared[rows] = (mine, theirs)
         if ratio <= 1.0:
             logger.info("static_decode_rows: %d-row graph kept: %.1f ms a pass against %.1f in "
