@@ -20,24 +20,34 @@ were at hand). A buffer made while serving (Orca's pool as it doubles, BATON's p
 staging as it grows, the static batcher's per-batch cache) would put that on the requests
 waiting for it, so those stay ordinary tensors. Orca's step gained 1.01x from huge pages
 for its pool and weights together (32-64 rows), BATON's 1.00-1.07x (1-64 rows).
+
+Where the host makes huge pages slow to fault in (some virtual machines: `_fault_in`), a
+buffer spends at most the time it would take at `MIN_FAULT_RATE` on them; the rest of it is
+4 KiB pages, as with `BATON_HUGE_PAGES=0`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 HUGE_PAGE = 2 << 20
 MIN_BYTES = HUGE_PAGE  # smaller buffers stay ordinary tensors (a mapping each is not worth it)
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 ALIGN = 64  # bytes between tensors of an arena: a cache line, as ATen aligns its own
+FAULT_CHUNK = 64 << 20  # a multiple of HUGE_PAGE: what one timed fault-in step touches
+MIN_FAULT_RATE = 2 << 30  # bytes/s: a buffer's huge pages may take as long as at this rate
 
 
 @cache
@@ -58,7 +68,7 @@ def huge_pages_mode() -> str | None:
     return None
 
 
-def _mapped_bytes(nbytes: int) -> torch.Tensor:
+def _mapped_bytes(nbytes: int, clock: Callable[[], float] = time.perf_counter) -> torch.Tensor:
     """`nbytes` of zeros in a fresh anonymous mapping advised for huge pages, starting on a
     2 MiB boundary, as a uint8 tensor that keeps the mapping alive.
 
@@ -66,12 +76,51 @@ def _mapped_bytes(nbytes: int) -> torch.Tensor:
     the kernel compacting memory to find one), and left to the first pass that writes there,
     faulting in BATON's 686 MiB KV buffer added 0.6-0.9 s to the first prefill of a
     `varied-64` run (two interleaved runs each way). At startup the same faults cost once,
-    before any request waits; the buffer is resident from then on, as its budget says."""
+    before any request waits; the buffer is resident from then on, as its budget says.
+
+    Touched `FAULT_CHUNK` at a time and timed (`_fault_in`): once that has taken as long as
+    the whole buffer would at `MIN_FAULT_RATE`, the rest of the mapping is advised back to
+    4 KiB pages and left to fault in as it fills."""
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(region, dtype=torch.uint8)
     skip = -whole.data_ptr() % HUGE_PAGE
     region.madvise(mmap.MADV_HUGEPAGE, skip, nbytes)
-    return whole[skip:skip + nbytes].zero_()
+    buffer = whole[skip:skip + nbytes]
+    touched = _fault_in(buffer, clock)
+    if touched < nbytes:
+        start = skip + touched  # a chunk boundary: a multiple of 2 MiB past `skip`
+        region.madvise(mmap.MADV_NOHUGEPAGE, start, nbytes - touched)
+    return buffer
+
+
+def _fault_in(buffer: torch.Tensor, clock: Callable[[], float]) -> int:
+    """Zero `buffer` chunk by chunk until done or until it has taken as long as the whole
+    buffer would at `MIN_FAULT_RATE`; the bytes touched (a multiple of `FAULT_CHUNK` short of
+    all of them).
+
+    Why: on some virtual machines a huge page faults in slowly for a while. On a Firecracker
+    guest here (2026-12-07) the first few hundred MiB of a fresh mapping faulted in at
+    120-800 MiB/s and the rest at about 10 GiB/s in one run, and a whole 4 GiB buffer took
+    1.5-12.9 s from one minute to the next (4 KiB pages: 2.5-3.5 GiB/s); BATON's two 3 GiB
+    K/V buffers (64 rows of 2,048 tokens on `smollm2-135m-shape`), made at startup and again
+    after the warm-up, added 50 s to its engine's start. A budget in time rather than a rate
+    per chunk keeps the huge pages of a slow start that speeds up, and bounds the cost."""
+    nbytes = buffer.numel()
+    budget = nbytes / MIN_FAULT_RATE
+    started = clock()
+    done = 0
+    while done < nbytes:
+        size = min(FAULT_CHUNK, nbytes - done)
+        buffer[done:done + size].zero_()
+        done += size
+        seconds = clock() - started
+        if done < nbytes and seconds > budget:
+            logger.info("huge pages: %.0f MiB of a %.0f MiB buffer faulted in at %.0f MiB/s, "
+                        "under %.0f; the rest stays in 4 KiB pages, faulted in as it fills",
+                        done / 2**20, nbytes / 2**20, done / seconds / 2**20,
+                        MIN_FAULT_RATE / 2**20)
+            break
+    return done
 
 
 def _fits(device: torch.device | str | None, nbytes: int) -> bool:
@@ -82,7 +131,8 @@ def _fits(device: torch.device | str | None, nbytes: int) -> bool:
 def empty(shape: Sequence[int], dtype: torch.dtype,
           device: torch.device | str | None = None) -> torch.Tensor:
     """`torch.empty(shape, dtype=dtype, device=device)`, in huge pages where it can be (a CPU
-    buffer of at least 2 MiB on a host with them; then already resident, and zeros)."""
+    buffer of at least 2 MiB on a host with them; then zeros, and resident unless its huge
+    pages faulted in too slowly: `_fault_in`)."""
     nbytes = math.prod(shape) * dtype.itemsize
     if not _fits(device, nbytes):
         return torch.empty(tuple(shape), dtype=dtype, device=device)

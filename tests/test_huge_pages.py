@@ -4,6 +4,7 @@ that ask for 2 MiB pages, for BATON's KV buffer and the packed weights."""
 from __future__ import annotations
 
 import gc
+import logging
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,40 @@ def test_the_mapping_goes_with_the_last_tensor_that_views_it() -> None:
     del layer
     gc.collect()
     assert not mapped(address)
+
+
+class SteppedClock:
+    """A clock that moves `step` seconds at every reading: each timed chunk takes `step`."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+@needs_huge_pages
+def test_huge_pages_slow_to_fault_in_are_given_up_after_the_time_budget(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    chunk = 2 * huge_pages.HUGE_PAGE
+    monkeypatch.setattr(huge_pages, "FAULT_CHUNK", chunk)
+    nbytes = 5 * chunk + 4096
+    budget = nbytes / huge_pages.MIN_FAULT_RATE
+    # each chunk takes 0.4 of the whole buffer's budget: the third chunk overruns it
+    with caplog.at_level(logging.INFO, logger="runtime.huge_pages"):
+        slow = huge_pages._mapped_bytes(nbytes, SteppedClock(budget / 2.5))
+    assert slow.numel() == nbytes and slow.data_ptr() % huge_pages.HUGE_PAGE == 0
+    assert huge_pages.advised(slow[:3 * chunk])[0]
+    assert not huge_pages.advised(slow[3 * chunk:])[0]  # 4 KiB pages, not yet faulted in
+    assert not slow.any()  # zeros either way
+    slow[-1] = 7  # the untouched rest is ordinary memory
+    assert int(slow[-1]) == 7
+    assert "12 MiB of a 20 MiB buffer" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="runtime.huge_pages"):
+        fast = huge_pages._mapped_bytes(nbytes, SteppedClock(budget / 100))
+    assert huge_pages.advised(fast)[0] and not fast.any() and not caplog.text
 
 
 def test_baton_huge_pages_0_gives_ordinary_tensors(huge_pages_off: None) -> None:
