@@ -22,8 +22,9 @@ waiting for it, so those stay ordinary tensors. Orca's step gained 1.01x from hu
 for its pool and weights together (32-64 rows), BATON's 1.00-1.07x (1-64 rows).
 
 Where the host makes huge pages slow to fault in (some virtual machines: `_fault_in`), a
-buffer spends at most the time it would take at `MIN_FAULT_RATE` on them; the rest of it is
-4 KiB pages, as with `BATON_HUGE_PAGES=0`.
+KV buffer spends at most the time it would take at `MIN_FAULT_RATE` on them; the rest of it
+is 4 KiB pages, as with `BATON_HUGE_PAGES=0`. The weights' arena is faulted in whole: its size
+is the model's, not a budget's, and every pass reads all of it.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def huge_pages_mode() -> str | None:
     return None
 
 
-def _mapped_bytes(nbytes: int, clock: Callable[[], float] = time.perf_counter) -> torch.Tensor:
+def _mapped_bytes(nbytes: int, timed: bool,
+                  clock: Callable[[], float] = time.perf_counter) -> torch.Tensor:
     """`nbytes` of zeros in a fresh anonymous mapping advised for huge pages, starting on a
     2 MiB boundary, as a uint8 tensor that keeps the mapping alive.
 
@@ -78,15 +80,17 @@ def _mapped_bytes(nbytes: int, clock: Callable[[], float] = time.perf_counter) -
     `varied-64` run (two interleaved runs each way). At startup the same faults cost once,
     before any request waits; the buffer is resident from then on, as its budget says.
 
-    Touched `FAULT_CHUNK` at a time and timed (`_fault_in`): once that has taken as long as
-    the whole buffer would at `MIN_FAULT_RATE`, the rest of the mapping is advised back to
-    4 KiB pages and left to fault in as it fills."""
+    `timed`: touched `FAULT_CHUNK` at a time and timed (`_fault_in`): once that has taken as
+    long as the whole buffer would at `MIN_FAULT_RATE`, the rest of the mapping is advised back
+    to 4 KiB pages and left to fault in as it fills. For a buffer whose size follows a memory
+    budget (a KV buffer); weights, as large as the model and read whole by every pass, are
+    faulted in whatever it takes."""
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(region, dtype=torch.uint8)
     skip = -whole.data_ptr() % HUGE_PAGE
     region.madvise(mmap.MADV_HUGEPAGE, skip, nbytes)
     buffer = whole[skip:skip + nbytes]
-    touched = _fault_in(buffer, clock)
+    touched = _fault_in(buffer, clock) if timed else buffer.zero_().numel()
     if touched < nbytes:
         start = skip + touched  # a chunk boundary: a multiple of 2 MiB past `skip`
         region.madvise(mmap.MADV_NOHUGEPAGE, start, nbytes - touched)
@@ -104,7 +108,10 @@ def _fault_in(buffer: torch.Tensor, clock: Callable[[], float]) -> int:
     1.5-12.9 s from one minute to the next (4 KiB pages: 2.5-3.5 GiB/s); BATON's two 3 GiB
     K/V buffers (64 rows of 2,048 tokens on `smollm2-135m-shape`), made at startup and again
     after the warm-up, added 50 s to its engine's start. A budget in time rather than a rate
-    per chunk keeps the huge pages of a slow start that speeds up, and bounds the cost."""
+    per chunk keeps the huge pages of a slow start that speeds up, and bounds the cost. What
+    the step loses there is small: BATON's eager decode step with its K/V in 4 KiB pages took
+    0.99-1.03x the time of one in huge pages at 32 rows and 1.005x at 8 (interleaved, one
+    process, `smollm2-135m-shape` in float32)."""
     nbytes = buffer.numel()
     budget = nbytes / MIN_FAULT_RATE
     started = clock()
@@ -136,7 +143,7 @@ def empty(shape: Sequence[int], dtype: torch.dtype,
     nbytes = math.prod(shape) * dtype.itemsize
     if not _fits(device, nbytes):
         return torch.empty(tuple(shape), dtype=dtype, device=device)
-    return _mapped_bytes(nbytes).view(dtype).view(tuple(shape))
+    return _mapped_bytes(nbytes, timed=True).view(dtype).view(tuple(shape))
 
 
 def gather(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -152,7 +159,7 @@ def gather(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
         total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
     if not tensors or not _fits("cpu", total):
         return None
-    arena = _mapped_bytes(total)
+    arena = _mapped_bytes(total, timed=False)  # weights: see _mapped_bytes
     copies = []
     for t, at in zip(tensors, offsets, strict=True):
         nbytes = t.numel() * t.element_size()

@@ -91,7 +91,7 @@ def test_huge_pages_slow_to_fault_in_are_given_up_after_the_time_budget(
     budget = nbytes / huge_pages.MIN_FAULT_RATE
     # each chunk takes 0.4 of the whole buffer's budget: the third chunk overruns it
     with caplog.at_level(logging.INFO, logger="runtime.huge_pages"):
-        slow = huge_pages._mapped_bytes(nbytes, SteppedClock(budget / 2.5))
+        slow = huge_pages._mapped_bytes(nbytes, True, SteppedClock(budget / 2.5))
     assert slow.numel() == nbytes and slow.data_ptr() % huge_pages.HUGE_PAGE == 0
     assert huge_pages.advised(slow[:3 * chunk])[0]
     assert not huge_pages.advised(slow[3 * chunk:])[0]  # 4 KiB pages, not yet faulted in
@@ -101,8 +101,10 @@ def test_huge_pages_slow_to_fault_in_are_given_up_after_the_time_budget(
     assert "12 MiB of a 20 MiB buffer" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="runtime.huge_pages"):
-        fast = huge_pages._mapped_bytes(nbytes, SteppedClock(budget / 100))
+        fast = huge_pages._mapped_bytes(nbytes, True, SteppedClock(budget / 100))
     assert huge_pages.advised(fast)[0] and not fast.any() and not caplog.text
+    weights = huge_pages._mapped_bytes(nbytes, False, SteppedClock(budget))  # not timed
+    assert huge_pages.advised(weights)[0] and not weights.any() and not caplog.text
 
 
 def test_baton_huge_pages_0_gives_ordinary_tensors(huge_pages_off: None) -> None:
