@@ -110,16 +110,25 @@ def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
         proc.wait()
 
 
+@dataclass(frozen=True, slots=True)
+class StartedServer:
+    """A launched server once ready: where it listens and how long it took to get there."""
+
+    url: str
+    startup_s: float  # from launch until healthy, graphs built: what a user waits to serve
+
+
 @contextmanager
-def running(server: ServerSpec, log_dir: Path) -> Iterator[str]:
-    """Start the server, yield its URL once healthy, stop it on exit (even on error)."""
+def running(server: ServerSpec, log_dir: Path) -> Iterator[StartedServer]:
+    """Start the server, yield it once healthy, stop it on exit (even on error)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f"{server.name}.log", "ab")  # noqa: SIM115 - closed below
+    started = time.monotonic()
     proc = subprocess.Popen(shlex.split(server.command), stdout=log, stderr=subprocess.STDOUT,
                             env=os.environ | server.env, start_new_session=True)
     try:
         wait_healthy(server.url, proc, server.startup_timeout)
-        yield server.url
+        yield StartedServer(server.url, time.monotonic() - started)
     finally:
         stop(proc)
         log.close()

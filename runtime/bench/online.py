@@ -14,14 +14,14 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 from tqdm import tqdm
 
-from runtime.bench.launch import ServerSpec, load_servers, running
+from runtime.bench.launch import ServerSpec, StartedServer, load_servers, running
 from runtime.bench.metrics import RequestTrace, RunTrace
 from runtime.bench.workload import BenchRequest, load_workload
 
@@ -190,10 +190,14 @@ def _replay_workload(args: Any, name: str, config: Any, model_dir: Path,
     for rep in range(args.repeats):
         for label, url in targets[rep % len(targets) :] + targets[: rep % len(targets)]:
             print(f"{label}: replaying {len(requests)} requests of {spec.name} against {url}")
-            with _maybe_started(servers.get(label), out):
+            with _maybe_started(servers.get(label), out) as started:
                 trace, _ = run_online(url, requests, args.served_model_name,
                                       not args.no_progress, args.max_concurrency)
-            result.runs.setdefault(label, []).append(compute_metrics(trace))
+            metrics = compute_metrics(trace)
+            if started is not None:
+                metrics["server_startup_s"] = started.startup_s
+                print(f"{label}: ready {started.startup_s:.1f} s after launch")
+            result.runs.setdefault(label, []).append(metrics)
             result.traces.setdefault(label, []).append(trace)
             failed = [r.error for r in trace.requests if not r.success]
             if failed:
@@ -205,10 +209,11 @@ def _replay_workload(args: Any, name: str, config: Any, model_dir: Path,
 
 
 @contextlib.contextmanager
-def _maybe_started(server: ServerSpec | None, out: Path):
-    """Start `server` for the duration of one replay when the bench launches it."""
+def _maybe_started(server: ServerSpec | None, out: Path) -> Iterator[StartedServer | None]:
+    """Start `server` for the duration of one replay when the bench launches it (yield it
+    started), else yield None."""
     if server is None:
-        yield
+        yield None
         return
-    with running(server, out / "server-logs"):
-        yield
+    with running(server, out / "server-logs") as started:
+        yield started

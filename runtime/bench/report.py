@@ -40,6 +40,7 @@ RATIO_ROWS = (
     ("computed_attention_pairs", "Attention pairs computed", False),
     ("mean_kv_allocated_mib", "KV allocated (mean)", False),
     ("forward_time_s", "Forward time (all passes)", False),
+    ("server_startup_s", "Server startup", False),
 )
 # (key, label, scale, format) rows of the absolute summary table; fractions shown in percent.
 SUMMARY_ROWS = (
@@ -61,6 +62,7 @@ SUMMARY_ROWS = (
     ("mixed_time_s", "Mixed passes (s)", 1, ".2f"),
     ("decode_stall_passes", f"Decode stalls (> {STALL_FACTOR:g}x median)", 1, ".0f"),
     ("decode_stall_s", "Decode stall time (s)", 1, ".2f"),
+    ("server_startup_s", "Server startup, launch to ready (s)", 1, ".1f"),
 )
 
 
@@ -89,6 +91,8 @@ def format_report(metrics: Mapping[str, Any], title: str | None = None) -> str:
         _row("Output token throughput (tok/s):", float(metrics["output_throughput"])),
         _row("Total Token throughput (tok/s):", float(metrics["total_token_throughput"])),
     ]
+    if "server_startup_s" in metrics:
+        lines.append(_row("Server startup (s):", float(metrics["server_startup_s"])))
     if "cpu_time_s" in metrics:
         lines.append(_row("Process CPU time (s):", float(metrics["cpu_time_s"])))
         lines.append(

@@ -180,7 +180,9 @@ def test_bench_serve_starts_each_server_in_turn(tmp_path, monkeypatch, capsys):
         # the stub notes, as it starts, whether the other server is up: the bench must have
         # stopped it by then
         others = [q for n, q in ports.items() if n != name]
-        code = (f"import pathlib, socket, uvicorn; from tests.bench.test_online import make_app; "
+        delay = 1.5 if name == "second" else 0  # a slower start, to be measured
+        code = (f"import pathlib, socket, time, uvicorn; time.sleep({delay}); "
+                f"from tests.bench.test_online import make_app; "
                 f"up = any(socket.socket().connect_ex(('127.0.0.1', q)) == 0 for q in {others}); "
                 f"pathlib.Path({str(marker)!r}).open('a').write(f'{name} starts; other up: "
                 f"{{up}}' + chr(10)); "
@@ -199,6 +201,12 @@ def test_bench_serve_starts_each_server_in_turn(tmp_path, monkeypatch, capsys):
     data = json.loads((out / "results.json").read_text())
     assert data["results"]["first"]["completed"] == 3 and "servers" in data
     assert (out / "server-logs" / "first.log").exists()
+    # each repeat records its server's launch-to-ready time, the slower start too
+    startups = {n: [r["server_startup_s"] for r in runs] for n, runs in data["runs"].items()}
+    assert all(len(v) == 2 and all(t > 0 for t in v) for v in startups.values())
+    assert min(startups["second"]) >= 1.5
+    printed = capsys.readouterr().out
+    assert "Server startup, launch to ready (s)" in printed and "second: ready" in printed
     for port in ports.values():  # both stopped at the end
         assert socket.socket().connect_ex(("127.0.0.1", port)) != 0
 
