@@ -90,17 +90,17 @@ def _mapped_bytes(nbytes: int, timed: bool,
     skip = -whole.data_ptr() % HUGE_PAGE
     region.madvise(mmap.MADV_HUGEPAGE, skip, nbytes)
     buffer = whole[skip:skip + nbytes]
-    touched = _fault_in(buffer, clock) if timed else buffer.zero_().numel()
+    budget = nbytes / MIN_FAULT_RATE if timed else math.inf
+    touched = _fault_in(buffer, budget, clock)
     if touched < nbytes:
         start = skip + touched  # a chunk boundary: a multiple of 2 MiB past `skip`
         region.madvise(mmap.MADV_NOHUGEPAGE, start, nbytes - touched)
     return buffer
 
 
-def _fault_in(buffer: torch.Tensor, clock: Callable[[], float]) -> int:
-    """Zero `buffer` chunk by chunk until done or until it has taken as long as the whole
-    buffer would at `MIN_FAULT_RATE`; the bytes touched (a multiple of `FAULT_CHUNK` short of
-    all of them).
+def _fault_in(buffer: torch.Tensor, budget: float, clock: Callable[[], float]) -> int:
+    """Zero `buffer` chunk by chunk until done or until that has taken over `budget`
+    seconds; the bytes touched (a multiple of `FAULT_CHUNK` short of all of them).
 
     Why: on some virtual machines a huge page faults in slowly for a while. On a Firecracker
     guest here (2026-12-07) the first few hundred MiB of a fresh mapping faulted in at
@@ -113,7 +113,6 @@ def _fault_in(buffer: torch.Tensor, clock: Callable[[], float]) -> int:
     0.99-1.03x the time of one in huge pages at 32 rows and 1.005x at 8 (interleaved, one
     process, `smollm2-135m-shape` in float32)."""
     nbytes = buffer.numel()
-    budget = nbytes / MIN_FAULT_RATE
     started = clock()
     done = 0
     while done < nbytes:
