@@ -131,11 +131,25 @@ class BatonCache(KVCache):
         self.layers = (self.k.unbind(0), self.v.unbind(0))
         self.scratch = torch.empty(dims[1:], dtype=self.kv_dtype, device=self.device)  # one layer
         self.staging: Staging | None = None
+        self._start_empty()
+
+    def _start_empty(self) -> None:
+        """No rows, no buckets, nothing pending, counters at zero (the buffers untouched)."""
         self.space = RowSpace(self.max_rows)
         self.buckets: list[Bucket] = []
         self.bucket_of: dict[Request, Bucket] = {}
         self.pending: list[Request] = []  # admitted, not yet embedded
         self.copies = CopyStats()
+
+    def reset(self) -> bool:
+        """Forget every request and counter, keeping the buffer and the staging area.
+
+        Why: the buffer is faulted in when it is made (`kv_empty`); making a second one after
+        the engine's warm-up cost that again, about 1 s per 1.8 GiB buffer on a VM, and held
+        both while the scheduler still referred to the first. Stale keys left in the buffer
+        are finite, which is all a pad column needs (module docstring)."""
+        self._start_empty()
+        return True
 
     # --- what the engine and the scheduler ask -------------------------------------------
 

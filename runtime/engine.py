@@ -163,9 +163,22 @@ class Engine:
             for plugin in self.observers:
                 self.pm.register(plugin)
         self.num_steps, self.last_step = 0, None
+        self._reset_kv_cache()
+        return time.perf_counter() - start
+
+    def _reset_kv_cache(self) -> None:
+        """The layout empty and unlearned: reset in place where it can, else made afresh."""
+        try:
+            done = self.kv_cache.reset()
+        except Exception as exc:
+            raise SchedulerError(self._plugin_error(exc, "kv_cache.reset() failed")) from exc
+        if done:
+            if not self.kv_cache.is_empty():
+                broken = SchedulerError("kv_cache.reset() returned True, but is_empty() is False")
+                raise SchedulerError(self._plugin_error(broken, "kv_cache.reset()"))
+            return
         del self.kv_cache  # free the old layout's buffers before the new one allocates
         self.kv_cache = self._make_kv_cache()
-        return time.perf_counter() - start
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._inbox or self._aborts)

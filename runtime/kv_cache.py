@@ -230,6 +230,16 @@ class KVCache(ABC):
         """KV tokens still free for admission in this layout's own accounting."""
         return self.kv_cache_tokens - self.memory_stats().reserved_tokens
 
+    def reset(self) -> bool:
+        """Start again empty, keeping what is allocated; True when done, False to be replaced.
+
+        The engine calls it after its warm-up, when no request is left, so that nothing the
+        warm-up taught the layout (counters, timings of its variants) carries over. Default:
+        False, and the engine makes a new layout through `make_kv_cache`. A layout that
+        reserves and faults in its memory up front overrides it to keep that memory.
+        """
+        return False
+
     def is_empty(self) -> bool:
         """True when no request holds rows or reserved slots (the no-leak invariant)."""
         stats = self.memory_stats()

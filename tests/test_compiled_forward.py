@@ -191,6 +191,32 @@ def test_warm_up_leaves_a_fresh_layout() -> None:
                                            "orca").generate(prompts(), GREEDY)]
 
 
+def test_warm_up_empties_batons_buffer_in_place() -> None:
+    """BATON's layout is reset, not made again: the buffer faulted in at startup is the one it
+    serves from (no second buffer faulted in), and it starts empty with its counters at zero."""
+    engine = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton")
+    warmed, buffer = engine.kv_cache, engine.kv_cache.k.data_ptr()
+    engine.warm_up()
+    assert engine.kv_cache is warmed and warmed.k.data_ptr() == buffer
+    assert warmed.is_empty() and not warmed.buckets and warmed.copies == type(warmed.copies)()
+    assert [r.output_token_ids for r in engine.generate(prompts(), GREEDY)] == [
+        r.output_token_ids for r in Engine(small_model(), None, instantiate_scheduler("baton", {}),
+                                           "baton").generate(prompts(), GREEDY)]
+
+
+def test_a_failing_layout_reset_names_the_scheduler(monkeypatch) -> None:
+    from runtime.scheduling import SchedulerError
+
+    engine = Engine(small_model(), None, instantiate_scheduler("baton", {}), "baton")
+
+    def broken_reset() -> bool:
+        raise ValueError("cannot reset")
+
+    monkeypatch.setattr(engine.kv_cache, "reset", broken_reset)
+    with pytest.raises(SchedulerError, match=r"baton.*kv_cache.reset\(\) failed.*cannot reset"):
+        engine.warm_up()
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
 def test_compiled_decoder_serves_every_architecture(arch: str, tmp_path) -> None:
     """GPT-2 (learned positions, LayerNorm, no GQA) and Qwen3 (q/k norms, head_dim != hidden /
