@@ -60,6 +60,8 @@ def load_servers(path: str | Path) -> list[ServerSpec]:
             raise ValueError(f"{path}: server {name!r}: unknown keys {sorted(unknown)}")
         env = {str(k): str(v) for k, v in (entry.get("env") or {}).items()}
         command = os.path.expandvars(str(entry["command"]))  # $HOME, $MODEL from the caller
+        if not shlex.split(command):
+            raise ValueError(f"{path}: server {name!r}: 'command' is empty")
         servers.append(ServerSpec(str(name), str(entry["url"]).rstrip("/"), command, env,
                                   float(entry.get("startup_timeout", 600.0))))
     return servers
@@ -122,13 +124,22 @@ class StartedServer:
 def running(server: ServerSpec, log_dir: Path) -> Iterator[StartedServer]:
     """Start the server, yield it once healthy, stop it on exit (even on error)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    log = open(log_dir / f"{server.name}.log", "ab")  # noqa: SIM115 - closed below
-    started = time.monotonic()
-    proc = subprocess.Popen(shlex.split(server.command), stdout=log, stderr=subprocess.STDOUT,
-                            env=os.environ | server.env, start_new_session=True)
-    try:
-        wait_healthy(server.url, proc, server.startup_timeout)
-        yield StartedServer(server.url, time.monotonic() - started)
-    finally:
-        stop(proc)
-        log.close()
+    log_path = log_dir / f"{server.name}.log"
+    argv = shlex.split(server.command)
+    with open(log_path, "ab") as log:
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                    env=os.environ | server.env, start_new_session=True)
+        except OSError as exc:  # no such program, not executable: the file's command is wrong
+            raise RuntimeError(f"server {server.name!r}: cannot start {argv[0]!r} "
+                               f"({exc.strerror}); its command: {server.command}") from exc
+        try:
+            try:
+                wait_healthy(server.url, proc, server.startup_timeout)
+            except RuntimeError as exc:
+                raise RuntimeError(f"server {server.name!r}: {exc} (its output: {log_path})"
+                                   ) from exc
+            yield StartedServer(server.url, time.monotonic() - started)
+        finally:
+            stop(proc)

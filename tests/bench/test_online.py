@@ -220,6 +220,41 @@ def test_bench_servers_file_errors_name_the_entry(tmp_path):
         load_servers(bad)
 
 
+def test_a_server_that_cannot_start_is_named_with_its_log(tmp_path, monkeypatch, capsys):
+    """A command that is not on PATH, or a server that exits before it is ready: the bench
+    says which server, and where its output went, instead of a traceback."""
+    import sys
+
+    import yaml
+
+    monkeypatch.setenv("BATON_RUNTIME_CACHE", str(tmp_path / "cache"))
+    cases = {"missing": "no-such-server-program --port 1",
+             "crashing": f"{sys.executable} -c 'import sys; sys.exit(3)'"}
+    errors = {}
+    for name, command in cases.items():
+        servers = tmp_path / f"{name}.yaml"
+        servers.write_text(yaml.safe_dump(
+            {name: {"url": f"http://127.0.0.1:{free_port()}", "command": command}}))
+        rc = main(["bench", "serve", "--servers", str(servers), "--model-spec", "tiny",
+                   "--workload", "smoke", "--num-requests", "1", "--out", str(tmp_path / name),
+                   "--no-progress", "--no-plots"])
+        assert rc == 2
+        errors[name] = capsys.readouterr().err
+        assert f"server {name!r}" in errors[name] and "Traceback" not in errors[name]
+    assert "cannot start 'no-such-server-program' (No such file or directory)" in errors["missing"]
+    log = tmp_path / "crashing" / "server-logs" / "crashing.log"
+    assert f"exited with code 3 before it was ready (its output: {log})" in errors["crashing"]
+
+
+def test_an_empty_server_command_is_refused(tmp_path):
+    from runtime.bench.launch import load_servers
+
+    bad = tmp_path / "s.yaml"
+    bad.write_text("baton: {url: http://x, command: ''}\n")
+    with pytest.raises(ValueError, match="'baton': 'command' is empty"):
+        load_servers(bad)
+
+
 @pytest.mark.parametrize("name", ["runtime-vs-vllm", "compiled-vs-vllm", "scale-out"])
 def test_shipped_servers_files_load(name):
     from pathlib import Path
