@@ -19,6 +19,7 @@ vllm:
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -62,6 +63,10 @@ def load_servers(path: str | Path) -> list[ServerSpec]:
         command = os.path.expandvars(str(entry["command"]))  # $HOME, $MODEL from the caller
         if not shlex.split(command):
             raise ValueError(f"{path}: server {name!r}: 'command' is empty")
+        unset = sorted(set(re.findall(r"\$\{?([A-Za-z_]\w*)", command)))
+        if unset:  # expandvars leaves them as they are: the server would get "$DTYPE"
+            raise ValueError(f"{path}: server {name!r}: its command uses "
+                             f"{', '.join('$' + v for v in unset)}, not set in the environment")
         servers.append(ServerSpec(str(name), str(entry["url"]).rstrip("/"), command, env,
                                   float(entry.get("startup_timeout", 600.0))))
     return servers

@@ -255,11 +255,28 @@ def test_an_empty_server_command_is_refused(tmp_path):
         load_servers(bad)
 
 
-@pytest.mark.parametrize("name", ["runtime-vs-vllm", "compiled-vs-vllm", "scale-out"])
-def test_shipped_servers_files_load(name):
+def test_a_server_command_with_an_unset_variable_is_refused(tmp_path, monkeypatch):
+    from runtime.bench.launch import load_servers
+
+    monkeypatch.setenv("MODEL", "/models/m")
+    monkeypatch.delenv("DTYPE", raising=False)
+    servers = tmp_path / "s.yaml"
+    servers.write_text("baton: {url: http://x, command: 'runtime serve $MODEL --dtype ${DTYPE}'}\n")
+    with pytest.raises(ValueError, match=r"'baton': its command uses \$DTYPE, not set"):
+        load_servers(servers)
+    monkeypatch.setenv("DTYPE", "float32")
+    assert load_servers(servers)[0].command == "runtime serve /models/m --dtype float32"
+
+
+@pytest.mark.parametrize("name", ["runtime-vs-vllm", "compiled-vs-vllm", "scale-out",
+                                  "three-way"])
+def test_shipped_servers_files_load(name, monkeypatch):
     from pathlib import Path
 
     from runtime.bench.launch import load_servers
+
+    for variable, value in {"MODEL": "/models/m", "DTYPE": "float32", "LB": "auto"}.items():
+        monkeypatch.setenv(variable, value)  # what each file's header says to set
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "servers" / f"{name}.yaml"
     servers = load_servers(path)
