@@ -244,7 +244,7 @@ def _summarise(
     result: ComparisonResult, args: argparse.Namespace, header: dict, out: Path, tag: str = ""
 ) -> dict[str, dict]:
     """Print the per-contender reports and ratios; write the JSON files; return the results."""
-    from runtime.bench.metrics import aggregate
+    from runtime.bench.metrics import aggregate, request_timelines
     from runtime.bench.paired import format_paired, paired_ratios
     from runtime.bench.report import (
         format_ratios,
@@ -284,6 +284,9 @@ def _summarise(
         "unavailable": result.errors,
     }
     write_json(out / f"results{tag}.json", payload)
+    write_json(out / f"requests{tag}.json", {
+        label: [request_timelines(trace) for trace in traces]
+        for label, traces in result.traces.items()})
     for label, metrics in results.items():
         write_json(
             out / f"{label}{tag}.json",

@@ -54,6 +54,17 @@ def test_two_schedulers_produce_json_and_png(tmp_path, cache, capsys):
         flat = json.loads((out / f"{label}.json").read_text())
         assert flat["backend"] == label and "p99_ttft_ms" in flat
     assert data["ratios"]["static"]["request_throughput"] == 1.0
+    # every request's timeline, per repeat: what the aggregates came from
+    timelines = json.loads((out / "requests.json").read_text())
+    assert set(timelines) == {"static", "default"} and len(timelines["static"]) == 2
+    for label, repeats in timelines.items():
+        for repeat, run in zip(repeats, data["runs"][label], strict=True):
+            assert len(repeat) == 6 and all(r["success"] for r in repeat)
+            assert sum(len(r["token_times"]) for r in repeat) == run["total_output_tokens"]
+            assert all(0 <= r["arrival"] <= r["token_times"][0] and
+                       r["token_times"] == sorted(r["token_times"]) for r in repeat)
+            ttft = [r["token_times"][0] - r["arrival"] for r in repeat]
+            assert sum(ttft) / len(ttft) * 1000 == pytest.approx(run["mean_ttft_ms"], rel=1e-3)
     assert "Paired ratios vs static (2 repeats)" in text
     paired = data["paired_ratios"]["default"]["output_throughput"]
     mine, theirs = data["runs"]["default"], data["runs"]["static"]

@@ -133,6 +133,10 @@ def test_bench_serve_cli_compares_two_servers(stub_url, tmp_path, monkeypatch, c
     data = json.loads((out / "results.json").read_text())
     assert data["mode"] == "online" and data["results"]["a"]["completed"] == 4
     assert data["ratios"]["a"]["request_throughput"] == 1.0
+    timelines = json.loads((out / "requests.json").read_text())
+    assert [len(run) for run in timelines["b"]] == [4]
+    assert sum(len(r["token_times"]) for r in timelines["b"][0]) == \
+        data["runs"]["b"][0]["total_output_tokens"]
 
 
 def test_bench_serve_replays_several_workloads_into_their_own_folders(
