@@ -177,7 +177,7 @@ class Engine:
                 broken = SchedulerError("kv_cache.reset() returned True, but is_empty() is False")
                 raise SchedulerError(self._plugin_error(broken, "kv_cache.reset()"))
             return
-        del self.kv_cache  # free the old layout's buffers before the new one allocates
+        del self.kv_cache  # the engine's reference (a scheduler that keeps one keeps it alive)
         self.kv_cache = self._make_kv_cache()
 
     def has_unfinished(self) -> bool:

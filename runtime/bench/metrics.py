@@ -40,16 +40,6 @@ class RequestTrace:
         return self.token_times[-1] - self.arrival
 
 
-def request_timelines(trace: RunTrace) -> list[dict]:
-    """Each request's timeline, in seconds from the run's start: what the aggregates in
-    results.json come from, kept so that a TPOT gap can be traced to the tokens that made it
-    (those of the first requests while later prompts are prefilled, say)."""
-    return [{"prompt_len": r.prompt_len, "output_len": r.output_len,
-             "arrival": round(r.arrival - trace.start, 6),
-             "token_times": [round(t - trace.start, 6) for t in r.token_times],
-             "success": r.success, "error": r.error} for r in trace.requests]
-
-
 STALL_FACTOR = 2.0  # a decode pass this many times its batch size's median is a stall
 STALL_MIN_PASSES = 3  # decode passes of one batch size needed for a median to judge by
 
@@ -79,6 +69,16 @@ class RunTrace:
     memory: list[tuple[int, int]] = field(default_factory=list)  # (allocated, used) elements/step
     bytes_per_element: int = 4
     cpu_seconds: float | None = None  # process CPU time of the run (robust on a busy machine)
+
+
+def request_timelines(trace: RunTrace) -> list[dict]:
+    """Each request's timeline, in seconds from the run's start: what the aggregates in
+    results.json come from, kept so that a TPOT gap can be traced to the tokens that made it
+    (those of the first requests while later prompts are prefilled, say)."""
+    return [{"prompt_len": r.prompt_len, "output_len": r.output_len,
+             "arrival": round(r.arrival - trace.start, 6),
+             "token_times": [round(t - trace.start, 6) for t in r.token_times],
+             "success": r.success, "error": r.error} for r in trace.requests]
 
 
 class StepRecorder:
