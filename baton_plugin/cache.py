@@ -53,11 +53,13 @@ from runtime.api import (
 
 NewcomerPass = Literal["fused", "separate"]
 NEWCOMER_PASSES = ("fused", "separate")
-# Prompt tokens prefilled per step by default: Orca's pass size (`max_pass_tokens`). Against
-# 2048, a burst is prefilled in half as many passes, so fewer decode tokens ride the slow ones:
-# mean TPOT at or below Orca's instead of above it, for most of the first-token lead that 2048
-# gave (docs/baton.md, seventeenth session).
-DEFAULT_MAX_PREFILL_TOKENS = 4096
+# Prompt tokens prefilled per step by default: twice Orca's pass size (`max_pass_tokens`).
+# Served, a burst of 64 prompts (about 8,700 tokens) is then prefilled in two steps instead of
+# three, so fewer decode tokens ride the slow ones: mean TPOT 0.81x 4096's and 0.97x Orca's, first
+# tokens still sooner than Orca's (0.92x), six repeats (docs/baton.md, forty-sixth session).
+# The cost: staging for up to 8192 prompt tokens' K/V, and later first tokens when a whole burst
+# arrives at once (offline, 1.3x Orca's).
+DEFAULT_MAX_PREFILL_TOKENS = 8192
 
 
 @dataclass(frozen=True, slots=True)

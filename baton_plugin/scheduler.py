@@ -38,9 +38,9 @@ class BatonScheduler:
     - `max_buckets`: dense length buckets the batch may split into (1 = one dense batch).
     - `bucket_pad_tolerance`: a newcomer joins the bucket it pads least when the pad it adds
       is at most this share of its own keys; else it opens a bucket (while under the max).
-    - `max_prefill_tokens`: prompt tokens prefilled per step (default 4096, Orca's pass size);
-      later newcomers wait a step. Lower starts a burst's requests decoding sooner (first
-      tokens) at a higher TPOT; higher the other way (docs/baton.md).
+    - `max_prefill_tokens`: prompt tokens prefilled per step (default 8192, twice Orca's pass
+      size); later newcomers wait a step. Lower starts a burst's requests decoding sooner
+      (first tokens) at a higher TPOT; higher the other way (docs/baton.md).
     """
 
     def __init__(
